@@ -1,0 +1,312 @@
+"""Load every resource from the config directories, or reject the whole set.
+
+A change is all-or-nothing: if any document has an error the caller gets a
+ConfigError listing every problem (file, document, resource, field, line) and keeps
+whatever it was running before. Warnings never block a load.
+
+Recognised documents:
+  * AuthorizationPolicy            security.istio.io/v1 or v1beta1
+  * RequestAuthentication          security.istio.io/v1 or v1beta1 (noted, see below)
+  * MeshConfig                     extproc.io/v1alpha1: `spec.extensionProviders` as in Istio
+  * ConfigMap named `istio`        Istio's own mesh ConfigMap; `data.mesh` is read for
+                                   `extensionProviders`, other mesh settings are ignored
+  * List                           `items` are loaded as documents of their own
+Anything else is skipped with a warning, so a directory shared with other manifests loads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from extproc.config import validation
+from extproc.config.errors import ConfigError, ConfigIssue, Location, format_path
+from extproc.config.models import (
+    EXTPROC_API_VERSION,
+    SECURITY_API_VERSIONS,
+    AuthorizationPolicy,
+    MeshConfig,
+    MeshConfigSpec,
+)
+from extproc.config.providers import ProviderSettings, resolve_providers
+from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
+
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    policy: AuthorizationPolicy
+    location: Location
+
+    @property
+    def origin(self) -> str:
+        return self.location.render()
+
+
+@dataclass
+class LoadedConfig:
+    policies: list[LoadedPolicy] = field(default_factory=list)
+    providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    mesh_origin: str | None = None
+    files: list[str] = field(default_factory=list)
+    warnings: list[ConfigIssue] = field(default_factory=list)
+    request_authentications: int = 0
+
+
+def config_files(dirs: Sequence[str | os.PathLike[str]]) -> list[FsPath]:
+    """YAML files under the directories, recursively, skipping hidden entries.
+
+    Hidden entries are skipped because a Kubernetes ConfigMap volume keeps its data
+    in `..data`/`..2024_...` directories behind symlinks; the visible names are what
+    the user wrote.
+    """
+    out: list[FsPath] = []
+    for d in dirs:
+        root = FsPath(d)
+        if not root.is_dir():
+            raise ConfigError(
+                [ConfigIssue(Location(str(root), 0), "", "config directory does not exist or is not a directory")]
+            )
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith(".") and name.endswith(YAML_SUFFIXES):
+                    out.append(FsPath(dirpath) / name)
+    return out
+
+
+def _pydantic_issues(err: ValidationError, doc: Document, file: str, resource: str | None) -> list[ConfigIssue]:
+    issues = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if isinstance(p, int | str))
+        msg = e["msg"]
+        typ = e["type"]
+        if typ == "extra_forbidden":
+            msg = "unknown field"
+        elif typ == "missing":
+            msg = "required field is missing"
+        elif typ == "string_type":
+            got = type(e.get("input")).__name__
+            msg = f"must be a string, got {got}"
+            if got in ("int", "float", "bool"):
+                msg += " (quote the value in YAML)"
+        elif typ.startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        issues.append(ConfigIssue(Location(file, doc.index, doc.line_of(loc), resource), format_path(loc), msg))
+    return issues
+
+
+def _resource_label(kind: str, data: dict[str, Any]) -> str:
+    md = data.get("metadata")
+    if isinstance(md, dict) and isinstance(md.get("name"), str):
+        ns = md.get("namespace")
+        return f"{kind} {ns}/{md['name']}" if isinstance(ns, str) else f"{kind} {md['name']}"
+    return kind
+
+
+def _validate_model(model: type[BaseModel], data: Any, doc: Document, file: str, resource: str | None) -> Any:
+    try:
+        return model.model_validate(data), []
+    except ValidationError as e:
+        return None, _pydantic_issues(e, doc, file, resource)
+
+
+def _expand(doc: Document) -> Iterator[tuple[Document, tuple[str | int, ...]]]:
+    """Yield the document itself or, for a `List`, each item with its path prefix."""
+    data = doc.data
+    if isinstance(data, dict) and data.get("kind") == "List" and isinstance(data.get("items"), list):
+        for i, item in enumerate(data["items"]):
+            prefix = ("items", i)
+            lines = {k[2:]: v for k, v in doc.lines.items() if k[:2] == prefix}
+            yield Document(doc.index, item, lines, doc.lines.get(prefix, doc.start_line)), prefix
+    else:
+        yield doc, ()
+
+
+def load(dirs: Sequence[str | os.PathLike[str]]) -> LoadedConfig:
+    """Load and validate every document; raise ConfigError listing all errors."""
+    result = LoadedConfig()
+    issues: list[ConfigIssue] = []
+    seen: dict[tuple[str, str], Location] = {}
+    mesh_specs: list[tuple[MeshConfigSpec, Document, str, tuple[str | int, ...]]] = []
+
+    for path in config_files(dirs):
+        file = str(path)
+        result.files.append(file)
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                issues.append(ConfigIssue(Location(file, 0), "", f"file is larger than {MAX_FILE_BYTES} bytes"))
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            issues.append(ConfigIssue(Location(file, 0), "", f"cannot read file: {e}"))
+            continue
+        try:
+            docs = list(load_documents(text))
+        except YAMLSyntaxError as e:
+            issues.append(ConfigIssue(Location(file, e.document, e.line), "", f"invalid YAML: {e.message}"))
+            continue
+        for top in docs:
+            for doc, prefix in _expand(top):
+                _load_document(doc, prefix, file, result, issues, seen, mesh_specs)
+
+    if len(mesh_specs) > 1:
+        for _, doc, file, prefix in mesh_specs[1:]:
+            first = mesh_specs[0]
+            issues.append(
+                ConfigIssue(
+                    Location(file, doc.index, doc.line_of(prefix)),
+                    "",
+                    f"a second mesh config; the first is in {first[2]} document {first[1].index}",
+                )
+            )
+    elif mesh_specs:
+        spec, doc, file, base = mesh_specs[0]
+        providers, problems = resolve_providers(spec.extension_providers, (*base, "extensionProviders"))
+        for p, msg in problems:
+            issues.append(ConfigIssue(Location(file, doc.index, doc.line_of(p)), format_path(p), msg))
+        result.providers = providers
+        result.mesh_origin = f"{file}: document {doc.index}"
+
+    errors = [i for i in issues if not i.warning]
+    result.warnings.extend(i for i in issues if i.warning)
+    if errors:
+        raise ConfigError(issues)
+    return result
+
+
+def _load_document(
+    doc: Document,
+    prefix: tuple[str | int, ...],
+    file: str,
+    result: LoadedConfig,
+    issues: list[ConfigIssue],
+    seen: dict[tuple[str, str], Location],
+    mesh_specs: list[tuple[MeshConfigSpec, Document, str, tuple[str | int, ...]]],
+) -> None:
+    data = doc.data
+    where = Location(file, doc.index, doc.line_of(()))
+
+    def at(path: tuple[str | int, ...]) -> str:
+        return format_path((*prefix, *path))
+
+    if not isinstance(data, dict):
+        issues.append(ConfigIssue(where, at(()), "a resource must be a mapping with apiVersion and kind"))
+        return
+    kind, api = data.get("kind"), data.get("apiVersion")
+    if not isinstance(kind, str) or not isinstance(api, str):
+        issues.append(ConfigIssue(where, at(()), "a resource needs string `apiVersion` and `kind` fields"))
+        return
+    label = _resource_label(kind, data)
+    where = Location(file, doc.index, doc.line_of(()), label)
+
+    if kind == "AuthorizationPolicy" and api.startswith("security.istio.io/"):
+        if api not in SECURITY_API_VERSIONS:
+            issues.append(
+                ConfigIssue(
+                    Location(file, doc.index, doc.line_of(("apiVersion",)), label),
+                    at(("apiVersion",)),
+                    f"unsupported version {api}; use one of {', '.join(SECURITY_API_VERSIONS)}",
+                )
+            )
+            return
+        policy, errs = _validate_model(AuthorizationPolicy, data, doc, file, label)
+        if errs:
+            issues.extend(_prefixed(errs, prefix))
+            return
+        if not policy.metadata.namespace:
+            issues.append(
+                ConfigIssue(
+                    Location(file, doc.index, doc.line_of(("metadata",)), label),
+                    at(("metadata", "namespace")),
+                    "required: extproc has no kubectl context to default the namespace from",
+                )
+            )
+            return
+        problems = [
+            ConfigIssue(
+                Location(file, doc.index, doc.line_of(prob.path), label), at(prob.path), prob.message, prob.warning
+            )
+            for prob in validation.validate_authorization_policy(policy)
+        ]
+        issues.extend(problems)
+        if any(not p.warning for p in problems):
+            return
+        key = (policy.metadata.namespace, policy.metadata.name)
+        if key in seen:
+            issues.append(
+                ConfigIssue(
+                    where, at(("metadata", "name")), f"duplicate AuthorizationPolicy, first defined in {seen[key].render()}"
+                )
+            )
+            return
+        seen[key] = where
+        result.policies.append(LoadedPolicy(policy, where))
+        return
+
+    if kind == "RequestAuthentication" and api in SECURITY_API_VERSIONS:
+        result.request_authentications += 1
+        issues.append(
+            ConfigIssue(
+                where,
+                at(()),
+                "RequestAuthentication is not verified by extproc in this version: keep Envoy's jwt_authn "
+                "filter; extproc reads its verified claims from the filter's dynamic metadata",
+                warning=True,
+            )
+        )
+        return
+
+    if kind == "MeshConfig" and api == EXTPROC_API_VERSION:
+        mesh, errs = _validate_model(MeshConfig, data, doc, file, label)
+        if errs:
+            issues.extend(_prefixed(errs, prefix))
+            return
+        mesh_specs.append((mesh.spec, doc, file, (*prefix, "spec")))
+        return
+
+    if kind == "ConfigMap" and api == "v1" and isinstance(data.get("metadata"), dict):
+        if data["metadata"].get("name") != "istio":
+            issues.append(ConfigIssue(where, at(()), "ignored: only the ConfigMap named `istio` is read", warning=True))
+            return
+        mesh_text = (data.get("data") or {}).get("mesh")
+        if not isinstance(mesh_text, str):
+            issues.append(ConfigIssue(where, at(("data", "mesh")), "the istio ConfigMap needs a `data.mesh` string"))
+            return
+        try:
+            mesh_data = yaml.safe_load(mesh_text) or {}
+        except yaml.YAMLError as e:
+            issues.append(ConfigIssue(where, at(("data", "mesh")), f"invalid YAML in data.mesh: {e}"))
+            return
+        if not isinstance(mesh_data, dict):
+            issues.append(ConfigIssue(where, at(("data", "mesh")), "data.mesh must be a YAML mapping"))
+            return
+        sub = Document(doc.index, {"extensionProviders": mesh_data.get("extensionProviders") or []})
+        sub.start_line = doc.line_of(("data", "mesh")) or doc.start_line
+        try:
+            spec = MeshConfigSpec.model_validate(sub.data)
+        except ValidationError as e:
+            issues.extend(_prefixed(_pydantic_issues(e, sub, file, label), (*prefix, "data", "mesh")))
+            return
+        mesh_specs.append((spec, sub, file, (*prefix, "data", "mesh")))
+        return
+
+    issues.append(ConfigIssue(where, at(()), f"ignored: {api} {kind} is not used by extproc", warning=True))
+
+
+def _prefixed(issues: Iterable[ConfigIssue], prefix: tuple[str | int, ...]) -> list[ConfigIssue]:
+    if not prefix:
+        return list(issues)
+    pre = format_path(prefix)
+    return [
+        ConfigIssue(i.location, f"{pre}.{i.field}" if i.field and not i.field.startswith("[") else pre + i.field, i.message, i.warning)
+        for i in issues
+    ]

@@ -1,0 +1,204 @@
+"""Typed models of the resources extproc reads, with Istio's field names.
+
+These models only check shape (types, unknown fields, enums). The semantic rules
+Istio's validation webhook enforces live in `validation.py`, so each can report the
+exact field it concerns.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+EXTPROC_API_VERSION = "extproc.io/v1alpha1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+    )
+
+
+StrList = list[str]
+
+
+class ObjectMeta(BaseModel):
+    """Kubernetes metadata; fields extproc does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    namespace: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkloadSelector(_Strict):
+    match_labels: dict[str, str] | None = None
+
+
+class PolicyTargetReference(_Strict):
+    group: str = ""
+    kind: str
+    name: str
+    namespace: str = ""
+
+
+class Source(_Strict):
+    principals: StrList | None = None
+    not_principals: StrList | None = None
+    request_principals: StrList | None = None
+    not_request_principals: StrList | None = None
+    namespaces: StrList | None = None
+    not_namespaces: StrList | None = None
+    service_accounts: StrList | None = None
+    not_service_accounts: StrList | None = None
+    ip_blocks: StrList | None = None
+    not_ip_blocks: StrList | None = None
+    remote_ip_blocks: StrList | None = None
+    not_remote_ip_blocks: StrList | None = None
+    trust_domains: StrList | None = None
+    not_trust_domains: StrList | None = None
+
+
+class Operation(_Strict):
+    hosts: StrList | None = None
+    not_hosts: StrList | None = None
+    ports: StrList | None = None
+    not_ports: StrList | None = None
+    methods: StrList | None = None
+    not_methods: StrList | None = None
+    paths: StrList | None = None
+    not_paths: StrList | None = None
+
+
+class From(_Strict):
+    source: Source | None = None
+
+
+class To(_Strict):
+    operation: Operation | None = None
+
+
+class Condition(_Strict):
+    key: str = ""
+    values: StrList | None = None
+    not_values: StrList | None = None
+
+
+class Rule(_Strict):
+    from_: Annotated[list[From | None] | None, Field(alias="from")] = None
+    to: list[To | None] | None = None
+    when: list[Condition | None] | None = None
+
+
+class Action(StrEnum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"
+    CUSTOM = "CUSTOM"
+
+
+class ExtensionProviderRef(_Strict):
+    name: str = ""
+
+
+class AuthorizationPolicySpec(_Strict):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
+    rules: Annotated[list[Rule | None] | None, Field(max_length=512)] = None
+    action: Annotated[Action, Field(strict=False)] = Action.ALLOW
+    provider: ExtensionProviderRef | None = None
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _action_is_enum_name(cls, v: Any) -> Any:
+        # Kubernetes accepts the enum's name only; give a clear message for anything else.
+        if isinstance(v, str) and v not in Action.__members__:
+            raise ValueError(f"must be one of {', '.join(Action.__members__)}, got {v!r}")
+        return v
+
+
+class AuthorizationPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta
+    spec: AuthorizationPolicySpec = Field(default_factory=AuthorizationPolicySpec)
+    status: Any = None  # present in `kubectl get -o yaml` output; ignored
+
+
+# --- extension providers (Istio MeshConfig.extensionProviders) -----------------------
+
+
+class RequestBody(_Strict):
+    max_request_bytes: int = 0
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
+class EnvoyExtAuthzGrpcProvider(_Strict):
+    service: Annotated[str, Field(min_length=1)]
+    port: int
+    timeout: str | None = None
+    fail_open: bool = False
+    clear_route_cache: bool = False
+    status_on_error: str = ""
+    include_request_body_in_check: RequestBody | None = None
+
+
+class EnvoyExtAuthzHttpProvider(_Strict):
+    service: Annotated[str, Field(min_length=1)]
+    port: int
+    timeout: str | None = None
+    path_prefix: str = ""
+    fail_open: bool = False
+    clear_route_cache: bool = False
+    status_on_error: str = ""
+    include_headers_in_check: StrList | None = None  # deprecated alias of includeRequestHeadersInCheck
+    include_request_headers_in_check: StrList | None = None
+    include_additional_headers_in_check: dict[str, str] | None = None
+    include_request_body_in_check: RequestBody | None = None
+    headers_to_upstream_on_allow: StrList | None = None
+    headers_to_downstream_on_deny: StrList | None = None
+    headers_to_downstream_on_allow: StrList | None = None
+
+
+class ExtensionProvider(BaseModel):
+    """One entry of `extensionProviders`. Only the ext_authz kinds matter to CUSTOM; other
+    provider kinds (tracing, access logging) are accepted so a real mesh config loads."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, populate_by_name=True)
+
+    name: str
+    envoy_ext_authz_grpc: Annotated[EnvoyExtAuthzGrpcProvider | None, Field(alias="envoyExtAuthzGrpc")] = None
+    envoy_ext_authz_http: Annotated[EnvoyExtAuthzHttpProvider | None, Field(alias="envoyExtAuthzHttp")] = None
+
+
+class MeshConfigSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    extension_providers: Annotated[list[ExtensionProvider], Field(alias="extensionProviders")] = Field(
+        default_factory=list
+    )
+
+
+class MeshConfig(BaseModel):
+    """extproc's own wrapper of the parts of Istio's MeshConfig it honours."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta | None = None
+    spec: MeshConfigSpec = Field(default_factory=MeshConfigSpec)

@@ -1,0 +1,153 @@
+"""The compiled form of everything loaded, built once per change and swapped atomically.
+
+A request reads `holder.current` once and uses that snapshot to the end, so a
+reload in the middle of a request can never mix two configurations. Building a
+snapshot is pure: the same files and workload always give the same snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extproc.authz.compiler import CompiledPolicy, CompiledRule, TrustDomainBundle, compile_policy
+from extproc.authz.engine import AuthzProgram, CustomRuleSet, RuleSet
+from extproc.config.errors import ConfigIssue
+from extproc.config.loader import LoadedConfig, LoadedPolicy
+from extproc.config.models import Action
+from extproc.config.providers import HttpProviderSettings, ProviderSettings
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadIdentity:
+    """Who this extproc instance enforces for: the sidecar's workload."""
+
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    name: str = ""
+    root_namespace: str = "istio-system"
+    trust_domain: str = "cluster.local"
+    trust_domain_aliases: tuple[str, ...] = ()
+
+    @property
+    def trust_domains(self) -> TrustDomainBundle:
+        return TrustDomainBundle((self.trust_domain, *self.trust_domain_aliases))
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Evaluation options that are not part of the policies themselves."""
+
+    jwt_payload_key: str = "payload"  # jwt_authn `payload_in_metadata`
+    xff_num_trusted_hops: int = 0
+    # Istio's PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS: without it a workload with CUSTOM
+    # policies naming different providers denies what those policies match.
+    multiple_custom_providers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    workload: WorkloadIdentity
+    options: Options
+    http: AuthzProgram
+    tcp: AuthzProgram
+    policies: tuple[CompiledPolicy, ...]  # applicable to this workload
+    ignored_policies: tuple[tuple[str, str], ...]  # (namespace/name, why) for /debug
+    providers: Mapping[str, ProviderSettings]
+    files: tuple[str, ...]
+    warnings: tuple[ConfigIssue, ...]
+    loaded_at: float
+
+
+def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
+    """None if the policy applies to the workload, else why not (Istio's ShouldAttachPolicy)."""
+    p = lp.policy
+    ns = p.metadata.namespace
+    if ns not in (workload.root_namespace, workload.namespace):
+        return f"namespace {ns} is neither the workload's ({workload.namespace}) nor the root ({workload.root_namespace})"
+    if p.spec.target_ref is not None or p.spec.target_refs:
+        return "uses targetRef(s), which a sidecar workload ignores"
+    sel = p.spec.selector
+    if sel is not None and sel.match_labels:
+        for k, v in sel.match_labels.items():
+            if workload.labels.get(k) != v:
+                return f"selector {k}={v} does not match the workload labels"
+    return None
+
+
+def _program(
+    policies: list[CompiledPolicy], protocol: str, providers: Mapping[str, ProviderSettings], options: Options
+) -> AuthzProgram:
+    def rules_of(p: CompiledPolicy) -> tuple[CompiledRule, ...]:
+        return p.http if protocol == "http" else p.tcp
+
+    by_action: dict[Action, list[CompiledPolicy]] = {a: [] for a in Action}
+    for p in policies:
+        by_action[p.ref.action].append(p)
+
+    def ruleset(action: Action) -> RuleSet:
+        ps = by_action[action]
+        return RuleSet.build((r for p in ps for r in rules_of(p)), ps)
+
+    custom = CustomRuleSet()
+    custom_policies = by_action[Action.CUSTOM]
+    if custom_policies:
+        names = sorted({p.ref.provider or "" for p in custom_policies})
+        if len(names) > 1 and not options.multiple_custom_providers:
+            bad = tuple(sorted((r for p in custom_policies for r in rules_of(p)), key=lambda r: r.rule_id))
+            custom = CustomRuleSet(
+                bad=bad,
+                bad_reason=f"several CUSTOM providers ({', '.join(names)}) apply to one workload and "
+                "multiple providers are not enabled",
+            )
+        else:
+            groups: list[tuple[str, tuple[CompiledRule, ...]]] = []
+            bad_rules: list[CompiledRule] = []
+            reasons: list[str] = []
+            for name in names:
+                rules = tuple(
+                    sorted((r for p in custom_policies if p.ref.provider == name for r in rules_of(p)), key=lambda r: r.rule_id)
+                )
+                prov = providers.get(name)
+                if prov is None:
+                    bad_rules.extend(rules)
+                    reasons.append(f"provider {name!r} is not defined in extensionProviders")
+                elif protocol == "tcp" and isinstance(prov, HttpProviderSettings):
+                    continue  # Istio ignores HTTP providers on TCP filter chains
+                else:
+                    groups.append((name, rules))
+            custom = CustomRuleSet(tuple(groups), tuple(bad_rules), "; ".join(reasons))
+
+    return AuthzProgram(
+        custom=custom, audit=ruleset(Action.AUDIT), deny=ruleset(Action.DENY), allow=ruleset(Action.ALLOW)
+    )
+
+
+def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Options, version: int) -> Snapshot:
+    applicable: list[CompiledPolicy] = []
+    ignored: list[tuple[str, str]] = []
+    bundle = workload.trust_domains
+    for lp in loaded.policies:
+        why = applies_to(lp, workload)
+        ident = f"{lp.policy.metadata.namespace}/{lp.policy.metadata.name}"
+        if why is not None:
+            ignored.append((ident, why))
+            continue
+        applicable.append(compile_policy(lp.policy, lp.origin, bundle, options.jwt_payload_key))
+    return Snapshot(
+        version=version,
+        workload=workload,
+        options=options,
+        http=_program(applicable, "http", loaded.providers, options),
+        tcp=_program(applicable, "tcp", loaded.providers, options),
+        policies=tuple(applicable),
+        ignored_policies=tuple(ignored),
+        providers=dict(loaded.providers),
+        files=tuple(loaded.files),
+        warnings=tuple(loaded.warnings),
+        loaded_at=time.time(),
+    )

@@ -1,0 +1,461 @@
+"""Istio's semantic validation of AuthorizationPolicy, with the offending field named.
+
+The rules follow istio/istio pkg/config/validation (ValidateAuthorizationPolicy) and
+pkg/config/security (ValidateAttribute and friends). Where Istio accepts a value that
+its own generator later rejects at push time (a malformed `request.headers` key, for
+example), we reject it here instead: a user should learn about it when the file is
+loaded, not by a silently dropped rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from extproc.config.models import Action, AuthorizationPolicy, Condition, Operation, Source
+
+Path = tuple[str | int, ...]
+
+MATCH_ONE_TEMPLATE = "{*}"
+MATCH_ANY_TEMPLATE = "{**}"
+_VALID_TEMPLATE_LITERAL = re.compile(r"^[a-zA-Z0-9\-._~%!$&'()+,;:@=]+$")
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: Path
+    message: str
+    warning: bool = False
+
+
+# --- `when` keys ----------------------------------------------------------------------
+
+PRINCIPAL_KEYS = {
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.serviceAccount",
+    "source.principal",
+    "source.trustDomain",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+}
+PERMISSION_KEYS = {"destination.ip", "destination.port", "connection.sni"}
+HEADER_PREFIX = "request.headers"
+CLAIMS_PREFIX = "request.auth.claims"
+ENVOY_FILTER_PREFIX = "experimental.envoy.filters."
+
+
+def parse_bracket_name(rest: str) -> str | None:
+    """`[Name]` -> `Name`; None when the key is not of that form."""
+    if len(rest) >= 3 and rest[0] == "[" and rest[-1] == "]" and "[" not in rest[1:-1] and "]" not in rest[1:-1]:
+        return rest[1:-1]
+    return None
+
+
+def parse_claim_path(rest: str) -> list[str] | None:
+    """`[a][b.c]` -> ["a", "b.c"]: nested claims, dots inside brackets are literal."""
+    names: list[str] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] != "[":
+            return None
+        end = rest.find("]", i + 1)
+        if end == -1 or "[" in rest[i + 1 : end] or end == i + 1:
+            return None
+        names.append(rest[i + 1 : end])
+        i = end + 1
+    return names or None
+
+
+def parse_envoy_filter_key(key: str) -> tuple[str, str] | None:
+    """`experimental.envoy.filters.a.b[c]` -> ("envoy.filters.a.b", "c")."""
+    body = key[len("experimental.") :]
+    open_ = body.find("[")
+    if open_ <= len("envoy.filters.") or not body.endswith("]"):
+        return None
+    name = body[open_ + 1 : -1]
+    if not name:
+        return None
+    return body[:open_], name
+
+
+def when_key_problem(key: str) -> str | None:
+    """None if `key` is a supported condition key, else why not."""
+    if key in PRINCIPAL_KEYS or key in PERMISSION_KEYS:
+        return None
+    if key.startswith(HEADER_PREFIX):
+        if parse_bracket_name(key[len(HEADER_PREFIX) :]) is None:
+            return f"bad key ({key}): should have format request.headers[<name>]"
+        return None
+    if key.startswith(CLAIMS_PREFIX):
+        if parse_claim_path(key[len(CLAIMS_PREFIX) :]) is None:
+            return f"bad key ({key}): should have format request.auth.claims[<name>] or nested [<a>][<b>]"
+        return None
+    if key.startswith(ENVOY_FILTER_PREFIX):
+        if parse_envoy_filter_key(key) is None:
+            return f"bad key ({key}): should have format experimental.envoy.filters.<filter>[<key>]"
+        return None
+    if key == "destination.namespace":
+        return f"attribute {key} is replaced by the metadata.namespace"
+    if key.startswith("destination.labels"):
+        return f"attribute {key} is replaced by the workload selector"
+    if key in ("destination.name", "destination.user"):
+        return f"deprecated attribute {key}: only supported in v1alpha1"
+    return f"unknown attribute: {key}"
+
+
+# --- value checks -------------------------------------------------------------------
+
+
+def _empty_values(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    for i, v in enumerate(values or ()):
+        if v == "":
+            yield Problem((*path, i), "empty value not allowed")
+
+
+def ip_problem(value: str) -> str | None:
+    try:
+        if "/" in value:
+            ipaddress.ip_network(value, strict=False)
+            # Go's netip.ParsePrefix rejects IPv4-mapped/zoned forms; ipaddress is close enough,
+            # but it accepts a netmask (a.b.c.d/255.0.0.0) which Istio does not.
+            prefix = value.split("/", 1)[1]
+            if not prefix.isdigit():
+                return f"bad CIDR range ({value})"
+        else:
+            ipaddress.ip_address(value)
+    except ValueError:
+        return f"bad CIDR range ({value})" if "/" in value else f"bad IP address ({value})"
+    return None
+
+
+def port_problem(value: str) -> str | None:
+    if not value.isdigit() or int(value) > 65535:
+        return f"bad port ({value})"
+    return None
+
+
+def _ips(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    for i, v in enumerate(values or ()):
+        if v != "" and (msg := ip_problem(v)):
+            yield Problem((*path, i), msg)
+
+
+def _ports(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    for i, v in enumerate(values or ()):
+        if v != "" and (msg := port_problem(v)):
+            yield Problem((*path, i), msg)
+
+
+def _wildcards(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    for i, v in enumerate(values or ()):
+        n = v.count("*")
+        if n > 1:
+            yield Problem((*path, i), f"at most one wildcard is allowed: {v!r}")
+        elif n == 1 and v != "*" and not (v.startswith("*") or v.endswith("*")):
+            yield Problem((*path, i), f"wildcard is only allowed at the start or end: {v!r}")
+
+
+def _trust_domains(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    yield from _wildcards(path, values)
+    for i, v in enumerate(values or ()):
+        if "/" in v:
+            yield Problem((*path, i), f"trust domain must not contain '/': {v!r}")
+
+
+def _service_accounts(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    values = values or []
+    if len(values) > 16:
+        yield Problem(path, "may not have more than 16 values")
+    for i, v in enumerate(values):
+        p = (*path, i)
+        if v == "":
+            continue  # reported by _empty_values
+        if "*" in v:
+            yield Problem(p, "wildcard not allowed")
+        elif v.count("/") > 1:
+            yield Problem(p, f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {v!r}")
+        elif len(v) > 320:
+            yield Problem(p, "value cannot exceed 320 characters")
+        elif "/" in v:
+            ns, sa = v.split("/", 1)
+            if not ns:
+                yield Problem(p, f"expected format 'namespace/serviceAccount', found empty namespace in {v!r}")
+            elif not sa:
+                yield Problem(p, f"expected format 'namespace/serviceAccount', found empty serviceAccount in {v!r}")
+
+
+def _path_templates(path: Path, values: list[str] | None) -> Iterable[Problem]:
+    for i, raw in enumerate(values or ()):
+        has_template = MATCH_ONE_TEMPLATE in raw or MATCH_ANY_TEMPLATE in raw
+        seen_any = False
+        for glob in raw.strip("/").split("/"):
+            if glob in (MATCH_ONE_TEMPLATE, MATCH_ANY_TEMPLATE):
+                if seen_any:
+                    yield Problem((*path, i), f"invalid or unsupported path {raw!r}: {{**}} is not the last operator")
+                    break
+                seen_any = glob == MATCH_ANY_TEMPLATE
+                continue
+            if "{" in glob or "}" in glob:
+                yield Problem(
+                    (*path, i),
+                    f"invalid or unsupported path {raw!r}: contains '{{' or '}}' beyond a supported path template",
+                )
+                break
+            if has_template and not _VALID_TEMPLATE_LITERAL.match(glob):
+                yield Problem(
+                    (*path, i), f"invalid or unsupported path {raw!r}: segment {glob!r} is not a valid literal"
+                )
+                break
+
+
+def _condition_values(path: Path, key: str, values: list[str] | None) -> Iterable[Problem]:
+    if not values:
+        return
+    yield from _empty_values(path, values)
+    if key in ("source.ip", "remote.ip", "destination.ip"):
+        yield from _ips(path, values)
+    elif key == "destination.port":
+        yield from _ports(path, values)
+    elif key == "source.serviceAccount":
+        yield from _service_accounts(path, values)
+    elif key == "source.trustDomain":
+        yield from _wildcards(path, values)
+
+
+# --- the policy ---------------------------------------------------------------------
+
+
+def _source(path: Path, rule_index: int, src: Source) -> Iterable[Problem]:
+    has_sa = bool(src.service_accounts or src.not_service_accounts)
+    if has_sa and (src.principals or src.not_principals or src.namespaces or src.not_namespaces):
+        yield Problem(path, "cannot set serviceAccounts with namespaces or principals")
+    if not any(getattr(src, f) for f in Source.model_fields):
+        yield Problem(path, f"`from.source` must not be empty, found at rule {rule_index}")
+    for field in (
+        "principals",
+        "not_principals",
+        "request_principals",
+        "not_request_principals",
+        "namespaces",
+        "not_namespaces",
+        "ip_blocks",
+        "not_ip_blocks",
+        "remote_ip_blocks",
+        "not_remote_ip_blocks",
+        "service_accounts",
+        "not_service_accounts",
+        "trust_domains",
+        "not_trust_domains",
+    ):
+        yield from _empty_values((*path, _alias(Source, field)), getattr(src, field))
+    for field in ("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"):
+        yield from _ips((*path, _alias(Source, field)), getattr(src, field))
+    yield from _service_accounts((*path, "serviceAccounts"), src.service_accounts)
+    yield from _service_accounts((*path, "notServiceAccounts"), src.not_service_accounts)
+    yield from _trust_domains((*path, "trustDomains"), src.trust_domains)
+    yield from _trust_domains((*path, "notTrustDomains"), src.not_trust_domains)
+
+
+def _operation(path: Path, rule_index: int, op: Operation) -> Iterable[Problem]:
+    if not any(getattr(op, f) for f in Operation.model_fields):
+        yield Problem(path, f"`to.operation` must not be empty, found at rule {rule_index}")
+    for field in Operation.model_fields:
+        yield from _empty_values((*path, _alias(Operation, field)), getattr(op, field))
+    yield from _ports((*path, "ports"), op.ports)
+    yield from _ports((*path, "notPorts"), op.not_ports)
+    yield from _path_templates((*path, "paths"), op.paths)
+    yield from _path_templates((*path, "notPaths"), op.not_paths)
+
+
+def _condition(path: Path, cond: Condition) -> Iterable[Problem]:
+    if cond.key == "":
+        yield Problem((*path, "key"), "`key` must not be empty")
+        return
+    if (msg := when_key_problem(cond.key)) is not None:
+        yield Problem((*path, "key"), msg)
+        return
+    if not cond.values and not cond.not_values:
+        yield Problem(path, f"at least one of `values` or `notValues` must be set for key {cond.key}")
+        return
+    yield from _condition_values((*path, "values"), cond.key, cond.values)
+    yield from _condition_values((*path, "notValues"), cond.key, cond.not_values)
+
+
+_CUSTOM_FORBIDDEN_SOURCE = (
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+    "trust_domains",
+    "not_trust_domains",
+    "principals",
+    "not_principals",
+    "request_principals",
+    "not_request_principals",
+)
+_CUSTOM_FORBIDDEN_KEYS = ("source.namespace", "source.serviceAccount", "source.trustDomain", "source.principal")
+
+
+def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
+    spec = policy.spec
+    problems: list[Problem] = []
+    add = problems.append
+
+    # Metadata: the dry-run annotation, as Istio's validateMetadata checks it.
+    dry_run = policy.metadata.annotations.get(DRY_RUN_ANNOTATION)
+    if dry_run is not None:
+        if spec.action not in (Action.ALLOW, Action.DENY):
+            add(
+                Problem(
+                    ("metadata", "annotations", DRY_RUN_ANNOTATION),
+                    f"the annotation {DRY_RUN_ANNOTATION} only supports action ALLOW/DENY, found {spec.action}",
+                )
+            )
+        elif parse_go_bool(dry_run) is None:
+            add(Problem(("metadata", "annotations", DRY_RUN_ANNOTATION), f"invalid value ({dry_run}): not a boolean"))
+
+    set_count = sum(1 for x in (spec.selector, spec.target_ref, spec.target_refs or None) if x is not None)
+    if set_count > 1:
+        add(Problem(("spec",), "only one of targetRefs or workloadSelector can be set"))
+    if spec.selector is not None:
+        labels = spec.selector.match_labels or {}
+        for k, v in labels.items():
+            if k == "":
+                add(Problem(("spec", "selector", "matchLabels"), f"empty key is not supported in selector: {k}={v}"))
+            if "*" in k or "*" in v:
+                add(Problem(("spec", "selector", "matchLabels", k), f"wildcard is not supported in selector: {k}={v}"))
+        if not labels:
+            add(Problem(("spec", "selector"), "workload selector specified without labels", warning=True))
+
+    rules = spec.rules
+    if spec.action == Action.CUSTOM:
+        if not rules:
+            add(
+                Problem(
+                    ("spec", "rules"),
+                    "CUSTOM action without `rules` is meaningless as it will never be triggered, "
+                    "add an empty rule `{}` if you want it be triggered for every request",
+                )
+            )
+        elif spec.provider is None or not spec.provider.name:
+            add(Problem(("spec", "provider", "name"), "`provider.name` must not be empty"))
+        for i, rule in enumerate(rules or ()):
+            if rule is None:
+                continue
+            for j, frm in enumerate(rule.from_ or ()):
+                if frm is None or frm.source is None:
+                    continue
+                for field in _CUSTOM_FORBIDDEN_SOURCE:
+                    if getattr(frm.source, field):
+                        add(
+                            Problem(
+                                ("spec", "rules", i, "from", j, "source", _alias(Source, field)),
+                                "is currently not supported with CUSTOM action",
+                            )
+                        )
+            for j, cond in enumerate(rule.when or ()):
+                if cond is None:
+                    continue
+                if cond.key in _CUSTOM_FORBIDDEN_KEYS or cond.key.startswith("request.auth."):
+                    add(
+                        Problem(
+                            ("spec", "rules", i, "when", j, "key"),
+                            f"{cond.key} is currently not supported with CUSTOM action",
+                        )
+                    )
+    if spec.provider is not None and spec.action != Action.CUSTOM:
+        add(Problem(("spec", "provider"), f"`provider` must not be with non CUSTOM action, found {spec.action}"))
+    if spec.action == Action.DENY and not rules:
+        add(
+            Problem(
+                ("spec", "rules"),
+                "DENY action without `rules` is meaningless as it will never be triggered, "
+                "add an empty rule `{}` if you want it be triggered for every request",
+            )
+        )
+
+    for i, rule in enumerate(rules or ()):
+        rp: Path = ("spec", "rules", i)
+        if rule is None:
+            add(Problem(rp, f"`rule` must not be nil, found at rule {i}"))
+            continue
+        if rule.from_ is not None and len(rule.from_) == 0:
+            add(Problem((*rp, "from"), f"`from` must not be empty, found at rule {i}"))
+        tcp_in_from = tcp_in_to = from_exist = to_exist = False
+        for j, frm in enumerate(rule.from_ or ()):
+            fp: Path = (*rp, "from", j)
+            if frm is None:
+                add(Problem(fp, f"`from` must not be nil, found at rule {i}"))
+                continue
+            if frm.source is None:
+                add(Problem((*fp, "source"), f"`from.source` must not be nil, found at rule {i}"))
+                continue
+            from_exist = True
+            problems.extend(_source((*fp, "source"), i, frm.source))
+            s = frm.source
+            if any(
+                x is not None
+                for x in (
+                    s.principals,
+                    s.not_principals,
+                    s.ip_blocks,
+                    s.not_ip_blocks,
+                    s.namespaces,
+                    s.not_namespaces,
+                    s.remote_ip_blocks,
+                    s.not_remote_ip_blocks,
+                    s.service_accounts,
+                    s.not_service_accounts,
+                )
+            ):
+                tcp_in_from = True
+        if rule.to is not None and len(rule.to) == 0:
+            add(Problem((*rp, "to"), f"`to` must not be empty, found at rule {i}"))
+        for j, to in enumerate(rule.to or ()):
+            tp: Path = (*rp, "to", j)
+            if to is None:
+                add(Problem(tp, f"`to` must not be nil, found at rule {i}"))
+                continue
+            if to.operation is None:
+                add(Problem((*tp, "operation"), f"`to.operation` must not be nil, found at rule {i}"))
+                continue
+            to_exist = True
+            problems.extend(_operation((*tp, "operation"), i, to.operation))
+            if to.operation.ports is not None or to.operation.not_ports is not None:
+                tcp_in_to = True
+        for j, cond in enumerate(rule.when or ()):
+            wp: Path = (*rp, "when", j)
+            if cond is None:
+                add(Problem(wp, "when field cannot be nil"))
+                continue
+            problems.extend(_condition(wp, cond))
+        if spec.action == Action.DENY and ((from_exist and not to_exist and not tcp_in_from) or (to_exist and not tcp_in_to)):
+            add(
+                Problem(
+                    rp,
+                    "configured AuthorizationPolicy will deny all traffic to TCP ports under its scope due to "
+                    "the use of only HTTP attributes in a DENY rule; it is recommended to explicitly specify the port",
+                    warning=True,
+                )
+            )
+    return problems
+
+
+def parse_go_bool(value: str) -> bool | None:
+    """strconv.ParseBool, which Istio uses for the dry-run annotation."""
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def _alias(model: type, field: str) -> str:
+    info = model.model_fields[field]  # type: ignore[attr-defined]
+    return info.alias or field
