@@ -163,12 +163,7 @@ def _suffix_match(a: str, pattern: str) -> bool:
 
 def _td_list_match(a: str, domains: Sequence[str]) -> bool:
     return any(
-        a == s
-        or s == "*"
-        or _prefix_match(a, s)
-        or _prefix_match(s, a)
-        or _suffix_match(a, s)
-        or _suffix_match(s, a)
+        a == s or s == "*" or _prefix_match(a, s) or _prefix_match(s, a) or _suffix_match(a, s) or _suffix_match(s, a)
         for s in domains
     )
 
@@ -220,9 +215,7 @@ def _ports_test(values: Sequence[str]) -> Test:
 
 
 def _paths_test(values: Sequence[str]) -> Test:
-    preds = [
-        m.path_template_matcher(val) if m.contains_path_template(val) else m.istio_string(val) for val in values
-    ]
+    preds = [m.path_template_matcher(val) if m.contains_path_template(val) else m.istio_string(val) for val in values]
 
     def test(a: Attributes) -> bool:
         http = a.http
@@ -294,7 +287,9 @@ def _source_tests(ctx: CompileContext, kind: str, values: Sequence[str]) -> tupl
     if kind == "serviceAccounts":
         return _principal_regexes([m.service_account_matcher(val, ctx.policy_namespace) for val in values]), False
     if kind == "trustDomains":
-        return _principal_regexes([m.trust_domain_matcher(val) for val in ctx.trust_domains.expand_aliases(values)]), False
+        return _principal_regexes(
+            [m.trust_domain_matcher(val) for val in ctx.trust_domains.expand_aliases(values)]
+        ), False
     if kind == "ipBlocks":
         return _ip_test(values, "source_ip"), False
     if kind == "remoteIpBlocks":
@@ -419,7 +414,9 @@ def _condition_build(ctx: CompileContext, key: str) -> Any:
 
 
 def _condition_checks(ctx: CompileContext, base: str, cond: Condition) -> list[Check]:
-    return _pair(f"{base}({cond.key})", "values", "notValues", cond.values, cond.not_values, _condition_build(ctx, cond.key))
+    return _pair(
+        f"{base}({cond.key})", "values", "notValues", cond.values, cond.not_values, _condition_build(ctx, cond.key)
+    )
 
 
 # --- policies ----------------------------------------------------------------------
@@ -441,7 +438,9 @@ def _finish(rule: CompiledRule) -> CompiledRule:
     return rule
 
 
-def _compile_rule(ctx: CompileContext, ref: PolicyRef, index: int, rule: Rule) -> tuple[CompiledRule, CompiledRule | None]:
+def _compile_rule(
+    ctx: CompileContext, ref: PolicyRef, index: int, rule: Rule
+) -> tuple[CompiledRule, CompiledRule | None]:
     """The HTTP form of a rule and its TCP form (None when Istio drops the rule on TCP)."""
     rid = rule_id(ref.namespace, ref.name, index)
     froms = [

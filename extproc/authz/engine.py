@@ -177,14 +177,16 @@ def evaluate(program: AuthzProgram, attrs: Attributes) -> Decision:
             audit_id,
             tuple(shadow),
         )
-    return Decision(
-        False,
-        "no-match",
-        None,
-        f"no ALLOW policy matched ({len(allow.enforced)} rule(s) evaluated)",
-        audit_id,
-        tuple(shadow),
-    )
+    return Decision(False, "no-match", None, _no_match_reason(allow.enforced, attrs), audit_id, tuple(shadow))
+
+
+def _no_match_reason(rules: tuple[CompiledRule, ...], attrs: Attributes, limit: int = 3) -> str:
+    """Why no ALLOW rule matched; computed only on this deny path, never for allowed requests."""
+    if not rules:
+        return "no ALLOW rule applies to this protocol, so nothing is allowed"
+    parts = [f"{r.rule_id}: {r.first_failure(attrs)}" for r in rules[:limit]]
+    more = f"; and {len(rules) - limit} more rule(s)" if len(rules) > limit else ""
+    return "no ALLOW policy matched: " + "; ".join(parts) + more
 
 
 @dataclass(frozen=True, slots=True)

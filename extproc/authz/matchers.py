@@ -142,10 +142,7 @@ def request_principal_matcher(value: str) -> Callable[[Any, Any], bool]:
 
     def matches(iss_value: Any, sub_value: Any) -> bool:
         return (
-            isinstance(iss_value, str)
-            and isinstance(sub_value, str)
-            and match_iss(iss_value)
-            and match_sub(sub_value)
+            isinstance(iss_value, str) and isinstance(sub_value, str) and match_iss(iss_value) and match_sub(sub_value)
         )
 
     return matches

@@ -244,7 +244,9 @@ def _load_document(
         if key in seen:
             issues.append(
                 ConfigIssue(
-                    where, at(("metadata", "name")), f"duplicate AuthorizationPolicy, first defined in {seen[key].render()}"
+                    where,
+                    at(("metadata", "name")),
+                    f"duplicate AuthorizationPolicy, first defined in {seen[key].render()}",
                 )
             )
             return
@@ -307,6 +309,11 @@ def _prefixed(issues: Iterable[ConfigIssue], prefix: tuple[str | int, ...]) -> l
         return list(issues)
     pre = format_path(prefix)
     return [
-        ConfigIssue(i.location, f"{pre}.{i.field}" if i.field and not i.field.startswith("[") else pre + i.field, i.message, i.warning)
+        ConfigIssue(
+            i.location,
+            f"{pre}.{i.field}" if i.field and not i.field.startswith("[") else pre + i.field,
+            i.message,
+            i.warning,
+        )
         for i in issues
     ]

@@ -68,7 +68,9 @@ def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
     p = lp.policy
     ns = p.metadata.namespace
     if ns not in (workload.root_namespace, workload.namespace):
-        return f"namespace {ns} is neither the workload's ({workload.namespace}) nor the root ({workload.root_namespace})"
+        return (
+            f"namespace {ns} is neither the workload's ({workload.namespace}) nor the root ({workload.root_namespace})"
+        )
     if p.spec.target_ref is not None or p.spec.target_refs:
         return "uses targetRef(s), which a sidecar workload ignores"
     sel = p.spec.selector
@@ -110,7 +112,10 @@ def _program(
             reasons: list[str] = []
             for name in names:
                 rules = tuple(
-                    sorted((r for p in custom_policies if p.ref.provider == name for r in rules_of(p)), key=lambda r: r.rule_id)
+                    sorted(
+                        (r for p in custom_policies if p.ref.provider == name for r in rules_of(p)),
+                        key=lambda r: r.rule_id,
+                    )
                 )
                 prov = providers.get(name)
                 if prov is None:

@@ -435,7 +435,9 @@ def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
                 add(Problem(wp, "when field cannot be nil"))
                 continue
             problems.extend(_condition(wp, cond))
-        if spec.action == Action.DENY and ((from_exist and not to_exist and not tcp_in_from) or (to_exist and not tcp_in_to)):
+        if spec.action == Action.DENY and (
+            (from_exist and not to_exist and not tcp_in_from) or (to_exist and not tcp_in_to)
+        ):
             add(
                 Problem(
                     rp,

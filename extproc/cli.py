@@ -1,0 +1,167 @@
+"""The `extproc` command.
+
+extproc serve    --config-dir DIR ... --listen ADDR --admin ADDR --namespace NS --labels k=v,...
+extproc validate --config-dir DIR ... [--namespace NS --labels k=v,...]
+extproc explain  --config-dir DIR ... --namespace NS [--labels k=v,...] --request JSON|@FILE
+extproc demo     [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc import __version__
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from extproc.server.app import run
+    from extproc.server.settings import SettingsError, serve_settings
+
+    try:
+        settings = serve_settings(ns)
+    except SettingsError as e:
+        print(f"extproc serve: {e}", file=sys.stderr)
+        return 2
+    return run(settings)
+
+
+def _cmd_validate(ns: argparse.Namespace) -> int:
+    from extproc.config import loader
+    from extproc.config.errors import ConfigError
+    from extproc.config.snapshot import Options, WorkloadIdentity, build_snapshot
+    from extproc.server.settings import SettingsError, parse_labels
+
+    try:
+        loaded = loader.load(ns.config_dirs)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        for w in e.issues:
+            if w.warning:
+                print("  " + w.render(), file=sys.stderr)
+        return 1
+    for w in loaded.warnings:
+        print(w.render(), file=sys.stderr)
+    print(f"ok: {len(loaded.policies)} AuthorizationPolicies in {len(loaded.files)} files")
+    if ns.namespace:
+        try:
+            labels = parse_labels(ns.labels or "")
+        except SettingsError as e:
+            print(f"extproc validate: {e}", file=sys.stderr)
+            return 2
+        workload = WorkloadIdentity(
+            ns.namespace,
+            labels,
+            root_namespace=ns.root_namespace,
+            trust_domain=ns.trust_domain,
+            trust_domain_aliases=tuple(ns.trust_domain_aliases or ()),
+        )
+        snap = build_snapshot(loaded, workload, Options(), 1)
+        for p in snap.policies:
+            print(f"  applies: {p.ref.namespace}/{p.ref.name} ({p.ref.action}{', dry-run' if p.ref.dry_run else ''})")
+        for name, why in snap.ignored_policies:
+            print(f"  ignored: {name}: {why}")
+    return 0
+
+
+def _cmd_explain(ns: argparse.Namespace) -> int:
+    from extproc.authz import engine
+    from extproc.config.errors import ConfigError
+    from extproc.config.reload import load_snapshot
+    from extproc.config.snapshot import Options, WorkloadIdentity
+    from extproc.debug import attributes_from_description
+    from extproc.server.settings import SettingsError, parse_labels
+
+    text = ns.request
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        labels = parse_labels(ns.labels or "")
+        attrs = attributes_from_description(json.loads(text))
+    except (SettingsError, ValueError) as e:
+        print(f"extproc explain: {e}", file=sys.stderr)
+        return 2
+    workload = WorkloadIdentity(
+        ns.namespace,
+        labels,
+        root_namespace=ns.root_namespace,
+        trust_domain=ns.trust_domain,
+        trust_domain_aliases=tuple(ns.trust_domain_aliases or ()),
+    )
+    try:
+        snap = load_snapshot(ns.config_dirs, workload, Options(), 1)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    program = snap.http if attrs.is_http else snap.tcp
+    hits, bad = engine.custom_providers(program, attrs)
+    if bad is not None:
+        decision = engine.bad_custom_decision(program, bad)
+    else:
+        for provider, rule in hits:
+            print(f"CUSTOM: {rule} matched: provider {provider} would be called first")
+        decision = engine.evaluate(program, attrs)
+    for t in engine.trace(program, attrs):
+        mark = "MATCH" if t.matched else "-    "
+        tag = f"{t.action}{' dry-run' if t.dry_run else ''}"
+        print(f"{mark} {tag:14} {t.rule_id}" + ("" if t.matched else f": {t.why_not}"))
+    print(f"decision: {decision.engine_result.upper()} ({decision.reason})")
+    return 0 if decision.allowed else 3
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from extproc.demo import run_demo
+
+    return run_demo(check=ns.check, base_port=ns.base_port)
+
+
+def _add_workload_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config-dir", action="append", dest="config_dirs", required=True, metavar="DIR")
+    p.add_argument("--namespace", required=required, metavar="NS")
+    p.add_argument("--labels", metavar="k=v[,k=v...]")
+    p.add_argument("--root-namespace", default="istio-system", metavar="NS")
+    p.add_argument("--trust-domain", default="cluster.local", metavar="TD")
+    p.add_argument("--trust-domain-alias", action="append", dest="trust_domain_aliases", metavar="TD")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from extproc.server.settings import add_serve_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="extproc", description="Istio authorization and telemetry for Envoy, in the data plane."
+    )
+    parser.add_argument("--version", action="version", version=f"extproc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_authz gRPC server")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    validate = sub.add_parser("validate", help="check policy files; with --namespace, show which apply")
+    _add_workload_flags(validate, required=False)
+    validate.set_defaults(func=_cmd_validate)
+
+    explain = sub.add_parser("explain", help="evaluate one described request and show every rule's result")
+    _add_workload_flags(explain, required=True)
+    explain.add_argument(
+        "--request", required=True, metavar="JSON|@FILE", help="request description (see extproc.debug)"
+    )
+    explain.set_defaults(func=_cmd_explain)
+
+    demo = sub.add_parser("demo", help="run Envoy, extproc, a sample upstream and sample policies on this machine")
+    demo.add_argument("--check", action="store_true", help="send the sample requests, print the results and exit")
+    demo.add_argument("--base-port", type=int, default=10000, help="first of the ports the demo uses (default 10000)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return int(ns.func(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Hold the current snapshot and replace it when the config directories change.
+
+A change is loaded and compiled off the event loop's critical path, then swapped in
+with one assignment. A change that fails to load leaves the last good snapshot in
+place; the failure is logged and reported on /readyz until a later change fixes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import watchfiles
+
+from extproc.config import loader
+from extproc.config.errors import ConfigError, ConfigIssue
+from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
+
+log = logging.getLogger("extproc.config")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadStatus:
+    ok: bool
+    at: float
+    version: int  # the snapshot version serving after this attempt
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class ReloadCounters:
+    success: int = 0
+    failure: int = 0
+
+
+def load_snapshot(dirs: Sequence[str], workload: WorkloadIdentity, options: Options, version: int) -> Snapshot:
+    """Load and compile; raises ConfigError with every problem found."""
+    return build_snapshot(loader.load(dirs), workload, options, version)
+
+
+@dataclass
+class SnapshotHolder:
+    dirs: tuple[str, ...]
+    workload: WorkloadIdentity
+    options: Options
+    current: Snapshot
+    last: ReloadStatus
+    counters: ReloadCounters = field(default_factory=ReloadCounters)
+
+    @classmethod
+    def initial(cls, dirs: Sequence[str], workload: WorkloadIdentity, options: Options) -> SnapshotHolder:
+        """The first load: errors propagate so the process exits non-zero."""
+        snap = load_snapshot(dirs, workload, options, 1)
+        warnings = tuple(w.render() for w in snap.warnings)
+        for w in warnings:
+            log.warning("%s", w)
+        holder = cls(tuple(dirs), workload, options, snap, ReloadStatus(True, time.time(), 1, (), warnings))
+        holder.counters.success += 1
+        return holder
+
+    def get(self) -> Snapshot:
+        return self.current
+
+    async def reload(self, reason: str = "change") -> ReloadStatus:
+        version = self.current.version + 1
+        try:
+            snap = await asyncio.to_thread(load_snapshot, self.dirs, self.workload, self.options, version)
+        except ConfigError as e:
+            self.counters.failure += 1
+            errors = tuple(i.render() for i in e.issues if not i.warning)
+            log.error("config %s rejected, still serving snapshot %d:\n%s", reason, self.current.version, e)
+            self.last = ReloadStatus(False, time.time(), self.current.version, errors)
+            return self.last
+        except Exception as e:  # never let a reload bug take the server down
+            self.counters.failure += 1
+            log.exception("config %s failed unexpectedly, still serving snapshot %d", reason, self.current.version)
+            self.last = ReloadStatus(False, time.time(), self.current.version, (f"internal error: {e}",))
+            return self.last
+        self.current = snap  # the atomic swap
+        self.counters.success += 1
+        warnings = tuple(w.render() for w in snap.warnings)
+        for w in warnings:
+            log.warning("%s", w)
+        log.info(
+            "config %s loaded: snapshot %d, %d policies apply to this workload (%d ignored)",
+            reason,
+            snap.version,
+            len(snap.policies),
+            len(snap.ignored_policies),
+        )
+        self.last = ReloadStatus(True, time.time(), snap.version, (), warnings)
+        return self.last
+
+    async def watch(self, stop: asyncio.Event, debounce_ms: int = 200) -> None:
+        """Reload on every batch of file-system changes until `stop` is set."""
+        async for changes in watchfiles.awatch(
+            *self.dirs, debounce=debounce_ms, step=50, stop_event=stop, recursive=True, ignore_permission_denied=True
+        ):
+            log.debug("config change: %s", sorted(p for _, p in changes)[:10])
+            await self.reload("change")
+
+
+def issue_lines(issues: Sequence[ConfigIssue]) -> list[str]:
+    return [i.render() for i in issues]

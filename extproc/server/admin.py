@@ -1,0 +1,204 @@
+"""The admin HTTP listener: /healthz, /readyz, /metrics and /debug/*.
+
+It runs on the same event loop as the gRPC server but owns no logic: every handler
+renders state that the engines and the reloader already keep.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from extproc import __version__
+from extproc.authz import engine
+from extproc.config.reload import SnapshotHolder
+from extproc.debug import attributes_from_description
+from extproc.services.authz import AuthzStats
+
+
+class ExtprocCollector(Collector):
+    """Renders extproc's own counters at scrape time; requests only bump plain ints."""
+
+    def __init__(
+        self, stats: AuthzStats, holder: SnapshotHolder, cert_cache_stats: Callable[[], tuple[int, int]]
+    ) -> None:
+        self.stats = stats
+        self.holder = holder
+        self.cert_cache_stats = cert_cache_stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        checks = CounterMetricFamily("extproc_checks", "ext_authz Check calls received", labels=["protocol"])
+        for proto, n in sorted(s.checks.items()):
+            checks.add_metric([proto], n)
+        yield checks
+        dec = CounterMetricFamily(
+            "extproc_authz_decisions",
+            "Authorization decisions by outcome and deciding stage",
+            labels=["protocol", "result", "stage"],
+        )
+        for (proto, result, stage), n in sorted(s.decisions.items()):
+            dec.add_metric([proto, result, stage], n)
+        yield dec
+        bad = CounterMetricFamily("extproc_malformed_requests", "Check requests denied as malformed", labels=["kind"])
+        for kind, n in sorted(s.malformed.items()):
+            bad.add_metric([kind], n)
+        yield bad
+        yield CounterMetricFamily(
+            "extproc_internal_errors", "Checks denied because of an internal error", value=s.internal_errors
+        )
+        custom = CounterMetricFamily(
+            "extproc_custom_calls", "Calls to CUSTOM providers", labels=["provider", "outcome"]
+        )
+        for (prov, outcome), n in sorted(s.custom_calls.items()):
+            custom.add_metric([prov, outcome], n)
+        yield custom
+        dry = CounterMetricFamily("extproc_dry_run_results", "Dry-run policy evaluations", labels=["action", "result"])
+        for (action, result), n in sorted(s.dry_run.items()):
+            dry.add_metric([action, result], n)
+        yield dry
+        yield CounterMetricFamily("extproc_audit_matches", "Requests matched by an AUDIT policy", value=s.audit_hits)
+        lat = GaugeMetricFamily(
+            "extproc_check_seconds_total", "Total time spent in Check handlers", value=s.latency_sum_s
+        )
+        yield lat
+        reloads = CounterMetricFamily("extproc_config_reloads", "Configuration loads", labels=["result"])
+        reloads.add_metric(["success"], self.holder.counters.success)
+        reloads.add_metric(["failure"], self.holder.counters.failure)
+        yield reloads
+        snap = self.holder.current
+        yield GaugeMetricFamily(
+            "extproc_config_snapshot_version", "Version of the serving snapshot", value=snap.version
+        )
+        yield GaugeMetricFamily(
+            "extproc_config_last_reload_success", "1 if the last reload succeeded", value=int(self.holder.last.ok)
+        )
+        yield GaugeMetricFamily(
+            "extproc_policies_applied", "AuthorizationPolicies applied to this workload", value=len(snap.policies)
+        )
+        hits, misses = self.cert_cache_stats()
+        cache = CounterMetricFamily("extproc_cache_lookups", "Cache lookups", labels=["cache", "result"])
+        cache.add_metric(["peer_certificate", "hit"], hits)
+        cache.add_metric(["peer_certificate", "miss"], misses)
+        yield cache
+        info = GaugeMetricFamily("extproc_build_info", "extproc version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=2, default=str) + "\n", status=status, content_type="application/json"
+    )
+
+
+class AdminApp:
+    def __init__(self, holder: SnapshotHolder, stats: AuthzStats, collector: ExtprocCollector) -> None:
+        self.holder = holder
+        self.stats = stats
+        self.draining = False
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.get("/healthz", self.healthz),
+                web.get("/readyz", self.readyz),
+                web.get("/metrics", self.metrics),
+                web.get("/debug/config", self.debug_config),
+                web.post("/debug/explain", self.debug_explain),
+            ]
+        )
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def _status(self) -> dict[str, Any]:
+        snap = self.holder.current
+        last = self.holder.last
+        return {
+            "ready": not self.draining,
+            "draining": self.draining,
+            "snapshot_version": snap.version,
+            "policies": len(snap.policies),
+            "last_reload": {
+                "ok": last.ok,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last.at)),
+                "errors": list(last.errors),
+                "warnings": list(last.warnings),
+            },
+        }
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        # A snapshot always exists once the server listens (the first load must succeed),
+        # so readiness only ends when draining; a failed reload is reported, not fatal.
+        return _json(self._status(), 503 if self.draining else 200)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+    async def debug_config(self, _: web.Request) -> web.Response:
+        snap = self.holder.current
+        return _json(
+            {
+                **self._status(),
+                "workload": {
+                    "namespace": snap.workload.namespace,
+                    "name": snap.workload.name,
+                    "labels": dict(snap.workload.labels),
+                    "root_namespace": snap.workload.root_namespace,
+                    "trust_domains": list(snap.workload.trust_domains.domains),
+                },
+                "options": asdict(snap.options),
+                "files": list(snap.files),
+                "applied": [
+                    {
+                        "policy": f"{p.ref.namespace}/{p.ref.name}",
+                        "action": str(p.ref.action),
+                        "dry_run": p.ref.dry_run,
+                        "provider": p.ref.provider,
+                        "origin": p.ref.origin,
+                        "http_rules": [r.rule_id for r in p.http if not r.never],
+                        "tcp_rules": [r.rule_id for r in p.tcp if not r.never],
+                    }
+                    for p in snap.policies
+                ],
+                "ignored": [{"policy": name, "why": why} for name, why in snap.ignored_policies],
+                "providers": {name: type(s).__name__ for name, s in snap.providers.items()},
+            }
+        )
+
+    async def debug_explain(self, request: web.Request) -> web.Response:
+        try:
+            desc = await request.json()
+            attrs = attributes_from_description(desc, self.holder.current.options.xff_num_trusted_hops)
+        except (ValueError, TypeError) as e:
+            return _json({"error": str(e)}, 400)
+        snap = self.holder.current
+        program = snap.http if attrs.is_http else snap.tcp
+        hits, bad = engine.custom_providers(program, attrs)
+        decision = engine.bad_custom_decision(program, bad) if bad else engine.evaluate(program, attrs)
+        return _json(
+            {
+                "decision": decision.engine_result,
+                "stage": decision.stage,
+                "policy": decision.policy_id,
+                "reason": decision.reason,
+                "custom_providers_called": [{"provider": p, "rule": r} for p, r in hits],
+                "audit": decision.audit_policy_id,
+                "dry_run": [
+                    {"action": str(s.action), "result": s.engine_result, "policy": s.policy_id} for s in decision.shadow
+                ],
+                "rules": [asdict(t) for t in engine.trace(program, attrs)],
+            }
+        )

@@ -1,0 +1,174 @@
+"""Process wiring for `extproc serve`: gRPC services, admin listener, config watcher,
+signals and graceful drain.
+
+Start-up order matters: the first config load must succeed before anything
+listens, so Envoy never talks to a server without policies. On SIGTERM/SIGINT the
+health service and /readyz turn NOT_SERVING, the gRPC server stops accepting new
+calls and gives in-flight ones `--drain-timeout` to finish, then the process exits 0.
+SIGHUP forces a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+
+import grpc
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.config.errors import ConfigError
+from extproc.config.reload import SnapshotHolder
+from extproc.config.snapshot import Options, WorkloadIdentity
+from extproc.server.admin import AdminApp, ExtprocCollector
+from extproc.server.settings import ServeSettings
+from extproc.services.authz import AuthorizationService, AuthzStats
+from extproc.services.check_adapter import CheckAdapter
+from extproc.services.custom import ProviderPool
+
+log = logging.getLogger("extproc")
+
+AUTHZ_SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+GRPC_MAX_MESSAGE = 8 * 1024 * 1024  # Envoy may send up to ~8 MiB of headers (max_request_headers_kb=8192)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def workload_of(settings: ServeSettings) -> WorkloadIdentity:
+    return WorkloadIdentity(
+        namespace=settings.namespace,
+        labels=dict(settings.labels),
+        name=settings.workload,
+        root_namespace=settings.root_namespace,
+        trust_domain=settings.trust_domain,
+        trust_domain_aliases=settings.trust_domain_aliases,
+    )
+
+
+def options_of(settings: ServeSettings) -> Options:
+    return Options(
+        jwt_payload_key=settings.jwt_payload_key,
+        xff_num_trusted_hops=settings.xff_num_trusted_hops,
+        multiple_custom_providers=settings.multiple_custom_providers,
+    )
+
+
+async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(holder.reload("SIGHUP")))
+
+    stats = AuthzStats()
+    adapter = CheckAdapter(
+        xff_num_trusted_hops=settings.xff_num_trusted_hops,
+        jwt_payload_key=settings.jwt_payload_key,
+        max_header_bytes=settings.max_request_headers_kb * 1024,
+    )
+    providers = ProviderPool()
+    authz = AuthorizationService(holder.get, adapter, providers, stats)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(settings.listen.grpc_target)
+    except RuntimeError as e:
+        log.error("cannot listen on %s: %s", settings.listen.text, e)
+        return 1
+    if not settings.listen.is_unix and bound == 0:
+        log.error("cannot listen on %s", settings.listen.text)
+        return 1
+
+    collector = ExtprocCollector(stats, holder, lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses))
+    admin = AdminApp(holder, stats, collector)
+    runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = settings.admin.host_port()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on admin address %s: %s", settings.admin.text, e)
+        await runner.cleanup()
+        return 1
+
+    await server.start()
+    for name in ("", AUTHZ_SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watcher = asyncio.create_task(holder.watch(stop), name="config-watcher")
+    log.info(
+        "serving ext_authz on %s, admin on %s; workload %s/%s labels=%s; snapshot %d with %d policies",
+        settings.listen.text,
+        settings.admin.text,
+        settings.namespace,
+        settings.workload or "-",
+        ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())) or "-",
+        holder.current.version,
+        len(holder.current.policies),
+    )
+
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls for up to %.1fs", settings.drain_timeout_s)
+    admin.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=settings.drain_timeout_s)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await watcher
+    await providers.close()
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def run(settings: ServeSettings) -> int:
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        holder = SnapshotHolder.initial(settings.config_dirs, workload_of(settings), options_of(settings))
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    import uvloop
+
+    return uvloop.run(serve(settings, holder))

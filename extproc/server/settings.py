@@ -1,0 +1,214 @@
+"""Command-line flags for `extproc serve`, each with an EXTPROC_* environment variable.
+
+A flag given on the command line wins over its variable; a variable wins over the
+default. Repeated flags take a list in their variable: EXTPROC_CONFIG_DIR is split
+on ":" like PATH, EXTPROC_TRUST_DOMAIN_ALIAS and EXTPROC_LABELS on ",".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """HOST:PORT, [V6HOST]:PORT or unix:PATH, in gRPC's own target syntax."""
+
+    text: str
+
+    @property
+    def is_unix(self) -> bool:
+        return self.text.startswith("unix:")
+
+    @property
+    def grpc_target(self) -> str:
+        return self.text
+
+    @staticmethod
+    def parse(text: str, flag: str, allow_unix: bool = True) -> ListenAddress:
+        if text.startswith("unix:"):
+            if not allow_unix:
+                raise SettingsError(f"{flag}: unix sockets are not supported here, use HOST:PORT")
+            if len(text) <= len("unix:"):
+                raise SettingsError(f"{flag}: unix: needs a path")
+            return ListenAddress(text)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SettingsError(f"{flag}: expected HOST:PORT or unix:PATH, got {text!r}")
+        return ListenAddress(text)
+
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.text.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def parse_labels(text: str, flag: str = "--labels") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"{flag}: expected k=v[,k=v...], got {item!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    config_dirs: tuple[str, ...]
+    listen: ListenAddress
+    admin: ListenAddress
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    workload: str = ""
+    root_namespace: str = "istio-system"
+    trust_domain: str = "cluster.local"
+    trust_domain_aliases: tuple[str, ...] = ()
+    jwt_payload_key: str = "payload"
+    xff_num_trusted_hops: int = 0
+    max_request_headers_kb: int = 96
+    multiple_custom_providers: bool = False
+    drain_timeout_s: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+# (flag, env var, help) for every serve option; the single place that names them.
+SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--config-dir", "EXTPROC_CONFIG_DIR", "directory of policy YAML, repeatable (env: ':'-separated)"),
+    ("--listen", "EXTPROC_LISTEN", "gRPC address for Envoy: HOST:PORT or unix:PATH"),
+    ("--admin", "EXTPROC_ADMIN", "admin HTTP address (/healthz, /readyz, /metrics, /debug): HOST:PORT"),
+    ("--namespace", "EXTPROC_NAMESPACE", "namespace of the workload this sidecar serves"),
+    ("--labels", "EXTPROC_LABELS", "workload labels k=v[,k=v...], matched by policy selectors"),
+    ("--workload", "EXTPROC_WORKLOAD", "workload name (for logs and debug output)"),
+    ("--root-namespace", "EXTPROC_ROOT_NAMESPACE", "mesh root namespace whose policies apply everywhere"),
+    ("--trust-domain", "EXTPROC_TRUST_DOMAIN", "mesh trust domain"),
+    ("--trust-domain-alias", "EXTPROC_TRUST_DOMAIN_ALIAS", "trust domain alias, repeatable (env: ','-separated)"),
+    ("--jwt-payload-key", "EXTPROC_JWT_PAYLOAD_KEY", "jwt_authn payload_in_metadata key holding verified claims"),
+    ("--xff-num-trusted-hops", "EXTPROC_XFF_NUM_TRUSTED_HOPS", "the HCM's xff_num_trusted_hops, for remote.ip"),
+    ("--max-request-headers-kb", "EXTPROC_MAX_REQUEST_HEADERS_KB", "deny checks whose headers exceed this size"),
+    (
+        "--multiple-custom-providers",
+        "EXTPROC_MULTIPLE_CUSTOM_PROVIDERS",
+        "allow CUSTOM policies of several providers on one workload (Istio's "
+        "PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS)",
+    ),
+    ("--drain-timeout", "EXTPROC_DRAIN_TIMEOUT", "seconds to finish in-flight calls after SIGTERM"),
+    ("--log-level", "EXTPROC_LOG_LEVEL", "debug, info, warning or error"),
+    ("--log-format", "EXTPROC_LOG_FORMAT", "text or json"),
+)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    helps = {flag: f"{text} [env {env}]" for flag, env, text in SERVE_FLAGS}
+    p.add_argument("--config-dir", action="append", dest="config_dirs", metavar="DIR", help=helps["--config-dir"])
+    p.add_argument("--listen", metavar="HOST:PORT|unix:PATH", help=helps["--listen"] + " (default 127.0.0.1:9001)")
+    p.add_argument("--admin", metavar="HOST:PORT", help=helps["--admin"] + " (default 127.0.0.1:9902)")
+    p.add_argument("--namespace", metavar="NS", help=helps["--namespace"])
+    p.add_argument("--labels", metavar="k=v[,k=v...]", help=helps["--labels"])
+    p.add_argument("--workload", metavar="NAME", help=helps["--workload"])
+    p.add_argument("--root-namespace", metavar="NS", help=helps["--root-namespace"] + " (default istio-system)")
+    p.add_argument("--trust-domain", metavar="TD", help=helps["--trust-domain"] + " (default cluster.local)")
+    p.add_argument(
+        "--trust-domain-alias",
+        action="append",
+        dest="trust_domain_aliases",
+        metavar="TD",
+        help=helps["--trust-domain-alias"],
+    )
+    p.add_argument("--jwt-payload-key", metavar="KEY", help=helps["--jwt-payload-key"] + " (default payload)")
+    p.add_argument(
+        "--xff-num-trusted-hops", type=int, metavar="N", help=helps["--xff-num-trusted-hops"] + " (default 0)"
+    )
+    p.add_argument(
+        "--max-request-headers-kb", type=int, metavar="KB", help=helps["--max-request-headers-kb"] + " (default 96)"
+    )
+    p.add_argument(
+        "--multiple-custom-providers", action="store_const", const="true", help=helps["--multiple-custom-providers"]
+    )
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help=helps["--drain-timeout"] + " (default 10)")
+    p.add_argument("--log-level", metavar="LEVEL", help=helps["--log-level"] + " (default info)")
+    p.add_argument("--log-format", metavar="FORMAT", help=helps["--log-format"] + " (default text)")
+
+
+def _bool(text: str, name: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {text!r}")
+
+
+def _int(text: str, name: str, minimum: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"{name}: expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}")
+    return value
+
+
+def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeSettings:
+    env = os.environ if env is None else env
+
+    def pick(attr: str, var: str, default: str | None = None) -> str | None:
+        value = getattr(ns, attr, None)
+        if value is not None:
+            return str(value)
+        return env.get(var, default)
+
+    config_dirs = ns.config_dirs or [d for d in env.get("EXTPROC_CONFIG_DIR", "").split(os.pathsep) if d]
+    if not config_dirs:
+        raise SettingsError("--config-dir is required (or EXTPROC_CONFIG_DIR)")
+    namespace = pick("namespace", "EXTPROC_NAMESPACE")
+    if not namespace:
+        raise SettingsError("--namespace is required (or EXTPROC_NAMESPACE)")
+    aliases = ns.trust_domain_aliases or [
+        a.strip() for a in env.get("EXTPROC_TRUST_DOMAIN_ALIAS", "").split(",") if a.strip()
+    ]
+    log_level = (pick("log_level", "EXTPROC_LOG_LEVEL", "info") or "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise SettingsError(f"--log-level: expected debug, info, warning or error, got {log_level!r}")
+    log_format = (pick("log_format", "EXTPROC_LOG_FORMAT", "text") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise SettingsError(f"--log-format: expected text or json, got {log_format!r}")
+    drain = pick("drain_timeout", "EXTPROC_DRAIN_TIMEOUT", "10") or "10"
+    try:
+        drain_s = float(drain)
+    except ValueError:
+        raise SettingsError(f"--drain-timeout: expected seconds, got {drain!r}") from None
+    return ServeSettings(
+        config_dirs=tuple(config_dirs),
+        listen=ListenAddress.parse(pick("listen", "EXTPROC_LISTEN", "127.0.0.1:9001") or "", "--listen"),
+        admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),
+        namespace=namespace,
+        labels=parse_labels(pick("labels", "EXTPROC_LABELS", "") or ""),
+        workload=pick("workload", "EXTPROC_WORKLOAD", "") or "",
+        root_namespace=pick("root_namespace", "EXTPROC_ROOT_NAMESPACE", "istio-system") or "istio-system",
+        trust_domain=pick("trust_domain", "EXTPROC_TRUST_DOMAIN", "cluster.local") or "cluster.local",
+        trust_domain_aliases=tuple(aliases),
+        jwt_payload_key=pick("jwt_payload_key", "EXTPROC_JWT_PAYLOAD_KEY", "payload") or "payload",
+        xff_num_trusted_hops=_int(
+            pick("xff_num_trusted_hops", "EXTPROC_XFF_NUM_TRUSTED_HOPS", "0") or "0", "--xff-num-trusted-hops"
+        ),
+        max_request_headers_kb=_int(
+            pick("max_request_headers_kb", "EXTPROC_MAX_REQUEST_HEADERS_KB", "96") or "96",
+            "--max-request-headers-kb",
+            1,
+        ),
+        multiple_custom_providers=_bool(
+            pick("multiple_custom_providers", "EXTPROC_MULTIPLE_CUSTOM_PROVIDERS", "false") or "false",
+            "--multiple-custom-providers",
+        ),
+        drain_timeout_s=drain_s,
+        log_level=log_level,
+        log_format=log_format,
+    )

@@ -1,0 +1,250 @@
+"""envoy.service.auth.v3.Authorization: ext_authz for HTTP and TCP.
+
+The servicer is a thin shell: adapter -> engines -> response. It reads the current
+snapshot once per call, so a concurrent reload never mixes configurations.
+
+Responses are what users of Istio's native filters expect:
+  * deny: 403 with body `RBAC: access denied` (TCP: Envoy closes the connection);
+  * allow: no header changes except those a CUSTOM provider asked for;
+  * either way, `dynamic_metadata` says what decided and why, under Envoy RBAC's own
+    key names, so access logs can print it with
+    %DYNAMIC_METADATA(envoy.filters.http.ext_authz:enforced_effective_policy_id)%.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extproc.attributes import Attributes
+from extproc.authz import engine
+from extproc.authz.engine import Decision
+from extproc.config.snapshot import Snapshot
+from extproc.services.check_adapter import CheckAdapter, MalformedRequest
+from extproc.services.custom import CustomOutcome, ProviderPool
+from extproc.services.protoconv import struct_to_dict
+
+log = logging.getLogger("extproc.authz")
+
+
+@dataclass
+class AuthzStats:
+    """Plain counters; the admin endpoint renders them. Never touched by a lock on the hot path."""
+
+    checks: dict[str, int] = field(default_factory=lambda: {"http": 0, "tcp": 0})
+    decisions: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (protocol, result, stage)
+    malformed: dict[str, int] = field(default_factory=dict)
+    internal_errors: int = 0
+    custom_calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (provider, outcome)
+    dry_run: dict[tuple[str, str], int] = field(default_factory=dict)  # (ALLOW|DENY, allowed|denied)
+    audit_hits: int = 0
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+
+    def count(self, table: dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+class LogOnce:
+    """Logs the first occurrence of each kind of bad input, then only periodic counts.
+
+    A hostile client can send a flood of malformed requests; the log must stay useful.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._seen: dict[str, int] = {}
+        self._last_summary = time.monotonic()
+
+    def __call__(self, kind: str, message: str) -> None:
+        n = self._seen.get(kind, 0)
+        self._seen[kind] = n + 1
+        if n == 0:
+            self.logger.warning("%s (further %s events are counted, not logged)", message, kind)
+        now = time.monotonic()
+        if now - self._last_summary >= self.interval_s:
+            self._last_summary = now
+            summary = ", ".join(f"{k}={v}" for k, v in sorted(self._seen.items()))
+            self.logger.warning("bad requests so far: %s", summary)
+
+
+def _denied_http(status: int = 403, body: str = engine.DENIED_BODY) -> external_auth_pb2.DeniedHttpResponse:
+    return external_auth_pb2.DeniedHttpResponse(status=http_status_pb2.HttpStatus(code=status), body=body)
+
+
+def decision_metadata(decision: Decision, snapshot_version: int) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "enforced_engine_result": decision.engine_result,
+        "extproc_stage": decision.stage,
+        "extproc_reason": decision.reason,
+        "extproc_snapshot": snapshot_version,
+    }
+    if decision.policy_id is not None:
+        md["enforced_effective_policy_id"] = decision.policy_id
+    if decision.audit_policy_id is not None:
+        md["access_log_hint"] = True
+        md["audit_effective_policy_id"] = decision.audit_policy_id
+    for s in decision.shadow:
+        prefix = "istio_dry_run_allow_" if s.action == "ALLOW" else "istio_dry_run_deny_"
+        md[prefix + "shadow_engine_result"] = s.engine_result
+        if s.policy_id is not None:
+            md[prefix + "shadow_effective_policy_id"] = s.policy_id
+    return md
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        adapter: CheckAdapter,
+        providers: ProviderPool,
+        stats: AuthzStats | None = None,
+    ) -> None:
+        self._snapshot = snapshot
+        self._adapter = adapter
+        self._providers = providers
+        self.stats = stats or AuthzStats()
+        self._log_bad = LogOnce(log)
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        started = time.perf_counter()
+        try:
+            return await self._check(request)
+        except Exception:  # a bug must deny, not crash the stream or the server
+            self.stats.internal_errors += 1
+            log.exception("internal error while checking a request; denying it")
+            return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
+        finally:
+            self.stats.latency_sum_s += time.perf_counter() - started
+            self.stats.latency_count += 1
+
+    async def _check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        snap = self._snapshot()
+        is_http = self._adapter.is_http(request)
+        protocol = "http" if is_http else "tcp"
+        self.stats.checks[protocol] += 1
+        try:
+            attrs = self._adapter.attributes(request)
+        except MalformedRequest as e:
+            self.stats.count(self.stats.malformed, e.kind)
+            self.stats.count(self.stats.decisions, (protocol, "denied", "malformed"))
+            self._log_bad(e.kind, f"denied a malformed CheckRequest: {e}")
+            return self._deny(is_http=is_http, reason=f"malformed request: {e.kind}")
+
+        program = snap.http if is_http else snap.tcp
+        extra_ok: external_auth_pb2.OkHttpResponse | None = None
+
+        if program.custom.by_provider or program.custom.bad:
+            hits, bad = engine.custom_providers(program, attrs)
+            if bad is not None:
+                decision = engine.bad_custom_decision(program, bad)
+                return self._finish(snap, decision, attrs, protocol, None)
+            for provider, rule_id in hits:
+                outcome = await self._providers.check(snap, provider, request, attrs)
+                self.stats.count(self.stats.custom_calls, (provider, outcome.kind))
+                if not outcome.allowed:
+                    self.stats.count(self.stats.decisions, (protocol, "denied", "custom"))
+                    log.debug("CUSTOM provider %s denied (%s) after %s matched", provider, outcome.kind, rule_id)
+                    return self._custom_denied(outcome, rule_id, snap.version)
+                extra_ok = _merge_ok(extra_ok, outcome.ok_response)
+
+        decision = engine.evaluate(program, attrs)
+        return self._finish(snap, decision, attrs, protocol, extra_ok)
+
+    def _finish(
+        self,
+        snap: Snapshot,
+        decision: Decision,
+        attrs: Attributes,
+        protocol: str,
+        extra_ok: external_auth_pb2.OkHttpResponse | None,
+    ) -> external_auth_pb2.CheckResponse:
+        stats = self.stats
+        stats.count(stats.decisions, (protocol, decision.engine_result, decision.stage))
+        if decision.audit_policy_id is not None:
+            stats.audit_hits += 1
+        for s in decision.shadow:
+            stats.count(stats.dry_run, (str(s.action), s.engine_result))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s %s from %s: %s (%s)",
+                protocol,
+                attrs.http.method if attrs.http else "",
+                attrs.http.path if attrs.http else f"{attrs.destination_ip}:{attrs.destination_port}",
+                attrs.source_principal or attrs.source_ip,
+                decision.engine_result,
+                decision.reason,
+            )
+        md = decision_metadata(decision, snap.version)
+        if decision.allowed:
+            resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+            if extra_ok is not None:
+                resp.ok_response.CopyFrom(extra_ok)
+                if extra_ok.HasField("dynamic_metadata"):
+                    md = {**struct_to_dict(extra_ok.dynamic_metadata), **md}
+            resp.dynamic_metadata.update(md)
+            return resp
+        resp = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=engine.DENIED_BODY)
+        )
+        if protocol == "http":
+            resp.denied_response.CopyFrom(_denied_http())
+        resp.dynamic_metadata.update(md)
+        return resp
+
+    def _deny(self, *, is_http: bool, reason: str) -> external_auth_pb2.CheckResponse:
+        resp = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=engine.DENIED_BODY)
+        )
+        if is_http:
+            resp.denied_response.CopyFrom(_denied_http())
+        resp.dynamic_metadata.update(
+            {"enforced_engine_result": "denied", "extproc_stage": "error", "extproc_reason": reason}
+        )
+        return resp
+
+    def _custom_denied(self, outcome: CustomOutcome, rule_id: str, version: int) -> external_auth_pb2.CheckResponse:
+        resp = outcome.response
+        md = {
+            "enforced_engine_result": "denied",
+            "extproc_stage": "custom",
+            "extproc_reason": outcome.reason,
+            "extproc_snapshot": version,
+            "extproc_custom_policy_id": rule_id,
+        }
+        resp.dynamic_metadata.update(md)
+        return resp
+
+
+def _merge_ok(
+    acc: external_auth_pb2.OkHttpResponse | None, new: external_auth_pb2.OkHttpResponse | None
+) -> external_auth_pb2.OkHttpResponse | None:
+    if new is None:
+        return acc
+    if acc is None:
+        out = external_auth_pb2.OkHttpResponse()
+        out.CopyFrom(new)
+        return out
+    acc.MergeFrom(new)
+    return acc
+
+
+def header_option(key: str, value: str, overwrite: bool = True) -> base_pb2.HeaderValueOption:
+    action = (
+        base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        if overwrite
+        else base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+    )
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=action)
