@@ -1,0 +1,54 @@
+"""A sample upstream for the demo and the tests: it answers every HTTP request with a
+JSON echo of what it received, so a user can see exactly which headers reached the
+application after Envoy and extproc.
+
+    python -m extproc.sample_upstream --port 8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from aiohttp import web
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    payload = {
+        "method": request.method,
+        "path": request.path_qs,
+        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "body_bytes": len(body),
+    }
+    return web.Response(text=json.dumps(payload, sort_keys=True) + "\n", content_type="application/json")
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    return app
+
+
+async def _main(host: str, port: int) -> None:
+    runner = web.AppRunner(make_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    print(f"sample upstream listening on {host}:{port}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    args = p.parse_args()
+    try:
+        asyncio.run(_main(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
