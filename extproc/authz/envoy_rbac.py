@@ -531,6 +531,15 @@ def _gen_request_header(key: str, value: str, for_tcp: bool, _ctx: _Ctx) -> Json
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Gen:
+    """A generator: `one` translates a single value (the entry ORs them), `many` the whole
+    value list at once (Istio's extendedGenerator: JWT and metadata attributes)."""
+
+    one: ValueGen | None = None
+    many: ListGen | None = None
+
+
 @dataclass(slots=True, eq=False)
 class _RuleEntry:
     """One attribute of a rule with its values and notValues. Entries coming from `when`
@@ -539,8 +548,7 @@ class _RuleEntry:
     key: str
     values: list[str]
     not_values: list[str]
-    gen: ValueGen | None = None
-    extended: ListGen | None = None
+    gen: _Gen
 
     def build(self, for_tcp: bool, action: str, ctx: _Ctx, permission: bool) -> list[Json]:
         """The AND terms this entry contributes: OR(values) and NOT(OR(notValues)), as
@@ -563,19 +571,19 @@ class _RuleEntry:
     def _translate(
         self, values: list[str], for_tcp: bool, action: str, ctx: _Ctx, or_of: Callable[[list[Json]], Json]
     ) -> Json | None:
-        if self.extended is not None:
+        if self.gen.many is not None:
             try:
-                return self.extended(self.key, values, for_tcp, ctx)
+                return self.gen.many(self.key, values, for_tcp, ctx)
             except _GenError:
                 if action == "ALLOW":
                     raise
                 return None
-        if self.gen is None:  # pragma: no cover - every entry has one kind of generator
+        if self.gen.one is None:  # pragma: no cover - every _Gen has one of the two
             raise AssertionError(f"entry {self.key} has no generator")
         alternatives: list[Json] = []
         for value in values:
             try:
-                alternatives.append(self.gen(self.key, value, for_tcp, ctx))
+                alternatives.append(self.gen.one(self.key, value, for_tcp, ctx))
             except _GenError:
                 if action == "ALLOW":
                     raise
@@ -590,28 +598,13 @@ class _RuleList:
         # Shallow: the entries themselves stay shared, like Go's slice of *rule.
         return _RuleList(list(self.entries))
 
-    def _entry(
-        self, key: str, values: list[str] | None, not_values: list[str] | None, gen: Any, extended: bool
-    ) -> _RuleEntry | None:
-        if not values and not not_values:
-            return None
-        if extended:
-            return _RuleEntry(key, list(values or ()), list(not_values or ()), extended=gen)
-        return _RuleEntry(key, list(values or ()), list(not_values or ()), gen=gen)
+    def insert_front(self, gen: _Gen, key: str, values: list[str] | None, not_values: list[str] | None) -> None:
+        if values or not_values:
+            self.entries.insert(0, _RuleEntry(key, list(values or ()), list(not_values or ()), gen))
 
-    def insert_front(
-        self, gen: Any, key: str, values: list[str] | None, not_values: list[str] | None, extended: bool = False
-    ) -> None:
-        entry = self._entry(key, values, not_values, gen, extended)
-        if entry is not None:
-            self.entries.insert(0, entry)
-
-    def append_last(
-        self, gen: Any, key: str, values: list[str] | None, not_values: list[str] | None, extended: bool = False
-    ) -> None:
-        entry = self._entry(key, values, not_values, gen, extended)
-        if entry is not None:
-            self.entries.append(entry)
+    def append_last(self, gen: _Gen, key: str, values: list[str] | None, not_values: list[str] | None) -> None:
+        if values or not_values:
+            self.entries.append(_RuleEntry(key, list(values or ()), list(not_values or ()), gen))
 
 
 @dataclass(slots=True)
@@ -620,20 +613,37 @@ class _Model:
     principals: list[_RuleList]
 
 
-# `when` keys with an exact name: (generator, extended?, principal side?).
-_WHEN_EXACT: dict[str, tuple[Any, bool, bool]] = {
-    _ATTR_DEST_IP: (_gen_dest_ip, False, False),
-    _ATTR_DEST_PORT: (_gen_dest_port, False, False),
-    _ATTR_CONN_SNI: (_gen_conn_sni, False, False),
-    _ATTR_SRC_IP: (_gen_src_ip, False, True),
-    _ATTR_REMOTE_IP: (_gen_remote_ip, False, True),
-    _ATTR_SRC_NAMESPACE: (_gen_src_namespace, False, True),
-    _ATTR_SRC_TRUST_DOMAIN: (_gen_src_trust_domain, False, True),
-    _ATTR_SRC_SERVICE_ACCOUNT: (_gen_src_service_account, False, True),
-    _ATTR_SRC_PRINCIPAL: (_gen_src_principal, False, True),
-    _ATTR_REQUEST_PRINCIPAL: (_gen_request_principal, True, True),
-    _ATTR_REQUEST_AUDIENCES: (_gen_request_audiences, True, True),
-    _ATTR_REQUEST_PRESENTER: (_gen_request_presenter, True, True),
+_DEST_IP = _Gen(one=_gen_dest_ip)
+_DEST_PORT = _Gen(one=_gen_dest_port)
+_CONN_SNI = _Gen(one=_gen_conn_sni)
+_ENVOY_FILTER = _Gen(many=_gen_envoy_filter)
+_HOST = _Gen(one=_gen_host)
+_PATH = _Gen(one=_gen_path)
+_METHOD = _Gen(one=_gen_method)
+_SRC_IP = _Gen(one=_gen_src_ip)
+_REMOTE_IP = _Gen(one=_gen_remote_ip)
+_SRC_NAMESPACE = _Gen(one=_gen_src_namespace)
+_SRC_TRUST_DOMAIN = _Gen(one=_gen_src_trust_domain)
+_SRC_SERVICE_ACCOUNT = _Gen(one=_gen_src_service_account)
+_SRC_PRINCIPAL = _Gen(one=_gen_src_principal)
+_REQUEST_PRINCIPAL = _Gen(many=_gen_request_principal)
+_REQUEST_AUDIENCES = _Gen(many=_gen_request_audiences)
+_REQUEST_PRESENTER = _Gen(many=_gen_request_presenter)
+_REQUEST_HEADER = _Gen(one=_gen_request_header)
+_REQUEST_CLAIMS = _Gen(many=_gen_request_claims)
+
+# `when` keys matched by exact name, on the permission side and on the principal side.
+_WHEN_PERMISSION = {_ATTR_DEST_IP: _DEST_IP, _ATTR_DEST_PORT: _DEST_PORT, _ATTR_CONN_SNI: _CONN_SNI}
+_WHEN_PRINCIPAL = {
+    _ATTR_SRC_IP: _SRC_IP,
+    _ATTR_REMOTE_IP: _REMOTE_IP,
+    _ATTR_SRC_NAMESPACE: _SRC_NAMESPACE,
+    _ATTR_SRC_TRUST_DOMAIN: _SRC_TRUST_DOMAIN,
+    _ATTR_SRC_SERVICE_ACCOUNT: _SRC_SERVICE_ACCOUNT,
+    _ATTR_SRC_PRINCIPAL: _SRC_PRINCIPAL,
+    _ATTR_REQUEST_PRINCIPAL: _REQUEST_PRINCIPAL,
+    _ATTR_REQUEST_AUDIENCES: _REQUEST_AUDIENCES,
+    _ATTR_REQUEST_PRESENTER: _REQUEST_PRESENTER,
 }
 
 
@@ -651,18 +661,17 @@ def _new_model(rule: Rule) -> _Model:
     for cond in rule.when or ():
         cond = cond or Condition()
         k = cond.key
-        if k in (_ATTR_DEST_IP, _ATTR_DEST_PORT, _ATTR_CONN_SNI):
-            gen, ext, _ = _WHEN_EXACT[k]
-            base_perm.append_last(gen, k, cond.values, cond.not_values, ext)
+        # Same precedence as Istio's switch: exact names and prefixes in this order.
+        if k in _WHEN_PERMISSION:
+            base_perm.append_last(_WHEN_PERMISSION[k], k, cond.values, cond.not_values)
         elif k.startswith(_ATTR_ENVOY_FILTER):
-            base_perm.append_last(_gen_envoy_filter, k, cond.values, cond.not_values, extended=True)
-        elif k in _WHEN_EXACT:
-            gen, ext, _ = _WHEN_EXACT[k]
-            base_princ.append_last(gen, k, cond.values, cond.not_values, ext)
+            base_perm.append_last(_ENVOY_FILTER, k, cond.values, cond.not_values)
+        elif k in _WHEN_PRINCIPAL:
+            base_princ.append_last(_WHEN_PRINCIPAL[k], k, cond.values, cond.not_values)
         elif k.startswith(_ATTR_REQUEST_HEADER):
-            base_princ.append_last(_gen_request_header, k, cond.values, cond.not_values)
+            base_princ.append_last(_REQUEST_HEADER, k, cond.values, cond.not_values)
         elif k.startswith(_ATTR_REQUEST_CLAIMS):
-            base_princ.append_last(_gen_request_claims, k, cond.values, cond.not_values, extended=True)
+            base_princ.append_last(_REQUEST_CLAIMS, k, cond.values, cond.not_values)
         else:
             raise _GenError(f"unknown attribute {k}")
 
@@ -671,21 +680,17 @@ def _new_model(rule: Rule) -> _Model:
         merged = base_princ.copy()
         s = (frm or From()).source
         if s is not None:
-            merged.insert_front(_gen_src_ip, _ATTR_SRC_IP, s.ip_blocks, s.not_ip_blocks)
-            merged.insert_front(_gen_remote_ip, _ATTR_REMOTE_IP, s.remote_ip_blocks, s.not_remote_ip_blocks)
-            merged.insert_front(_gen_src_namespace, _ATTR_SRC_NAMESPACE, s.namespaces, s.not_namespaces)
-            merged.insert_front(_gen_src_trust_domain, _ATTR_SRC_TRUST_DOMAIN, s.trust_domains, s.not_trust_domains)
+            merged.insert_front(_SRC_IP, _ATTR_SRC_IP, s.ip_blocks, s.not_ip_blocks)
+            merged.insert_front(_REMOTE_IP, _ATTR_REMOTE_IP, s.remote_ip_blocks, s.not_remote_ip_blocks)
+            merged.insert_front(_SRC_NAMESPACE, _ATTR_SRC_NAMESPACE, s.namespaces, s.not_namespaces)
+            merged.insert_front(_SRC_TRUST_DOMAIN, _ATTR_SRC_TRUST_DOMAIN, s.trust_domains, s.not_trust_domains)
             merged.insert_front(
-                _gen_src_service_account, _ATTR_SRC_SERVICE_ACCOUNT, s.service_accounts, s.not_service_accounts
+                _SRC_SERVICE_ACCOUNT, _ATTR_SRC_SERVICE_ACCOUNT, s.service_accounts, s.not_service_accounts
             )
             merged.insert_front(
-                _gen_request_principal,
-                _ATTR_REQUEST_PRINCIPAL,
-                s.request_principals,
-                s.not_request_principals,
-                extended=True,
+                _REQUEST_PRINCIPAL, _ATTR_REQUEST_PRINCIPAL, s.request_principals, s.not_request_principals
             )
-            merged.insert_front(_gen_src_principal, _ATTR_SRC_PRINCIPAL, s.principals, s.not_principals)
+            merged.insert_front(_SRC_PRINCIPAL, _ATTR_SRC_PRINCIPAL, s.principals, s.not_principals)
         principals.append(merged)
     if not rule.from_:
         principals.append(base_princ)
@@ -695,10 +700,10 @@ def _new_model(rule: Rule) -> _Model:
         merged = base_perm.copy()
         o = (to or To()).operation
         if o is not None:
-            merged.insert_front(_gen_dest_port, _ATTR_DEST_PORT, o.ports, o.not_ports)
-            merged.insert_front(_gen_path, _PATH_MATCHER, o.paths, o.not_paths)
-            merged.insert_front(_gen_method, _METHOD_HEADER, o.methods, o.not_methods)
-            merged.insert_front(_gen_host, _HOST_HEADER, o.hosts, o.not_hosts)
+            merged.insert_front(_DEST_PORT, _ATTR_DEST_PORT, o.ports, o.not_ports)
+            merged.insert_front(_PATH, _PATH_MATCHER, o.paths, o.not_paths)
+            merged.insert_front(_METHOD, _METHOD_HEADER, o.methods, o.not_methods)
+            merged.insert_front(_HOST, _HOST_HEADER, o.hosts, o.not_hosts)
         permissions.append(merged)
     if not rule.to:
         permissions.append(base_perm)

@@ -29,7 +29,10 @@ def snapshot_from_yaml(
     (d / "p.yaml").write_text(textwrap.dedent(text))
     loaded = loader.load([d])
     workload = WorkloadIdentity(
-        namespace, labels if labels is not None else {"app": "httpbin"}, trust_domain=trust_domain, trust_domain_aliases=aliases
+        namespace,
+        labels if labels is not None else {"app": "httpbin"},
+        trust_domain=trust_domain,
+        trust_domain_aliases=aliases,
     )
     return build_snapshot(loaded, workload, options or Options(), 1)
 

@@ -54,7 +54,9 @@ def test_empty_rule_allows_everything(tmp_path: Path) -> None:
 
 
 def test_deny_empty_rule_denies_everything(tmp_path: Path) -> None:
-    snap = snapshot_from_yaml(tmp_path, policy("deny-all", "action: DENY\nrules: [{}]") + policy("allow-all", "rules: [{}]"))
+    snap = snapshot_from_yaml(
+        tmp_path, policy("deny-all", "action: DENY\nrules: [{}]") + policy("allow-all", "rules: [{}]")
+    )
     d = decide(snap, http_request())
     assert not d.allowed and d.stage == "deny" and d.policy_id == "ns[foo]-policy[deny-all]-rule[0]"
 
@@ -68,7 +70,9 @@ def test_allow_policies_present_and_none_matching_denies(tmp_path: Path) -> None
 
 
 def test_deny_wins_over_allow(tmp_path: Path) -> None:
-    text = policy("allow", "rules: [{}]") + policy("deny", 'action: DENY\nrules:\n- to: [{operation: {methods: ["DELETE"]}}]')
+    text = policy("allow", "rules: [{}]") + policy(
+        "deny", 'action: DENY\nrules:\n- to: [{operation: {methods: ["DELETE"]}}]'
+    )
     snap = snapshot_from_yaml(tmp_path, text)
     assert allowed(snap, http_request(method="GET"))
     assert not allowed(snap, http_request(method="DELETE"))
@@ -177,13 +181,23 @@ def test_not_field_is_true_when_attribute_absent(tmp_path: Path) -> None:
     ],
 )
 def test_principals(tmp_path: Path, value: str, principal: str | None, expected: bool) -> None:
-    check(tmp_path, allow_rule(f'from: [{{source: {{principals: ["{value}"]}}}}]'), http_request(principal=principal), expected)
+    check(
+        tmp_path,
+        allow_rule(f'from: [{{source: {{principals: ["{value}"]}}}}]'),
+        http_request(principal=principal),
+        expected,
+    )
 
 
 def test_principal_any_san_of_the_peer_certificate(tmp_path: Path) -> None:
     """Envoy's `authenticated` matcher tries every URI SAN, then every DNS SAN, then the subject."""
     snap = snapshot_from_yaml(tmp_path, allow_rule('from: [{source: {principals: ["cluster.local/ns/y/sa/second"]}}]'))
-    sans = ("spiffe://cluster.local/ns/x/sa/first", "spiffe://cluster.local/ns/y/sa/second", "multi.example.com", "CN=m")
+    sans = (
+        "spiffe://cluster.local/ns/x/sa/first",
+        "spiffe://cluster.local/ns/y/sa/second",
+        "multi.example.com",
+        "CN=m",
+    )
     assert allowed(snap, http_request(principals=sans))
     assert not allowed(snap, http_request(principals=sans[:1]))
 
@@ -202,7 +216,12 @@ def test_principal_any_san_of_the_peer_certificate(tmp_path: Path) -> None:
     ],
 )
 def test_namespaces(tmp_path: Path, value: str, principal: str | None, expected: bool) -> None:
-    check(tmp_path, allow_rule(f'from: [{{source: {{namespaces: ["{value}"]}}}}]'), http_request(principal=principal), expected)
+    check(
+        tmp_path,
+        allow_rule(f'from: [{{source: {{namespaces: ["{value}"]}}}}]'),
+        http_request(principal=principal),
+        expected,
+    )
 
 
 @pytest.mark.parametrize(
@@ -219,7 +238,10 @@ def test_namespaces(tmp_path: Path, value: str, principal: str | None, expected:
 )
 def test_service_accounts(tmp_path: Path, value: str, principal: str | None, expected: bool) -> None:
     check(
-        tmp_path, allow_rule(f'from: [{{source: {{serviceAccounts: ["{value}"]}}}}]'), http_request(principal=principal), expected
+        tmp_path,
+        allow_rule(f'from: [{{source: {{serviceAccounts: ["{value}"]}}}}]'),
+        http_request(principal=principal),
+        expected,
     )
 
 
@@ -235,7 +257,12 @@ def test_service_accounts(tmp_path: Path, value: str, principal: str | None, exp
     ],
 )
 def test_trust_domains(tmp_path: Path, value: str, principal: str, expected: bool) -> None:
-    check(tmp_path, allow_rule(f'from: [{{source: {{trustDomains: ["{value}"]}}}}]'), http_request(principal=principal), expected)
+    check(
+        tmp_path,
+        allow_rule(f'from: [{{source: {{trustDomains: ["{value}"]}}}}]'),
+        http_request(principal=principal),
+        expected,
+    )
 
 
 def test_trust_domain_aliases_rewrite_principals(tmp_path: Path) -> None:
@@ -346,7 +373,9 @@ JWT = {"iss": "https://accounts.example.com/realm", "sub": "user-1", "aud": ["ap
     ],
 )
 def test_request_principals(tmp_path: Path, value: str, expected: bool) -> None:
-    check(tmp_path, allow_rule(f'from: [{{source: {{requestPrincipals: ["{value}"]}}}}]'), http_request(jwt=JWT), expected)
+    check(
+        tmp_path, allow_rule(f'from: [{{source: {{requestPrincipals: ["{value}"]}}}}]'), http_request(jwt=JWT), expected
+    )
 
 
 def test_request_principal_prefix_forms(tmp_path: Path) -> None:
@@ -479,7 +508,9 @@ def test_paths(tmp_path: Path, value: str, path: str, expected: bool) -> None:
     ],
 )
 def test_request_headers(tmp_path: Path, key: str, value: str, headers: dict, expected: bool) -> None:
-    check(tmp_path, allow_rule(f"when: [{{key: '{key}', values: ['{value}']}}]"), http_request(headers=headers), expected)
+    check(
+        tmp_path, allow_rule(f"when: [{{key: '{key}', values: ['{value}']}}]"), http_request(headers=headers), expected
+    )
 
 
 @pytest.mark.parametrize(
@@ -543,7 +574,10 @@ def test_tcp_deny_rule_drops_only_http_conditions(tmp_path: Path, rule: str) -> 
 
 
 def test_tcp_deny_keeps_tcp_conditions(tmp_path: Path) -> None:
-    text = policy("deny", 'action: DENY\nrules:\n- from: [{source: {namespaces: ["bar"]}}]\n  to: [{operation: {methods: ["GET"]}}]')
+    text = policy(
+        "deny",
+        'action: DENY\nrules:\n- from: [{source: {namespaces: ["bar"]}}]\n  to: [{operation: {methods: ["GET"]}}]',
+    )
     snap = snapshot_from_yaml(tmp_path, text)
     assert not allowed(snap, tcp_connection(principal=OTHER))
     assert allowed(snap, tcp_connection(principal=SLEEP))
@@ -565,13 +599,17 @@ def test_root_namespace_policy_applies_mesh_wide(tmp_path: Path) -> None:
 
 
 def test_other_namespace_policy_does_not_apply(tmp_path: Path) -> None:
-    assert allowed(snapshot_from_yaml(tmp_path, policy("p", "action: DENY\nrules: [{}]", namespace="bar")), http_request())
+    assert allowed(
+        snapshot_from_yaml(tmp_path, policy("p", "action: DENY\nrules: [{}]", namespace="bar")), http_request()
+    )
 
 
 def test_selector_must_be_a_subset_of_workload_labels(tmp_path: Path) -> None:
     text = policy("p", "action: DENY\nselector: {matchLabels: {app: httpbin, version: v1}}\nrules: [{}]")
     assert allowed(snapshot_from_yaml(tmp_path, text, labels={"app": "httpbin"}), http_request())
-    assert not allowed(snapshot_from_yaml(tmp_path, text, labels={"app": "httpbin", "version": "v1", "x": "y"}), http_request())
+    assert not allowed(
+        snapshot_from_yaml(tmp_path, text, labels={"app": "httpbin", "version": "v1", "x": "y"}), http_request()
+    )
 
 
 def test_root_namespace_selector_is_matched_in_every_namespace(tmp_path: Path) -> None:
@@ -581,7 +619,9 @@ def test_root_namespace_selector_is_matched_in_every_namespace(tmp_path: Path) -
 
 
 def test_target_refs_are_ignored_for_a_sidecar(tmp_path: Path) -> None:
-    text = policy("p", "action: DENY\ntargetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]\nrules: [{}]")
+    text = policy(
+        "p", "action: DENY\ntargetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]\nrules: [{}]"
+    )
     snap = snapshot_from_yaml(tmp_path, text)
     assert allowed(snap, http_request())
     assert snap.ignored_policies and "targetRef" in snap.ignored_policies[0][1]
@@ -604,7 +644,9 @@ spec:
 
 
 def test_custom_policy_selects_its_provider(tmp_path: Path) -> None:
-    text = MESH + policy("ext", "action: CUSTOM\nprovider: {name: authz-grpc}\nrules:\n- to: [{operation: {paths: ['/ext*']}}]")
+    text = MESH + policy(
+        "ext", "action: CUSTOM\nprovider: {name: authz-grpc}\nrules:\n- to: [{operation: {paths: ['/ext*']}}]"
+    )
     snap = snapshot_from_yaml(tmp_path, text)
     hits, bad = engine.custom_providers(snap.http, http_request("/ext/a"))
     assert bad is None and hits == [("authz-grpc", "ns[foo]-policy[ext]-rule[0]")]

@@ -28,7 +28,9 @@ def errors_of(d: Path) -> list[str]:
 
 
 def one_error(tmp_path: Path, spec: str) -> str:
-    write(tmp_path / "cfg", "p.yaml", HEAD + "spec:\n" + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n")
+    write(
+        tmp_path / "cfg", "p.yaml", HEAD + "spec:\n" + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n"
+    )
     errs = errors_of(tmp_path / "cfg")
     assert len(errs) == 1, errs
     return errs[0]
@@ -52,10 +54,26 @@ def test_unknown_field_names_file_document_line_and_field(tmp_path: Path) -> Non
     ("spec", "field", "message"),
     [
         ("rules: [{to: [{operation: {ports: [80]}}]}]", "spec.rules[0].to[0].operation.ports[0]", "must be a string"),
-        ("rules: [{to: [{operation: {ports: ['99999']}}]}]", "spec.rules[0].to[0].operation.ports[0]", "bad port (99999)"),
-        ("rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]", "spec.rules[0].from[0].source.ipBlocks[0]", "bad CIDR"),
-        ("rules: [{from: [{source: {ipBlocks: ['not-an-ip']}}]}]", "spec.rules[0].from[0].source.ipBlocks[0]", "bad IP"),
-        ("rules: [{when: [{key: 'destination.labels[app]', values: [x]}]}]", "spec.rules[0].when[0].key", "workload selector"),
+        (
+            "rules: [{to: [{operation: {ports: ['99999']}}]}]",
+            "spec.rules[0].to[0].operation.ports[0]",
+            "bad port (99999)",
+        ),
+        (
+            "rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]",
+            "spec.rules[0].from[0].source.ipBlocks[0]",
+            "bad CIDR",
+        ),
+        (
+            "rules: [{from: [{source: {ipBlocks: ['not-an-ip']}}]}]",
+            "spec.rules[0].from[0].source.ipBlocks[0]",
+            "bad IP",
+        ),
+        (
+            "rules: [{when: [{key: 'destination.labels[app]', values: [x]}]}]",
+            "spec.rules[0].when[0].key",
+            "workload selector",
+        ),
         ("rules: [{when: [{key: request.foo, values: [x]}]}]", "spec.rules[0].when[0].key", "unknown attribute"),
         ("rules: [{when: [{key: 'request.headers[]', values: [x]}]}]", "spec.rules[0].when[0].key", "bad key"),
         ("rules: [{when: [{key: 'request.auth.claims[a]b', values: [x]}]}]", "spec.rules[0].when[0].key", "bad key"),
@@ -110,7 +128,12 @@ def test_invalid_policies(tmp_path: Path, spec: str, field: str, message: str) -
 
 def test_dry_run_annotation_rules(tmp_path: Path) -> None:
     d = tmp_path / "cfg"
-    write(d, "a.yaml", HEAD.replace("namespace: foo}", "namespace: foo, annotations: {istio.io/dry-run: 'yes'}}") + "spec: {rules: [{}]}\n")
+    write(
+        d,
+        "a.yaml",
+        HEAD.replace("namespace: foo}", "namespace: foo, annotations: {istio.io/dry-run: 'yes'}}")
+        + "spec: {rules: [{}]}\n",
+    )
     [err] = errors_of(d)
     assert "metadata.annotations.istio.io/dry-run: invalid value (yes)" in err
     write(
@@ -125,7 +148,14 @@ def test_dry_run_annotation_rules(tmp_path: Path) -> None:
 
 def test_every_error_is_reported_and_nothing_half_applies(tmp_path: Path) -> None:
     write(tmp_path, "a-good.yaml", HEAD + "spec: {rules: [{}]}\n")
-    write(tmp_path, "b-bad.yaml", HEAD.replace("name: p", "name: q") + "spec: {action: DENY}\n---\n" + HEAD.replace("name: p", "name: r") + "spec: {rules: [{to: [{operation: {ports: ['x']}}]}]}\n")
+    write(
+        tmp_path,
+        "b-bad.yaml",
+        HEAD.replace("name: p", "name: q")
+        + "spec: {action: DENY}\n---\n"
+        + HEAD.replace("name: p", "name: r")
+        + "spec: {rules: [{to: [{operation: {ports: ['x']}}]}]}\n",
+    )
     errs = errors_of(tmp_path)
     assert len(errs) == 2
     assert "b-bad.yaml: document 1 (AuthorizationPolicy foo/q)" in errs[0]
@@ -152,7 +182,11 @@ def test_duplicate_policy_names(tmp_path: Path) -> None:
 
 
 def test_namespace_is_required(tmp_path: Path) -> None:
-    write(tmp_path, "p.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {}\n")
+    write(
+        tmp_path,
+        "p.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {}\n",
+    )
     [err] = errors_of(tmp_path)
     assert "metadata.namespace: required" in err
 
