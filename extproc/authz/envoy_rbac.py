@@ -40,8 +40,8 @@ istiod's output after normalisation: fields at their proto3 default are omitted
 carries its ``action`` explicitly (Envoy treats an absent action as ALLOW, so this is
 equivalent and easier to read). ``policies`` is emitted sorted by name.
 
-Things Istio does that look like bugs but are reproduced on purpose, because Envoy (and
-therefore the differential test's reference) behaves that way:
+Quirks of istiod that are reproduced on purpose, so the output equals what a real mesh
+would push to Envoy:
 
 * ``shadow_rules_stat_prefix`` is "istio_dry_run_allow_" even on filters without shadow
   rules and on the AUDIT filter (Go's ``GetAction()`` on a nil config is ALLOW); a
@@ -50,6 +50,11 @@ therefore the differential test's reference) behaves that way:
   rule, and the trust-domain migration rewrites it once per entry, so with aliases and
   several ``from`` entries its values are duplicated.
 * A rule with an unknown ``when`` key is dropped whatever the action (even DENY).
+* An invalid value (bad IP, port, header key) drops the whole rule in ALLOW but only that
+  value in DENY/AUDIT, the same split as HTTP-only attributes on TCP.
+
+A null entry in ``rules`` is skipped (its index is still used in later names); a null
+entry in ``from``/``to``/``when`` is treated as the empty message protobuf would decode.
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ class _GenError(Exception):
 # --------------------------------------------------------------------------------------
 
 # Go's regexp.QuoteMeta escapes exactly these bytes. Python's re.escape escapes more
-# (e.g. '-', '/', '#'), which would make the regex strings differ from istiod's.
+# ('-', '#', '&', '~', whitespace), which would make the regex strings differ from istiod's.
 _GO_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 
 
@@ -248,8 +253,10 @@ def _cidr_range(value: str) -> Json:
         if not re.fullmatch(r"0|[1-9][0-9]*", bits_text, flags=re.ASCII) or int(bits_text) > addr.max_prefixlen:
             raise _GenError(f"invalid prefix {value!r}: bad bits after slash")
         return {"address_prefix": _format_addr(addr), "prefix_len": int(bits_text)}
-    # netip.PrefixFrom drops an IPv6 zone.
-    addr = _parse_addr(value.split("%", 1)[0] if "%" in value and ":" in value else value)
+    addr_text, has_zone, zone = value.partition("%")
+    if has_zone and (not zone or ":" not in addr_text):
+        raise _GenError(f"invalid IP address {value!r}")  # netip.ParseAddr: IPv6-only, non-empty zone
+    addr = _parse_addr(addr_text)  # netip.PrefixFrom then drops the zone
     return {"address_prefix": _format_addr(addr), "prefix_len": addr.max_prefixlen}
 
 

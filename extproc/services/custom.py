@@ -131,7 +131,7 @@ class ProviderPool:
     def _http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding")
+                auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
             )
         return self._session
 

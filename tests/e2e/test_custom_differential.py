@@ -1,0 +1,275 @@
+"""CUSTOM action, differentially: the same provider behind Istio's native translation
+(a shadow RBAC filter that enables Envoy's ext_authz filter) and behind extproc. A client
+must see the same status, body and headers, and the upstream the same headers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures import envoy_config as ec
+from tests.fixtures.procs import Proc, free_port, wait_until
+from tests.fixtures.stack import ExtprocProcess, HttpClient, Response
+
+pytestmark = pytest.mark.e2e
+
+T = ec.T
+RULE_ID = "istio-ext-authz-ns[foo]-policy[ext]-rule[0]"
+
+
+@dataclass
+class Provider:
+    grpc_port: int
+    http_port: int
+    proc: Proc
+
+    def received(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.proc.log().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
+    tmp = tmp_path_factory.mktemp("provider")
+    g, h = free_port(), free_port()
+    proc = Proc(
+        "provider",
+        [sys.executable, "-m", "tests.fixtures.authz_provider", "--grpc-port", str(g), "--http-port", str(h)],
+        tmp / "provider.log",
+    )
+    wait_until(lambda: proc.check_alive() is None and "ready" in proc.log(), 20, "the provider")
+    yield Provider(g, h, proc)
+    proc.terminate()
+
+
+def istio_custom_filters(kind: str, timeout: str, fail_open: bool, status_on_error: int | None) -> list[dict[str, Any]]:
+    """Istio's CUSTOM translation, by hand: a shadow RBAC whose DENY policy matches /ext*, and an
+    ext_authz filter enabled only when that shadow policy matched (builder.go, extauthz.go)."""
+    rbac = {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
+            "shadow_rules": {
+                "action": "DENY",
+                "policies": {
+                    RULE_ID: {
+                        "permissions": [
+                            {
+                                "and_rules": {
+                                    "rules": [{"or_rules": {"rules": [{"url_path": {"path": {"prefix": "/ext"}}}]}}]
+                                }
+                            }
+                        ],
+                        "principals": [{"and_ids": {"ids": [{"any": True}]}}],
+                    }
+                },
+            },
+            "shadow_rules_stat_prefix": "istio_ext_authz_",
+        },
+    }
+    authz: dict[str, Any] = {
+        "@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "failure_mode_allow": fail_open,
+        "filter_enabled_metadata": {
+            "filter": "envoy.filters.http.rbac",
+            "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+            "value": {"string_match": {"prefix": "istio-ext-authz"}},
+        },
+    }
+    if status_on_error is not None:
+        authz["status_on_error"] = {"code": status_on_error}
+    if kind == "grpc":
+        authz["grpc_service"] = {
+            "envoy_grpc": {"cluster_name": "provider-grpc", "authority": "provider"},
+            "timeout": timeout,
+        }
+    else:
+        authz["http_service"] = {
+            "server_uri": {"uri": "http://provider", "cluster": "provider-http", "timeout": timeout},
+            "path_prefix": "/check",
+            "authorization_request": {"headers_to_add": [{"key": "x-added-by-mesh", "value": "yes"}]},
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": [{"exact": "x-ext-authz-check-result", "ignore_case": True}]},
+                "allowed_client_headers": {"patterns": [{"exact": "x-ext-authz-check-result", "ignore_case": True}]},
+                "allowed_client_headers_on_success": {
+                    "patterns": [{"exact": "x-ext-authz-response", "ignore_case": True}]
+                },
+            },
+        }
+        authz["allowed_headers"] = {"patterns": [{"prefix": "x-ext-authz", "ignore_case": True}]}
+    return [rbac, {"name": "envoy.filters.http.ext_authz", "typed_config": authz}]
+
+
+def mesh_config(kind: str, provider: Provider, timeout: str, fail_open: bool, status_on_error: int | None) -> str:
+    extra = f", failOpen: {str(fail_open).lower()}"
+    if status_on_error is not None:
+        extra += f", statusOnError: '{status_on_error}'"
+    if kind == "grpc":
+        body = f"envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {provider.grpc_port}, timeout: {timeout}{extra}}}"
+    else:
+        body = (
+            f"envoyExtAuthzHttp: {{service: 127.0.0.1, port: {provider.http_port}, timeout: {timeout}{extra}, "
+            "pathPrefix: /check, includeRequestHeadersInCheck: ['x-ext-authz*'], "
+            "includeAdditionalHeadersInCheck: {x-added-by-mesh: 'yes'}, "
+            "headersToUpstreamOnAllow: [x-ext-authz-check-result], headersToDownstreamOnDeny: [x-ext-authz-check-result], "
+            "headersToDownstreamOnAllow: [x-ext-authz-response]}"
+        )
+    return (
+        "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n"
+        f"  extensionProviders:\n  - {{name: ext, {body}}}\n---\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\n"
+        "spec:\n  action: CUSTOM\n  provider: {name: ext}\n  rules:\n  - to: [{operation: {paths: ['/ext*']}}]\n"
+    )
+
+
+@dataclass
+class Pair:
+    native: int
+    extproc: int
+
+
+def start_pair(
+    tmp: Path,
+    start_envoy: Any,
+    provider: Provider,
+    upstream: int,
+    kind: str,
+    *,
+    timeout: str = "2s",
+    fail_open: bool = False,
+    status_on_error: int | None = None,
+) -> tuple[Pair, ExtprocProcess]:
+    cfg = tmp / f"cfg-{kind}"
+    cfg.mkdir()
+    (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error))
+    x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}")
+    x.wait_ready()
+    native, via, admin = free_port(), free_port(), free_port()
+    listeners: list[Any] = [
+        ec.HttpListener("native", native, istio_custom_filters(kind, timeout, fail_open, status_on_error)),
+        ec.HttpListener("extproc", via, [ec.ext_authz_http()]),
+    ]
+    clusters = [
+        ec.cluster("upstream", "127.0.0.1", upstream),
+        ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+        ec.cluster("provider-grpc", "127.0.0.1", provider.grpc_port, http2=True),
+        ec.cluster("provider-http", "127.0.0.1", provider.http_port),
+    ]
+    # extproc waits for the provider itself, so give the outer call more room than the provider timeout
+    listeners[1].filters[0]["typed_config"]["grpc_service"]["timeout"] = "10s"
+    start_envoy(ec.bootstrap(admin, listeners, clusters), admin, name=f"envoy-{kind}")
+    return Pair(native, via), x
+
+
+CLIENT_HEADERS = ("x-ext-authz-check-result", "x-ext-authz-response", "x-ext-authz-extra", "content-type")
+UPSTREAM_HEADERS = ("x-ext-authz-check-result", "x-ext-authz", "x-added-by-mesh", "x-not-forwarded")
+
+CASES = [
+    ("/ext/allowed", {"x-ext-authz": "allow"}),
+    ("/ext/denied", {"x-ext-authz": "deny"}),
+    ("/ext/no-header", {}),
+    ("/ext/error", {"x-ext-authz": "error"}),
+    ("/ext/slow", {"x-ext-authz": "allow", "x-ext-authz-delay": "3"}),
+    ("/not-custom", {"x-ext-authz": "deny"}),
+    ("/ext/q?a=1&b=2", {"x-ext-authz": "allow", "authorization": "Bearer abc", "x-other": "1"}),
+]
+
+
+def observe(r: Response) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": r.status, "headers": {h: r.headers.get(h) for h in CLIENT_HEADERS}}
+    if r.status == 200:
+        seen = r.json()["headers"]
+        out["upstream"] = {h: seen.get(h) for h in UPSTREAM_HEADERS}
+    else:
+        out["body"] = r.body
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "fail_open", "status_on_error"),
+    [("grpc", False, None), ("grpc", True, None), ("http", False, 503), ("http", True, None)],
+)
+def test_custom_matches_envoys_own_ext_authz(
+    tmp_path: Path,
+    start_envoy: Any,
+    provider: Provider,
+    upstream: int,
+    kind: str,
+    fail_open: bool,
+    status_on_error: int | None,
+) -> None:
+    pair, x = start_pair(
+        tmp_path, start_envoy, provider, upstream, kind, fail_open=fail_open, status_on_error=status_on_error
+    )
+    try:
+        for path, headers in CASES:
+            native = observe(HttpClient(pair.native).get(path, headers))
+            ours = observe(HttpClient(pair.extproc).get(path, headers))
+            assert ours == native, (path, headers)
+        # the provider saw the same request from both (HTTP: method, path, the headers it is allowed to see)
+        if kind == "http":
+            calls = [c for c in provider.received() if c["kind"] == "http" and c["path"].startswith("/check/ext/q")]
+            native_call, our_call = calls[-2], calls[-1]
+            assert our_call["method"] == native_call["method"] == "GET"
+            assert our_call["path"] == native_call["path"] == "/check/ext/q?a=1&b=2"
+            ignore = {
+                "x-request-id",
+                "x-forwarded-proto",
+                "x-envoy-expected-rq-timeout-ms",
+                "x-envoy-internal",
+                "x-forwarded-for",
+            }
+
+            def stable(h: dict[str, str]) -> dict[str, str]:
+                out = {k: v for k, v in h.items() if k not in ignore}
+                out["host"] = out["host"].rsplit(":", 1)[0]  # the two listeners have different ports
+                return out
+
+            assert stable(our_call["headers"]) == stable(native_call["headers"])
+    finally:
+        x.stop()
+
+
+def test_custom_grpc_provider_decides_tcp_connections(
+    tmp_path: Path, start_envoy: Any, provider: Provider, upstream: int, pki: dict[str, Any]
+) -> None:
+    """Network ext_authz: a CUSTOM gRPC provider sees the TCP check (here it allows by SNI)."""
+    from tests.fixtures.stack import tcp_roundtrip
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "p.yaml").write_text(
+        mesh_config("grpc", provider, "2s", False, None).replace(
+            "rules:\n  - to: [{operation: {paths: ['/ext*']}}]", "rules: [{}]"
+        )
+    )
+    x = ExtprocProcess([cfg], tmp_path)
+    x.wait_ready()
+    try:
+        port, admin = free_port(), free_port()
+        server = pki["server"]
+        tls = ec.Tls(server.cert_path, server.key_path, pki["ca"].cert_path)
+        start_envoy(
+            ec.bootstrap(
+                admin,
+                [ec.TcpListener("tcp", port, [ec.ext_authz_network()], tls=tls)],
+                [
+                    ec.cluster("upstream", "127.0.0.1", upstream),
+                    ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+                ],
+            ),
+            admin,
+        )
+        payload = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ca = pki["ca"].cert_path
+        assert tcp_roundtrip(port, payload, ca=ca, server_name="allow.example") is not None
+        assert tcp_roundtrip(port, payload, ca=ca, server_name="deny.example") is None
+        assert any(c["kind"] == "grpc" and c["is_http"] is False for c in provider.received())
+    finally:
+        x.stop()
