@@ -115,7 +115,7 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from extproc.demo import run_demo
 
-    return run_demo(check=ns.check, base_port=ns.base_port)
+    return run_demo(check=ns.check)
 
 
 def _add_workload_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -153,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run Envoy, extproc, a sample upstream and sample policies on this machine")
     demo.add_argument("--check", action="store_true", help="send the sample requests, print the results and exit")
-    demo.add_argument("--base-port", type=int, default=10000, help="first of the ports the demo uses (default 10000)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

