@@ -86,6 +86,9 @@ class HttpProviderSettings:
     headers_to_upstream_on_allow: tuple[HeaderPattern, ...] | None
     headers_to_downstream_on_deny: tuple[HeaderPattern, ...] | None
     headers_to_downstream_on_allow: tuple[HeaderPattern, ...] | None
+    # includeRequestBodyInCheck: forward the body Envoy buffered into the CheckRequest
+    # (Envoy's ext_authz filter in front of extproc needs `with_request_body` for that).
+    include_request_body: bool = False
 
 
 ProviderSettings = GrpcProviderSettings | HttpProviderSettings
@@ -180,6 +183,7 @@ def resolve_providers(
                 headers_to_upstream_on_allow=_patterns(h.headers_to_upstream_on_allow),
                 headers_to_downstream_on_deny=_patterns(h.headers_to_downstream_on_deny),
                 headers_to_downstream_on_allow=_patterns(h.headers_to_downstream_on_allow),
+                include_request_body=h.include_request_body_in_check is not None,
             )
     return out, problems
 

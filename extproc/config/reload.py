@@ -96,12 +96,31 @@ class SnapshotHolder:
         return self.last
 
     async def watch(self, stop: asyncio.Event, debounce_ms: int = 200) -> None:
-        """Reload on every batch of file-system changes until `stop` is set."""
-        async for changes in watchfiles.awatch(
-            *self.dirs, debounce=debounce_ms, step=50, stop_event=stop, recursive=True, ignore_permission_denied=True
-        ):
-            log.debug("config change: %s", sorted(p for _, p in changes)[:10])
-            await self.reload("change")
+        """Reload on every batch of file-system changes until `stop` is set.
+
+        If watching fails (a directory replaced or removed, inotify limits), the failure is
+        logged and watching restarts, with a reload so no change is missed meanwhile.
+        """
+        while not stop.is_set():
+            try:
+                async for changes in watchfiles.awatch(
+                    *self.dirs,
+                    debounce=debounce_ms,
+                    step=50,
+                    stop_event=stop,
+                    recursive=True,
+                    ignore_permission_denied=True,
+                ):
+                    log.debug("config change: %s", sorted(p for _, p in changes)[:10])
+                    await self.reload("change")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watching the config directories failed; retrying in 1s")
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                except TimeoutError:
+                    await self.reload("after watch failure")
 
 
 def issue_lines(issues: Sequence[ConfigIssue]) -> list[str]:

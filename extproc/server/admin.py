@@ -66,10 +66,7 @@ class ExtprocCollector(Collector):
             dry.add_metric([action, result], n)
         yield dry
         yield CounterMetricFamily("extproc_audit_matches", "Requests matched by an AUDIT policy", value=s.audit_hits)
-        lat = GaugeMetricFamily(
-            "extproc_check_seconds_total", "Total time spent in Check handlers", value=s.latency_sum_s
-        )
-        yield lat
+        yield CounterMetricFamily("extproc_check_seconds", "Time spent in Check handlers", value=s.latency_sum_s)
         reloads = CounterMetricFamily("extproc_config_reloads", "Configuration loads", labels=["result"])
         reloads.add_metric(["success"], self.holder.counters.success)
         reloads.add_metric(["failure"], self.holder.counters.failure)

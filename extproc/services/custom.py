@@ -9,7 +9,8 @@ way:
     other status denies with the provider's own `denied_response`.
   * HTTP providers (`envoyExtAuthzHttp`) get a request built like Envoy's raw HTTP
     ext_authz client builds it: the original method, `pathPrefix` + original path,
-    an empty body, and only `:authority`, `authorization` and the headers named in
+    no body (or, with `includeRequestBodyInCheck`, the body Envoy buffered into the
+    CheckRequest), and only `:authority`, `authorization` and the headers named in
     `includeRequestHeadersInCheck`, plus `includeAdditionalHeadersInCheck`. 200
     allows; any other status denies with that status, body and the headers
     `headersToDownstreamOnDeny` selects; a 5xx is an error.
@@ -98,7 +99,7 @@ class ProviderPool:
         settings = snap.providers[provider]
         if isinstance(settings, GrpcProviderSettings):
             return await self._grpc(settings, request, attrs.is_http)
-        return await self._http(settings, attrs)
+        return await self._http(settings, attrs, request)
 
     # --- gRPC ----------------------------------------------------------------
 
@@ -135,7 +136,9 @@ class ProviderPool:
             )
         return self._session
 
-    async def _http(self, s: HttpProviderSettings, attrs: Attributes) -> CustomOutcome:
+    async def _http(
+        self, s: HttpProviderSettings, attrs: Attributes, request: external_auth_pb2.CheckRequest
+    ) -> CustomOutcome:
         if attrs.http is None:  # Istio never sends TCP checks to an HTTP provider
             return CustomOutcome(True, "allowed", "HTTP provider skipped for TCP")
         http = attrs.http
@@ -147,14 +150,18 @@ class ProviderPool:
                 headers["host" if name == ":authority" else name] = value
         for k, v in s.additional_headers:
             headers[k] = v
-        headers["content-length"] = "0"
+        body = b""
+        if s.include_request_body:
+            h = request.attributes.request.http
+            body = h.raw_body or h.body.encode()
+        headers["content-length"] = str(len(body))
         url = s.base_url + s.path_prefix + http.path
         try:
             async with self._http_session().request(
                 http.method,
                 url,
                 headers=headers,
-                data=b"",
+                data=body,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=s.timeout_s),
             ) as resp:

@@ -234,23 +234,28 @@ def test_remote_ip_from_x_forwarded_for(stack: Stack) -> None:
 
 
 def test_grpc_clients_get_permission_denied(stack: Stack) -> None:
-    """Envoy turns the 403 into grpc-status 7 for gRPC callers, as with its RBAC filter."""
+    """A real gRPC client over HTTP/2: Envoy turns the 403 into status PERMISSION_DENIED, as with RBAC."""
+    import grpc
+
     stack.set_policies(
         """
         apiVersion: security.istio.io/v1
         kind: AuthorizationPolicy
-        metadata: {name: deny-all, namespace: foo}
+        metadata: {name: deny-method, namespace: foo}
         spec:
           action: DENY
-          rules: [{}]
+          rules:
+          - to: [{operation: {paths: ["/pkg.Service/Forbidden"], methods: ["POST"]}}]
         """
     )
-    r = stack.http().request(
-        "POST",
-        "/pkg.Service/Method",
-        {"content-type": "application/grpc", "te": "trailers"},
-        body=b"\x00\x00\x00\x00\x00",
-    )
-    assert r.status == 200
-    assert r.headers.get("grpc-status") == "7"
-    assert "RBAC" in r.headers.get("grpc-message", "")
+    with grpc.insecure_channel(f"127.0.0.1:{stack.http_port}") as channel:
+        call = channel.unary_unary("/pkg.Service/Forbidden", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"", timeout=5)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.details() == "RBAC: access denied"
+        # an allowed method reaches the (HTTP/1.1 echo) upstream: not a permission error
+        allowed = channel.unary_unary("/pkg.Service/Allowed", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            allowed(b"", timeout=5)
+        assert e.value.code() != grpc.StatusCode.PERMISSION_DENIED

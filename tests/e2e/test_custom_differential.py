@@ -47,7 +47,12 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     proc.terminate()
 
 
-def istio_custom_filters(kind: str, timeout: str, fail_open: bool, status_on_error: int | None) -> list[dict[str, Any]]:
+BODY_SETTINGS = {"max_request_bytes": 8192, "allow_partial_message": True}
+
+
+def istio_custom_filters(
+    kind: str, timeout: str, fail_open: bool, status_on_error: int | None, body: bool = False
+) -> list[dict[str, Any]]:
     """Istio's CUSTOM translation, by hand: a shadow RBAC whose DENY policy matches /ext*, and an
     ext_authz filter enabled only when that shadow policy matched (builder.go, extauthz.go)."""
     rbac = {
@@ -84,6 +89,8 @@ def istio_custom_filters(kind: str, timeout: str, fail_open: bool, status_on_err
     }
     if status_on_error is not None:
         authz["status_on_error"] = {"code": status_on_error}
+    if body:
+        authz["with_request_body"] = BODY_SETTINGS
     if kind == "grpc":
         authz["grpc_service"] = {
             "envoy_grpc": {"cluster_name": "provider-grpc", "authority": "provider"},
@@ -106,14 +113,20 @@ def istio_custom_filters(kind: str, timeout: str, fail_open: bool, status_on_err
     return [rbac, {"name": "envoy.filters.http.ext_authz", "typed_config": authz}]
 
 
-def mesh_config(kind: str, provider: Provider, timeout: str, fail_open: bool, status_on_error: int | None) -> str:
+def mesh_config(
+    kind: str, provider: Provider, timeout: str, fail_open: bool, status_on_error: int | None, body: bool = False
+) -> str:
     extra = f", failOpen: {str(fail_open).lower()}"
+    if body:
+        extra += ", includeRequestBodyInCheck: {maxRequestBytes: 8192, allowPartialMessage: true}"
     if status_on_error is not None:
         extra += f", statusOnError: '{status_on_error}'"
     if kind == "grpc":
-        body = f"envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {provider.grpc_port}, timeout: {timeout}{extra}}}"
+        provider_yaml = (
+            f"envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {provider.grpc_port}, timeout: {timeout}{extra}}}"
+        )
     else:
-        body = (
+        provider_yaml = (
             f"envoyExtAuthzHttp: {{service: 127.0.0.1, port: {provider.http_port}, timeout: {timeout}{extra}, "
             "pathPrefix: /check, includeRequestHeadersInCheck: ['x-ext-authz*'], "
             "includeAdditionalHeadersInCheck: {x-added-by-mesh: 'yes'}, "
@@ -122,7 +135,7 @@ def mesh_config(kind: str, provider: Provider, timeout: str, fail_open: bool, st
         )
     return (
         "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n"
-        f"  extensionProviders:\n  - {{name: ext, {body}}}\n---\n"
+        f"  extensionProviders:\n  - {{name: ext, {provider_yaml}}}\n---\n"
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\n"
         "spec:\n  action: CUSTOM\n  provider: {name: ext}\n  rules:\n  - to: [{operation: {paths: ['/ext*']}}]\n"
     )
@@ -144,16 +157,17 @@ def start_pair(
     timeout: str = "2s",
     fail_open: bool = False,
     status_on_error: int | None = None,
+    body: bool = False,
 ) -> tuple[Pair, ExtprocProcess]:
     cfg = tmp / f"cfg-{kind}"
     cfg.mkdir()
-    (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error))
+    (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error, body))
     x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}")
     x.wait_ready()
     native, via, admin = free_port(), free_port(), free_port()
     listeners: list[Any] = [
-        ec.HttpListener("native", native, istio_custom_filters(kind, timeout, fail_open, status_on_error)),
-        ec.HttpListener("extproc", via, [ec.ext_authz_http()]),
+        ec.HttpListener("native", native, istio_custom_filters(kind, timeout, fail_open, status_on_error, body)),
+        ec.HttpListener("extproc", via, [ec.ext_authz_http(**({"with_request_body": BODY_SETTINGS} if body else {}))]),
     ]
     clusters = [
         ec.cluster("upstream", "127.0.0.1", upstream),
