@@ -175,7 +175,6 @@ def _td_list_match(a: str, domains: Sequence[str]) -> bool:
 class CompileContext:
     policy_namespace: str
     trust_domains: TrustDomainBundle
-    jwt_payload_key: str = "payload"
 
 
 def _principals_test(values: Sequence[str]) -> Test:
@@ -225,10 +224,6 @@ def _paths_test(values: Sequence[str]) -> Test:
         return any(pred(p) for pred in preds)
 
     return test
-
-
-def _payload(a: Attributes) -> Any:
-    return a.jwt_payload
 
 
 def _request_principals_test(values: Sequence[str]) -> Test:
@@ -473,9 +468,7 @@ def _compile_rule(
     return http, tcp
 
 
-def compile_policy(
-    policy: AuthorizationPolicy, origin: str, trust_domains: TrustDomainBundle, jwt_payload_key: str = "payload"
-) -> CompiledPolicy:
+def compile_policy(policy: AuthorizationPolicy, origin: str, trust_domains: TrustDomainBundle) -> CompiledPolicy:
     namespace = policy.metadata.namespace or ""
     dry_run = v.parse_go_bool(policy.metadata.annotations.get(v.DRY_RUN_ANNOTATION, "false")) or False
     spec = policy.spec
@@ -487,7 +480,7 @@ def compile_policy(
         provider=spec.provider.name if spec.action == Action.CUSTOM and spec.provider else None,
         origin=origin,
     )
-    ctx = CompileContext(namespace, trust_domains, jwt_payload_key)
+    ctx = CompileContext(namespace, trust_domains)
     if not spec.rules:
         never = _finish(CompiledRule(rule_id(namespace, ref.name, 0), ref, 0, (), (), (), never=True))
         return CompiledPolicy(ref, (never,), (never,))

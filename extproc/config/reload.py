@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import watchfiles
 
 from extproc.config import loader
-from extproc.config.errors import ConfigError, ConfigIssue
+from extproc.config.errors import ConfigError
 from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
 
 log = logging.getLogger("extproc.config")
@@ -121,7 +121,3 @@ class SnapshotHolder:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
                 except TimeoutError:
                     await self.reload("after watch failure")
-
-
-def issue_lines(issues: Sequence[ConfigIssue]) -> list[str]:
-    return [i.render() for i in issues]

@@ -142,7 +142,7 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
         if why is not None:
             ignored.append((ident, why))
             continue
-        applicable.append(compile_policy(lp.policy, lp.origin, bundle, options.jwt_payload_key))
+        applicable.append(compile_policy(lp.policy, lp.origin, bundle))
     return Snapshot(
         version=version,
         workload=workload,

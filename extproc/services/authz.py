@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
@@ -239,12 +238,3 @@ def _merge_ok(
         return out
     acc.MergeFrom(new)
     return acc
-
-
-def header_option(key: str, value: str, overwrite: bool = True) -> base_pb2.HeaderValueOption:
-    action = (
-        base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-        if overwrite
-        else base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-    )
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=action)

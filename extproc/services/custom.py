@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import grpc
@@ -194,7 +193,3 @@ class ProviderPool:
             if s.headers_to_downstream_on_deny is None or _matches(s.headers_to_downstream_on_deny, k):
                 denied.denied_response.headers.append(_set_header(k, v))
         return CustomOutcome(False, "denied", f"provider {s.name} denied with HTTP {status}", response=denied)
-
-
-def describe(outcome: CustomOutcome) -> dict[str, Any]:
-    return {"allowed": outcome.allowed, "kind": outcome.kind, "reason": outcome.reason}

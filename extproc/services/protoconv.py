@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -25,9 +24,3 @@ def value_to_python(v: struct_pb2.Value) -> Any:
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
     return {k: value_to_python(v) for k, v in s.fields.items()}
-
-
-def dict_to_struct(d: Mapping[str, Any], out: struct_pb2.Struct | None = None) -> struct_pb2.Struct:
-    s = out if out is not None else struct_pb2.Struct()
-    s.update(d)
-    return s
