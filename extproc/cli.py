@@ -13,8 +13,25 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extproc import __version__
+
+if TYPE_CHECKING:
+    from extproc.config.snapshot import WorkloadIdentity
+
+
+def _workload(ns: argparse.Namespace, labels: dict[str, str]) -> WorkloadIdentity:
+    """The workload named by the validate/explain flags."""
+    from extproc.config.snapshot import WorkloadIdentity
+
+    return WorkloadIdentity(
+        ns.namespace,
+        labels,
+        root_namespace=ns.root_namespace,
+        trust_domain=ns.trust_domain,
+        trust_domain_aliases=tuple(ns.trust_domain_aliases or ()),
+    )
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
@@ -32,7 +49,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from extproc.config import loader
     from extproc.config.errors import ConfigError
-    from extproc.config.snapshot import Options, WorkloadIdentity, build_snapshot
+    from extproc.config.snapshot import Options, build_snapshot
     from extproc.server.settings import SettingsError, parse_labels
 
     try:
@@ -52,14 +69,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
         except SettingsError as e:
             print(f"extproc validate: {e}", file=sys.stderr)
             return 2
-        workload = WorkloadIdentity(
-            ns.namespace,
-            labels,
-            root_namespace=ns.root_namespace,
-            trust_domain=ns.trust_domain,
-            trust_domain_aliases=tuple(ns.trust_domain_aliases or ()),
-        )
-        snap = build_snapshot(loaded, workload, Options(), 1)
+        snap = build_snapshot(loaded, _workload(ns, labels), Options(), 1)
         for p in snap.policies:
             print(f"  applies: {p.ref.namespace}/{p.ref.name} ({p.ref.action}{', dry-run' if p.ref.dry_run else ''})")
         for name, why in snap.ignored_policies:
@@ -71,7 +81,7 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     from extproc.authz import engine
     from extproc.config.errors import ConfigError
     from extproc.config.reload import load_snapshot
-    from extproc.config.snapshot import Options, WorkloadIdentity
+    from extproc.config.snapshot import Options
     from extproc.debug import attributes_from_description
     from extproc.server.settings import SettingsError, parse_labels
 
@@ -84,15 +94,8 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     except (SettingsError, ValueError) as e:
         print(f"extproc explain: {e}", file=sys.stderr)
         return 2
-    workload = WorkloadIdentity(
-        ns.namespace,
-        labels,
-        root_namespace=ns.root_namespace,
-        trust_domain=ns.trust_domain,
-        trust_domain_aliases=tuple(ns.trust_domain_aliases or ()),
-    )
     try:
-        snap = load_snapshot(ns.config_dirs, workload, Options(), 1)
+        snap = load_snapshot(ns.config_dirs, _workload(ns, labels), Options(), 1)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
