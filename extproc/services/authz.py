@@ -47,7 +47,6 @@ class AuthzStats:
     dry_run: dict[tuple[str, str], int] = field(default_factory=dict)  # (ALLOW|DENY, allowed|denied)
     audit_hits: int = 0
     latency_sum_s: float = 0.0
-    latency_count: int = 0
 
     def count(self, table: dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -127,7 +126,6 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
         finally:
             self.stats.latency_sum_s += time.perf_counter() - started
-            self.stats.latency_count += 1
 
     async def _check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         snap = self._snapshot()
