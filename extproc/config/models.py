@@ -138,6 +138,51 @@ class AuthorizationPolicy(BaseModel):
     status: Any = None  # present in `kubectl get -o yaml` output; ignored
 
 
+# --- RequestAuthentication (security.istio.io) ---------------------------------------
+
+
+class JwtHeader(_Strict):
+    name: str = ""
+    prefix: str = ""
+
+
+class ClaimToHeader(_Strict):
+    header: str = ""
+    claim: str = ""
+
+
+class JwtRule(_Strict):
+    issuer: str = ""
+    audiences: StrList | None = None
+    jwks_uri: str = ""
+    jwks: str = ""
+    from_headers: list[JwtHeader | None] | None = None
+    from_params: StrList | None = None
+    from_cookies: StrList | None = None
+    output_payload_to_header: str = ""
+    forward_original_token: bool = False
+    output_claim_to_headers: list[ClaimToHeader | None] | None = None
+    timeout: str | None = None
+    space_delimited_claims: Annotated[StrList | None, Field(max_length=64)] = None
+
+
+class RequestAuthenticationSpec(_Strict):
+    selector: WorkloadSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
+    jwt_rules: Annotated[list[JwtRule | None] | None, Field(max_length=4096)] = None
+
+
+class RequestAuthentication(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta
+    spec: RequestAuthenticationSpec = Field(default_factory=RequestAuthenticationSpec)
+    status: Any = None
+
+
 # --- extension providers (Istio MeshConfig.extensionProviders) -----------------------
 
 

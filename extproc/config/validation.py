@@ -1,4 +1,4 @@
-"""Istio's semantic validation of AuthorizationPolicy, with the offending field named.
+"""Istio's semantic validation of AuthorizationPolicy and RequestAuthentication, with the offending field named.
 
 The rules follow istio/istio pkg/config/validation (ValidateAuthorizationPolicy) and
 pkg/config/security (ValidateAttribute and friends). Where Istio accepts a value that
@@ -10,11 +10,25 @@ loaded, not by a silently dropped rule.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from extproc.config.models import Action, AuthorizationPolicy, Condition, Operation, Source
+from extproc.authn.keys import parse_jwks
+from extproc.authn.status import JwksError
+from extproc.config.models import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    JwtRule,
+    Operation,
+    RequestAuthentication,
+    Source,
+)
+from extproc.config.providers import parse_duration
 
 Path = tuple[str | int, ...]
 
@@ -302,6 +316,22 @@ _CUSTOM_FORBIDDEN_SOURCE = (
 _CUSTOM_FORBIDDEN_KEYS = ("source.namespace", "source.serviceAccount", "source.trustDomain", "source.principal")
 
 
+def _selector_problems(spec: Any) -> Iterable[Problem]:
+    """Istio's validateOneOfSelectorType and validateWorkloadSelector, shared by both kinds."""
+    set_count = sum(1 for x in (spec.selector, spec.target_ref, spec.target_refs or None) if x is not None)
+    if set_count > 1:
+        yield Problem(("spec",), "only one of targetRefs or workloadSelector can be set")
+    if spec.selector is not None:
+        labels = spec.selector.match_labels or {}
+        for k, v in labels.items():
+            if k == "":
+                yield Problem(("spec", "selector", "matchLabels"), f"empty key is not supported in selector: {k}={v}")
+            if "*" in k or "*" in v:
+                yield Problem(("spec", "selector", "matchLabels", k), f"wildcard is not supported in selector: {k}={v}")
+        if not labels:
+            yield Problem(("spec", "selector"), "workload selector specified without labels", warning=True)
+
+
 def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
     spec = policy.spec
     problems: list[Problem] = []
@@ -320,18 +350,7 @@ def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
         elif parse_go_bool(dry_run) is None:
             add(Problem(("metadata", "annotations", DRY_RUN_ANNOTATION), f"invalid value ({dry_run}): not a boolean"))
 
-    set_count = sum(1 for x in (spec.selector, spec.target_ref, spec.target_refs or None) if x is not None)
-    if set_count > 1:
-        add(Problem(("spec",), "only one of targetRefs or workloadSelector can be set"))
-    if spec.selector is not None:
-        labels = spec.selector.match_labels or {}
-        for k, v in labels.items():
-            if k == "":
-                add(Problem(("spec", "selector", "matchLabels"), f"empty key is not supported in selector: {k}={v}"))
-            if "*" in k or "*" in v:
-                add(Problem(("spec", "selector", "matchLabels", k), f"wildcard is not supported in selector: {k}={v}"))
-        if not labels:
-            add(Problem(("spec", "selector"), "workload selector specified without labels", warning=True))
+    problems.extend(_selector_problems(spec))
 
     rules = spec.rules
     if spec.action == Action.CUSTOM:
@@ -461,3 +480,116 @@ def parse_go_bool(value: str) -> bool | None:
 def _alias(model: type, field: str) -> str:
     info = model.model_fields[field]  # type: ignore[attr-defined]
     return info.alias or field
+
+
+# --- RequestAuthentication (Istio's ValidateRequestAuthentication plus the CRD's rules) ---
+
+_STRICT_HEADER_NAME = re.compile(r"^[-_A-Za-z0-9]+$")
+
+
+def _jwks_uri_problem(uri: str) -> str | None:
+    if len(uri) > 2048:
+        return "must be at most 2048 characters"
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("http", "https"):
+        return f"URI scheme {parsed.scheme!r} is not supported: url must have scheme http:// or https://"
+    if not parsed.hostname:
+        return "has no host"
+    try:
+        parsed.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        return f"invalid port: {e}"
+    return None
+
+
+def _duration_problem(text: str) -> str | None:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as e:
+        return str(e)
+    ms = seconds * 1000
+    if ms < 1:
+        return "duration must be greater than 1ms"
+    if abs(ms - round(ms)) > 1e-6:
+        return "only durations to ms precision are supported"
+    return None
+
+
+def _jwt_rule(path: Path, rule: JwtRule) -> Iterable[Problem]:
+    if not rule.issuer:
+        # The CRD requires it (MinLength=1); without it no token could name its verifier.
+        yield Problem((*path, "issuer"), "issuer must be a non-empty string")
+    for i, aud in enumerate(rule.audiences or ()):
+        if not aud:
+            yield Problem((*path, "audiences", i), "audience must be non-empty string")
+    if rule.jwks and rule.jwks_uri:
+        yield Problem(path, "only one of jwks or jwksUri can be set")
+    if rule.jwks_uri and (msg := _jwks_uri_problem(rule.jwks_uri)) is not None:
+        yield Problem((*path, "jwksUri"), msg)
+    if rule.jwks:
+        try:
+            keys = parse_jwks(rule.jwks)
+        except JwksError as e:
+            yield Problem((*path, "jwks"), f"jwks parse error: {e}")
+        else:
+            if _has_private_material(rule.jwks):
+                yield Problem(
+                    (*path, "jwks"),
+                    "jwks contains private key material; only public keys are used for verification",
+                    warning=True,
+                )
+            del keys
+    for i, loc in enumerate(rule.from_headers or ()):
+        if loc is None:
+            yield Problem((*path, "fromHeaders", i), "location header name must be non-null")
+        elif not loc.name:
+            yield Problem((*path, "fromHeaders", i, "name"), "location header name must be non-empty string")
+    for i, q in enumerate(rule.from_params or ()):
+        if not q:
+            yield Problem((*path, "fromParams", i), "location query must be non-empty string")
+    for i, c in enumerate(rule.from_cookies or ()):
+        if not c:
+            yield Problem((*path, "fromCookies", i), "cookie name must be non-empty string")
+    seen_headers: set[str] = set()
+    for i, ch in enumerate(rule.output_claim_to_headers or ()):
+        here = (*path, "outputClaimToHeaders", i)
+        if ch is None:
+            yield Problem(here, "outputClaimToHeaders must not be null")
+            continue
+        if not ch.claim or not ch.header:
+            yield Problem(here, "outputClaimToHeaders header and claim value must be non-empty string")
+            continue
+        if not _STRICT_HEADER_NAME.match(ch.header):
+            yield Problem((*here, "header"), f"header name {ch.header} is not a valid header name")
+        elif ch.header.lower() in seen_headers:
+            yield Problem((*here, "header"), f"header {ch.header} is already used by another claim", warning=True)
+        seen_headers.add(ch.header.lower())
+    if rule.output_payload_to_header and not _STRICT_HEADER_NAME.match(rule.output_payload_to_header):
+        yield Problem(
+            (*path, "outputPayloadToHeader"), f"header name {rule.output_payload_to_header} is not a valid header name"
+        )
+    if rule.timeout is not None and (msg := _duration_problem(rule.timeout)) is not None:
+        yield Problem((*path, "timeout"), msg)
+    for i, c in enumerate(rule.space_delimited_claims or ()):
+        if not c:
+            yield Problem((*path, "spaceDelimitedClaims", i), "claim name must be non-empty string")
+
+
+def _has_private_material(jwks_text: str) -> bool:
+    try:
+        doc = json.loads(jwks_text)
+    except ValueError:
+        return False
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    return any(
+        isinstance(k, dict) and (k.get("kty") == "oct" or any(f in k for f in ("d", "p", "q", "dp", "dq", "qi")))
+        for k in keys or ()
+    )
+
+
+def validate_request_authentication(ra: RequestAuthentication) -> list[Problem]:
+    problems = list(_selector_problems(ra.spec))
+    for i, rule in enumerate(ra.spec.jwt_rules or ()):
+        if rule is not None:
+            problems.extend(_jwt_rule(("spec", "jwtRules", i), rule))
+    return problems
