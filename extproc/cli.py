@@ -62,7 +62,10 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
         return 1
     for w in loaded.warnings:
         print(w.render(), file=sys.stderr)
-    print(f"ok: {len(loaded.policies)} AuthorizationPolicies in {len(loaded.files)} files")
+    print(
+        f"ok: {len(loaded.policies)} AuthorizationPolicies and {len(loaded.request_authentications)} "
+        f"RequestAuthentications in {len(loaded.files)} files"
+    )
     if ns.namespace:
         try:
             labels = parse_labels(ns.labels or "")
@@ -72,6 +75,9 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
         snap = build_snapshot(loaded, _workload(ns, labels), Options(), 1)
         for p in snap.policies:
             print(f"  applies: {p.ref.namespace}/{p.ref.name} ({p.ref.action}{', dry-run' if p.ref.dry_run else ''})")
+        for prov in snap.authn.providers:
+            keys = "inline jwks" if prov.inline_keys is not None else (prov.remote.jwks_uri or "OpenID discovery")
+            print(f"  applies: RequestAuthentication {prov.origin}: issuer {prov.issuer} ({prov.name}, keys: {keys})")
         for name, why in snap.ignored_policies:
             print(f"  ignored: {name}: {why}")
     return 0

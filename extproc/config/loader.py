@@ -6,7 +6,7 @@ whatever it was running before. Warnings never block a load.
 
 Recognised documents:
   * AuthorizationPolicy            security.istio.io/v1 or v1beta1
-  * RequestAuthentication          security.istio.io/v1 or v1beta1 (noted, see below)
+  * RequestAuthentication          security.istio.io/v1 or v1beta1
   * MeshConfig                     extproc.io/v1alpha1: `spec.extensionProviders` as in Istio
   * ConfigMap named `istio`        Istio's own mesh ConfigMap; `data.mesh` is read for
                                    `extensionProviders`, other mesh settings are ignored
@@ -33,9 +33,15 @@ from extproc.config.models import (
     AuthorizationPolicy,
     MeshConfig,
     MeshConfigSpec,
+    RequestAuthentication,
 )
 from extproc.config.providers import ProviderSettings, resolve_providers
 from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
+
+_SECURITY_KINDS: dict[str, tuple[type[BaseModel], Any]] = {
+    "AuthorizationPolicy": (AuthorizationPolicy, validation.validate_authorization_policy),
+    "RequestAuthentication": (RequestAuthentication, validation.validate_request_authentication),
+}
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -43,7 +49,9 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class LoadedPolicy:
-    policy: AuthorizationPolicy
+    """An AuthorizationPolicy or a RequestAuthentication, with where it was defined."""
+
+    policy: Any
     location: Location
 
     @property
@@ -58,7 +66,7 @@ class LoadedConfig:
     mesh_origin: str | None = None
     files: list[str] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
-    request_authentications: int = 0
+    request_authentications: list[LoadedPolicy] = field(default_factory=list)
 
 
 def config_files(dirs: Sequence[str | os.PathLike[str]]) -> list[FsPath]:
@@ -135,7 +143,7 @@ def load(dirs: Sequence[str | os.PathLike[str]]) -> LoadedConfig:
     """Load and validate every document; raise ConfigError listing all errors."""
     result = LoadedConfig()
     issues: list[ConfigIssue] = []
-    seen: dict[tuple[str, str], Location] = {}
+    seen: dict[tuple[str, str, str], Location] = {}
     mesh_specs: list[tuple[MeshConfigSpec, Document, str, tuple[str | int, ...]]] = []
 
     for path in config_files(dirs):
@@ -189,7 +197,7 @@ def _load_document(
     file: str,
     result: LoadedConfig,
     issues: list[ConfigIssue],
-    seen: dict[tuple[str, str], Location],
+    seen: dict[tuple[str, str, str], Location],
     mesh_specs: list[tuple[MeshConfigSpec, Document, str, tuple[str | int, ...]]],
 ) -> None:
     data = doc.data
@@ -208,7 +216,7 @@ def _load_document(
     label = _resource_label(kind, data)
     where = Location(file, doc.index, doc.line_of(()), label)
 
-    if kind == "AuthorizationPolicy" and api.startswith("security.istio.io/"):
+    if kind in _SECURITY_KINDS and api.startswith("security.istio.io/"):
         if api not in SECURITY_API_VERSIONS:
             issues.append(
                 ConfigIssue(
@@ -218,11 +226,12 @@ def _load_document(
                 )
             )
             return
-        policy, errs = _validate_model(AuthorizationPolicy, data, doc, file, label)
+        model, validate = _SECURITY_KINDS[kind]
+        resource, errs = _validate_model(model, data, doc, file, label)
         if errs:
             issues.extend(_prefixed(errs, prefix))
             return
-        if not policy.metadata.namespace:
+        if not resource.metadata.namespace:
             issues.append(
                 ConfigIssue(
                     Location(file, doc.index, doc.line_of(("metadata",)), label),
@@ -235,36 +244,26 @@ def _load_document(
             ConfigIssue(
                 Location(file, doc.index, doc.line_of(prob.path), label), at(prob.path), prob.message, prob.warning
             )
-            for prob in validation.validate_authorization_policy(policy)
+            for prob in validate(resource)
         ]
         issues.extend(problems)
         if any(not p.warning for p in problems):
             return
-        key = (policy.metadata.namespace, policy.metadata.name)
+        key = (kind, resource.metadata.namespace, resource.metadata.name)
         if key in seen:
             issues.append(
                 ConfigIssue(
                     where,
                     at(("metadata", "name")),
-                    f"duplicate AuthorizationPolicy, first defined in {seen[key].render()}",
+                    f"duplicate {kind}, first defined in {seen[key].render()}",
                 )
             )
             return
         seen[key] = where
-        result.policies.append(LoadedPolicy(policy, where))
-        return
-
-    if kind == "RequestAuthentication" and api in SECURITY_API_VERSIONS:
-        result.request_authentications += 1
-        issues.append(
-            ConfigIssue(
-                where,
-                at(()),
-                "RequestAuthentication is not verified by extproc in this version: keep Envoy's jwt_authn "
-                "filter; extproc reads its verified claims from the filter's dynamic metadata",
-                warning=True,
-            )
-        )
+        if kind == "AuthorizationPolicy":
+            result.policies.append(LoadedPolicy(resource, where))
+        else:
+            result.request_authentications.append(LoadedPolicy(resource, where))
         return
 
     if kind == "MeshConfig" and api == EXTPROC_API_VERSION:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import watchfiles
@@ -50,6 +50,8 @@ class SnapshotHolder:
     current: Snapshot
     last: ReloadStatus
     counters: ReloadCounters = field(default_factory=ReloadCounters)
+    # Called on the event loop after every swap, e.g. to start fetching a new jwksUri.
+    on_swap: list[Callable[[Snapshot], None]] = field(default_factory=list)
 
     @classmethod
     def initial(cls, dirs: Sequence[str], workload: WorkloadIdentity, options: Options) -> SnapshotHolder:
@@ -82,6 +84,11 @@ class SnapshotHolder:
             return self.last
         self.current = snap  # the atomic swap
         self.counters.success += 1
+        for listener in self.on_swap:
+            try:
+                listener(snap)
+            except Exception:  # a listener bug must not undo a good reload
+                log.exception("snapshot listener failed")
         warnings = tuple(w.render() for w in snap.warnings)
         for w in warnings:
             log.warning("%s", w)

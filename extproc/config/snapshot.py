@@ -11,12 +11,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from extproc.authn.keys import parse_jwks
+from extproc.authn.program import DEFAULT_JWKS_TIMEOUT_S, AuthnProgram, RuleInput, compile_rules
 from extproc.authz.compiler import CompiledPolicy, CompiledRule, TrustDomainBundle, compile_policy
 from extproc.authz.engine import AuthzProgram, CustomRuleSet, RuleSet
 from extproc.config.errors import ConfigIssue
 from extproc.config.loader import LoadedConfig, LoadedPolicy
-from extproc.config.models import Action
-from extproc.config.providers import HttpProviderSettings, ProviderSettings
+from extproc.config.models import Action, RequestAuthentication
+from extproc.config.providers import HttpProviderSettings, ProviderSettings, parse_duration
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
@@ -56,6 +58,7 @@ class Snapshot:
     http: AuthzProgram
     tcp: AuthzProgram
     policies: tuple[CompiledPolicy, ...]  # applicable to this workload
+    authn: AuthnProgram  # the applicable RequestAuthentications' jwtRules, compiled
     ignored_policies: tuple[tuple[str, str], ...]  # (namespace/name, why) for /debug
     providers: Mapping[str, ProviderSettings]
     files: tuple[str, ...]
@@ -136,6 +139,14 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
     applicable: list[CompiledPolicy] = []
     ignored: list[tuple[str, str]] = []
     bundle = workload.trust_domains
+    rules: list[RuleInput] = []
+    for lp in loaded.request_authentications:
+        why = applies_to(lp, workload)
+        ident = f"{lp.policy.metadata.namespace}/{lp.policy.metadata.name}"
+        if why is not None:
+            ignored.append((f"RequestAuthentication {ident}", why))
+            continue
+        rules.extend(jwt_rule_inputs(lp.policy, ident))
     for lp in loaded.policies:
         why = applies_to(lp, workload)
         ident = f"{lp.policy.metadata.namespace}/{lp.policy.metadata.name}"
@@ -150,9 +161,36 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
         http=_program(applicable, "http", loaded.providers, options),
         tcp=_program(applicable, "tcp", loaded.providers, options),
         policies=tuple(applicable),
+        authn=compile_rules(rules),
         ignored_policies=tuple(ignored),
         providers=dict(loaded.providers),
         files=tuple(loaded.files),
         warnings=tuple(loaded.warnings),
         loaded_at=time.time(),
     )
+
+
+def jwt_rule_inputs(ra: RequestAuthentication, ident: str) -> list[RuleInput]:
+    """The validated jwtRules of one RequestAuthentication, in the engine's terms."""
+    out = []
+    for rule in ra.spec.jwt_rules or ():
+        if rule is None:
+            continue
+        out.append(
+            RuleInput(
+                origin=ident,
+                issuer=rule.issuer,
+                audiences=tuple(rule.audiences or ()),
+                jwks_uri=rule.jwks_uri,
+                inline_keys=parse_jwks(rule.jwks) if rule.jwks else None,
+                from_headers=tuple((h.name, h.prefix) for h in rule.from_headers or () if h is not None),
+                from_params=tuple(rule.from_params or ()),
+                from_cookies=tuple(rule.from_cookies or ()),
+                payload_header=rule.output_payload_to_header,
+                forward=rule.forward_original_token,
+                claim_headers=tuple((c.header, c.claim) for c in rule.output_claim_to_headers or () if c is not None),
+                timeout_s=parse_duration(rule.timeout) if rule.timeout else DEFAULT_JWKS_TIMEOUT_S,
+                space_delimited=tuple(rule.space_delimited_claims) if rule.space_delimited_claims is not None else None,
+            )
+        )
+    return out

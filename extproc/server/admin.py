@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from extproc import __version__
+from extproc.authn.cache import TokenCache
+from extproc.authn.jwks_source import JwksRegistry
 from extproc.authz import engine
 from extproc.config.reload import SnapshotHolder
 from extproc.debug import attributes_from_description
@@ -28,11 +30,18 @@ class ExtprocCollector(Collector):
     """Renders extproc's own counters at scrape time; requests only bump plain ints."""
 
     def __init__(
-        self, stats: AuthzStats, holder: SnapshotHolder, cert_cache_stats: Callable[[], tuple[int, int]]
+        self,
+        stats: AuthzStats,
+        holder: SnapshotHolder,
+        cert_cache_stats: Callable[[], tuple[int, int]],
+        jwks: JwksRegistry | None = None,
+        token_cache: TokenCache | None = None,
     ) -> None:
         self.stats = stats
         self.holder = holder
         self.cert_cache_stats = cert_cache_stats
+        self.jwks = jwks
+        self.token_cache = token_cache
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -85,7 +94,49 @@ class ExtprocCollector(Collector):
         cache = CounterMetricFamily("extproc_cache_lookups", "Cache lookups", labels=["cache", "result"])
         cache.add_metric(["peer_certificate", "hit"], hits)
         cache.add_metric(["peer_certificate", "miss"], misses)
+        if self.token_cache is not None:
+            cache.add_metric(["jwt_signature", "hit"], self.token_cache.hits)
+            cache.add_metric(["jwt_signature", "miss"], self.token_cache.misses)
         yield cache
+        if self.token_cache is not None:
+            yield GaugeMetricFamily(
+                "extproc_jwt_cache_entries", "Tokens held by the JWT cache", value=len(self.token_cache)
+            )
+        jwt = CounterMetricFamily(
+            "extproc_jwt_verifications",
+            "RequestAuthentication outcomes: verified, no_token, cors_preflight, or the failure status",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(s.jwt.items()):
+            jwt.add_metric([outcome], n)
+        yield jwt
+        yield GaugeMetricFamily(
+            "extproc_jwt_rules_applied", "jwtRules applied to this workload", value=len(snap.authn.providers)
+        )
+        if self.jwks is not None:
+            fetches = CounterMetricFamily(
+                "extproc_jwks_fetches", "JWKS fetches by key source and result", labels=["issuer", "source", "result"]
+            )
+            nkeys = GaugeMetricFamily("extproc_jwks_keys", "Keys currently held", labels=["issuer", "source"])
+            age = GaugeMetricFamily(
+                "extproc_jwks_last_success_timestamp_seconds",
+                "Unix time of the last successful fetch (0 = never)",
+                labels=["issuer", "source"],
+            )
+            kid = CounterMetricFamily(
+                "extproc_jwks_kid_refetches", "Refetches triggered by an unknown kid", labels=["issuer", "source"]
+            )
+            for key, st in sorted(self.jwks.states.items()):
+                lbl = [st.source.issuer, key]
+                for result, n in sorted(st.fetches.items()):
+                    fetches.add_metric([*lbl, result], n)
+                nkeys.add_metric(lbl, len(st.keys.keys) if st.keys else 0)
+                age.add_metric(lbl, st.last_success or 0)
+                kid.add_metric(lbl, st.kid_refreshes)
+            yield fetches
+            yield nkeys
+            yield age
+            yield kid
         info = GaugeMetricFamily("extproc_build_info", "extproc version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -98,9 +149,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class AdminApp:
-    def __init__(self, holder: SnapshotHolder, stats: AuthzStats, collector: ExtprocCollector) -> None:
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        stats: AuthzStats,
+        collector: ExtprocCollector,
+        jwks: JwksRegistry | None = None,
+    ) -> None:
         self.holder = holder
         self.stats = stats
+        self.jwks = jwks
         self.draining = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
@@ -111,9 +169,26 @@ class AdminApp:
                 web.get("/readyz", self.readyz),
                 web.get("/metrics", self.metrics),
                 web.get("/debug/config", self.debug_config),
+                web.get("/debug/jwks", self.debug_jwks),
                 web.post("/debug/explain", self.debug_explain),
             ]
         )
+
+    async def debug_jwks(self, _: web.Request) -> web.Response:
+        """The applied jwtRules and, for remote key sources, fetch status and key age."""
+        snap = self.holder.current
+        states = self.jwks.states if self.jwks is not None else {}
+        rules = []
+        for p in snap.authn.providers:
+            entry: dict[str, Any] = {"provider": p.name, "issuer": p.issuer, "requestAuthentication": p.origin}
+            if p.inline_keys is not None:
+                entry["keys"] = "inline"
+                entry["kids"] = [k.kid for k in p.inline_keys.keys]
+            elif p.remote is not None:
+                st = states.get(p.remote.key)
+                entry["keys"] = st.describe() if st is not None else {"haveKeys": False}
+            rules.append(entry)
+        return _json({"snapshot_version": snap.version, "jwtRules": rules})
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -23,6 +23,8 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.authn.cache import TokenCache
+from extproc.authn.jwks_source import JwksRegistry
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
@@ -97,7 +99,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         max_header_bytes=settings.max_request_headers_kb * 1024,
     )
     providers = ProviderPool()
-    authz = AuthorizationService(holder.get, adapter, providers, stats)
+    jwks = JwksRegistry(settings.jwks_refresh_interval_s, settings.jwks_kid_refresh_interval_s)
+    jwks.sync(holder.current.authn.remote_sources)
+    holder.on_swap.append(lambda snap: jwks.sync(snap.authn.remote_sources))
+    token_cache = TokenCache(settings.jwt_cache_size)
+    authz = AuthorizationService(holder.get, adapter, providers, stats, jwks, token_cache)
 
     server = grpc.aio.server(
         options=[
@@ -120,8 +126,14 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         log.error("cannot listen on %s", settings.listen.text)
         return 1
 
-    collector = ExtprocCollector(stats, holder, lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses))
-    admin = AdminApp(holder, stats, collector)
+    collector = ExtprocCollector(
+        stats,
+        holder,
+        lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses),
+        jwks=jwks,
+        token_cache=token_cache,
+    )
+    admin = AdminApp(holder, stats, collector, jwks=jwks)
     runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = settings.admin.host_port()
@@ -138,7 +150,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.create_task(holder.watch(stop), name="config-watcher")
     log.info(
-        "serving ext_authz on %s, admin on %s; workload %s/%s labels=%s; snapshot %d with %d policies",
+        "serving ext_authz on %s, admin on %s; workload %s/%s labels=%s; snapshot %d with %d policies, %d JWT rules",
         settings.listen.text,
         settings.admin.text,
         settings.namespace,
@@ -146,6 +158,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())) or "-",
         holder.current.version,
         len(holder.current.policies),
+        len(holder.current.authn.providers),
     )
 
     await stop.wait()
@@ -157,6 +170,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await watcher
     await providers.close()
+    await jwks.close()
     await runner.cleanup()
     log.info("stopped")
     return 0

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from extproc.config.providers import parse_duration
+
 
 class SettingsError(ValueError):
     pass
@@ -74,6 +76,9 @@ class ServeSettings:
     xff_num_trusted_hops: int = 0
     max_request_headers_kb: int = 96
     multiple_custom_providers: bool = False
+    jwks_refresh_interval_s: float = 1200.0
+    jwks_kid_refresh_interval_s: float = 30.0
+    jwt_cache_size: int = 10_000
     drain_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
@@ -99,6 +104,13 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "allow CUSTOM policies of several providers on one workload (Istio's "
         "PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS)",
     ),
+    ("--jwks-refresh-interval", "EXTPROC_JWKS_REFRESH_INTERVAL", "how often jwksUri keys are refetched"),
+    (
+        "--jwks-kid-refresh-interval",
+        "EXTPROC_JWKS_KID_REFRESH_INTERVAL",
+        "least time between refetches triggered by tokens with an unknown kid, per key source",
+    ),
+    ("--jwt-cache-size", "EXTPROC_JWT_CACHE_SIZE", "verified tokens kept in memory (0 disables the cache)"),
     ("--drain-timeout", "EXTPROC_DRAIN_TIMEOUT", "seconds to finish in-flight calls after SIGTERM"),
     ("--log-level", "EXTPROC_LOG_LEVEL", "debug, info, warning or error"),
     ("--log-format", "EXTPROC_LOG_FORMAT", "text or json"),
@@ -132,6 +144,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--multiple-custom-providers", action="store_const", const="true", help=helps["--multiple-custom-providers"]
     )
+    p.add_argument(
+        "--jwks-refresh-interval", metavar="DURATION", help=helps["--jwks-refresh-interval"] + " (default 20m)"
+    )
+    p.add_argument(
+        "--jwks-kid-refresh-interval",
+        metavar="DURATION",
+        help=helps["--jwks-kid-refresh-interval"] + " (default 30s)",
+    )
+    p.add_argument("--jwt-cache-size", type=int, metavar="N", help=helps["--jwt-cache-size"] + " (default 10000)")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help=helps["--drain-timeout"] + " (default 10)")
     p.add_argument("--log-level", metavar="LEVEL", help=helps["--log-level"] + " (default info)")
     p.add_argument("--log-format", metavar="FORMAT", help=helps["--log-format"] + " (default text)")
@@ -153,6 +174,16 @@ def _int(text: str, name: str, minimum: int = 0) -> int:
         raise SettingsError(f"{name}: expected an integer, got {text!r}") from None
     if value < minimum:
         raise SettingsError(f"{name}: must be at least {minimum}")
+    return value
+
+
+def _duration(text: str, name: str, allow_zero: bool = False) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError as e:
+        raise SettingsError(f"{name}: {e}") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise SettingsError(f"{name}: must be positive")
     return value
 
 
@@ -186,6 +217,15 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
     except ValueError:
         raise SettingsError(f"--drain-timeout: expected seconds, got {drain!r}") from None
     return ServeSettings(
+        jwks_refresh_interval_s=_duration(
+            pick("jwks_refresh_interval", "EXTPROC_JWKS_REFRESH_INTERVAL", "20m") or "20m", "--jwks-refresh-interval"
+        ),
+        jwks_kid_refresh_interval_s=_duration(
+            pick("jwks_kid_refresh_interval", "EXTPROC_JWKS_KID_REFRESH_INTERVAL", "30s") or "30s",
+            "--jwks-kid-refresh-interval",
+            allow_zero=True,
+        ),
+        jwt_cache_size=_int(pick("jwt_cache_size", "EXTPROC_JWT_CACHE_SIZE", "10000") or "10000", "--jwt-cache-size"),
         config_dirs=tuple(config_dirs),
         listen=ListenAddress.parse(pick("listen", "EXTPROC_LISTEN", "127.0.0.1:9001") or "", "--listen"),
         admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),

@@ -3,9 +3,15 @@
 The servicer is a thin shell: adapter -> engines -> response. It reads the current
 snapshot once per call, so a concurrent reload never mixes configurations.
 
+Stages run in Istio's filter order: CUSTOM (ext_authz), then RequestAuthentication (what
+Envoy's jwt_authn would do), then DENY/ALLOW (what Envoy's RBAC would do).
+
 Responses are what users of Istio's native filters expect:
+  * JWT failure: 401 (403 for a disallowed audience) with jwt_authn's body and
+    `WWW-Authenticate`, even where the policies would allow;
   * deny: 403 with body `RBAC: access denied` (TCP: Envoy closes the connection);
-  * allow: no header changes except those a CUSTOM provider asked for;
+  * allow: header changes only from a CUSTOM provider and from JWT verification (token
+    stripped, claim and payload headers set);
   * either way, `dynamic_metadata` says what decided and why, under Envoy RBAC's own
     key names, so access logs can print it with
     %DYNAMIC_METADATA(envoy.filters.http.ext_authz:enforced_effective_policy_id)%.
@@ -13,6 +19,7 @@ Responses are what users of Istio's native filters expect:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,11 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extproc.attributes import Attributes
+from extproc.authn.cache import TokenCache
+from extproc.authn.jwks_source import JwksRegistry
+from extproc.authn.verifier import AuthnResult, authenticate, www_authenticate
 from extproc.authz import engine
 from extproc.authz.engine import Decision
 from extproc.config.snapshot import Snapshot
@@ -47,6 +58,8 @@ class AuthzStats:
     dry_run: dict[tuple[str, str], int] = field(default_factory=dict)  # (ALLOW|DENY, allowed|denied)
     audit_hits: int = 0
     latency_sum_s: float = 0.0
+    jwt: dict[str, int] = field(default_factory=dict)  # verification outcome -> count
+    jwt_refetch_retries: int = 0
 
     def count(self, table: dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -107,12 +120,16 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         adapter: CheckAdapter,
         providers: ProviderPool,
         stats: AuthzStats | None = None,
+        jwks: JwksRegistry | None = None,
+        token_cache: TokenCache | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._adapter = adapter
         self._providers = providers
         self.stats = stats or AuthzStats()
         self._log_bad = LogOnce(log)
+        self.jwks = jwks or JwksRegistry()
+        self.token_cache = token_cache if token_cache is not None else TokenCache()
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -157,8 +174,72 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                     return self._custom_denied(outcome, rule_id, snap.version)
                 extra_ok = _merge_ok(extra_ok, outcome.ok_response)
 
+        authn: AuthnResult | None = None
+        if is_http and snap.authn.enabled:
+            authn = await self._authenticate(snap, attrs)
+            if not authn.ok:
+                return self._jwt_denied(snap, authn, attrs)
+            # request.auth.* now come from our own verification, never from client input.
+            attrs = dataclasses.replace(attrs, jwt_payload=authn.payload)
+            extra_ok = _merge_ok(extra_ok, _jwt_ok(authn))
+
         decision = engine.evaluate(program, attrs)
-        return self._finish(snap, decision, attrs, protocol, extra_ok)
+        resp = self._finish(snap, decision, attrs, protocol, extra_ok)
+        if authn is not None and authn.verified:
+            resp.dynamic_metadata.update({"extproc_request_principal": authn.verified[-1][1]})
+        return resp
+
+    async def _authenticate(self, snap: Snapshot, attrs: Attributes) -> AuthnResult:
+        http = attrs.http
+        assert http is not None
+        result = authenticate(
+            snap.authn, http.method, http.headers, int(time.time()), self.jwks.keys_for, self.token_cache
+        )
+        # Keys never fetched yet, or a kid we do not know (a rotation): refetch, rate-limited.
+        if not result.ok and result.refresh_wanted and await self.jwks.refresh(result.missing_keys, result.unknown_kid):
+            self.stats.jwt_refetch_retries += 1
+            result = authenticate(
+                snap.authn, http.method, http.headers, int(time.time()), self.jwks.keys_for, self.token_cache
+            )
+        outcome = "cors_preflight" if result.cors_preflight else result.status.metric_name
+        if result.ok and not result.cors_preflight:
+            outcome = "verified" if result.verified else "no_token"
+        self.stats.count(self.stats.jwt, outcome)
+        return result
+
+    def _jwt_denied(self, snap: Snapshot, authn: AuthnResult, attrs: Attributes) -> external_auth_pb2.CheckResponse:
+        http = attrs.http
+        assert http is not None
+        self.stats.count(self.stats.decisions, ("http", "denied", "jwt"))
+        where = authn.failures[-1] if authn.failures else None
+        reason = authn.status.message + (f" (token in {where[1]}, RequestAuthentication {where[0]})" if where else "")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s: JWT rejected, %s: %s", http.method, http.path, authn.http_code, reason)
+        resp = external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(
+                code=code_pb2.UNAUTHENTICATED if authn.http_code == 401 else code_pb2.PERMISSION_DENIED,
+                message=authn.status.message,
+            )
+        )
+        denied = _denied_http(authn.http_code, authn.status.message)
+        denied.headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(
+                    key="www-authenticate", value=www_authenticate(authn.status, http.headers, http.scheme)
+                ),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
+        resp.denied_response.CopyFrom(denied)
+        resp.dynamic_metadata.update(
+            {
+                "enforced_engine_result": "denied",
+                "extproc_stage": "jwt",
+                "extproc_reason": reason,
+                "extproc_snapshot": snap.version,
+            }
+        )
+        return resp
 
     def _finish(
         self,
@@ -223,6 +304,25 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         }
         resp.dynamic_metadata.update(md)
         return resp
+
+
+def _jwt_ok(authn: AuthnResult) -> external_auth_pb2.OkHttpResponse | None:
+    """Header changes of a successful verification, as jwt_authn would make them."""
+    if not authn.remove_headers and not authn.set_headers:
+        return None
+    ok = external_auth_pb2.OkHttpResponse()
+    for name, values in authn.set_headers:
+        for i, value in enumerate(values):
+            ok.headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+                    if i == 0
+                    else base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
+                )
+            )
+    ok.headers_to_remove.extend(authn.remove_headers)
+    return ok
 
 
 def _merge_ok(
