@@ -315,7 +315,7 @@ def _jwt_ok(authn: AuthnResult) -> external_auth_pb2.OkHttpResponse | None:
         for i, value in enumerate(values):
             ok.headers.append(
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+                    header=base_pb2.HeaderValue(key=name, value=value),
                     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
                     if i == 0
                     else base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
