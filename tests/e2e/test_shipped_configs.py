@@ -34,12 +34,16 @@ def test_sample_policies_load_without_warnings() -> None:
     loaded = loader.load([REPO / "examples" / "policies"])
     assert not loaded.warnings, [w.render() for w in loaded.warnings]
     snap = build_snapshot(loaded, WorkloadIdentity("demo", {"app": "httpbin"}), Options(), 1)
-    assert len(snap.policies) == 4
+    assert len(snap.policies) == 5
+    assert [(p.issuer, p.remote.jwks_uri if p.remote else None) for p in snap.authn.providers] == [
+        ("https://demo.extproc.io", "http://127.0.0.1:8080/.well-known/jwks.json")
+    ]
 
 
 def test_demo_check_serves_the_promised_answers(envoy_binary: Path) -> None:
     r = subprocess.run([str(VENV_BIN / "extproc"), "demo", "--check"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("  ok   ") == 7
+    assert r.stdout.count("  ok   ") == 11
+    assert "(expired JWT)       -> 401" in r.stdout
     assert "FAIL" not in r.stdout
     assert "why was bob denied? no ALLOW policy matched" in r.stdout
