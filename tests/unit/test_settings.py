@@ -20,6 +20,7 @@ def test_defaults() -> None:
     assert s.listen.text == "127.0.0.1:9001" and s.admin.text == "127.0.0.1:9902"
     assert (s.root_namespace, s.trust_domain, s.trust_domain_aliases) == ("istio-system", "cluster.local", ())
     assert s.labels == {} and s.xff_num_trusted_hops == 0 and not s.multiple_custom_providers
+    assert (s.jwks_refresh_interval_s, s.jwks_kid_refresh_interval_s, s.jwt_cache_size) == (1200.0, 30.0, 10_000)
 
 
 def test_every_flag_has_a_variable_and_flags_win() -> None:
@@ -38,6 +39,9 @@ def test_every_flag_has_a_variable_and_flags_win() -> None:
         "EXTPROC_MAX_REQUEST_HEADERS_KB": "128",
         "EXTPROC_MULTIPLE_CUSTOM_PROVIDERS": "true",
         "EXTPROC_DRAIN_TIMEOUT": "3.5",
+        "EXTPROC_JWKS_REFRESH_INTERVAL": "5m",
+        "EXTPROC_JWKS_KID_REFRESH_INTERVAL": "0s",
+        "EXTPROC_JWT_CACHE_SIZE": "0",
         "EXTPROC_LOG_LEVEL": "DEBUG",
         "EXTPROC_LOG_FORMAT": "json",
     }
@@ -47,6 +51,7 @@ def test_every_flag_has_a_variable_and_flags_win() -> None:
     assert s.labels == {"app": "cart", "version": "v2"} and s.trust_domain_aliases == ("old", "older")
     assert (s.jwt_payload_key, s.xff_num_trusted_hops, s.max_request_headers_kb) == ("claims", 2, 128)
     assert s.multiple_custom_providers and s.drain_timeout_s == 3.5 and (s.log_level, s.log_format) == ("debug", "json")
+    assert (s.jwks_refresh_interval_s, s.jwks_kid_refresh_interval_s, s.jwt_cache_size) == (300.0, 0.0, 0)
     s = parse(["--namespace", "other", "--config-dir", "/x", "--trust-domain-alias", "a", "--labels", "k=v"], env)
     assert (s.namespace, s.config_dirs, s.trust_domain_aliases, s.labels) == ("other", ("/x",), ("a",), {"k": "v"})
 
@@ -60,6 +65,9 @@ def test_every_flag_has_a_variable_and_flags_win() -> None:
         (["--config-dir", "/c", "--namespace", "ns", "--admin", "unix:/x"], "unix sockets are not supported"),
         (["--config-dir", "/c", "--namespace", "ns", "--labels", "novalue"], "expected k=v"),
         (["--config-dir", "/c", "--namespace", "ns", "--log-level", "loud"], "--log-level"),
+        (["--config-dir", "/c", "--namespace", "ns", "--jwks-refresh-interval", "0s"], "must be positive"),
+        (["--config-dir", "/c", "--namespace", "ns", "--jwks-refresh-interval", "often"], "invalid duration"),
+        (["--config-dir", "/c", "--namespace", "ns", "--jwt-cache-size", "-1"], "at least 0"),
     ],
 )
 def test_bad_settings(argv: list[str], message: str) -> None:
