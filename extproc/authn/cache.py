@@ -42,12 +42,14 @@ class TokenCache:
         if e is not None:
             p = e.parsed
             if isinstance(p, Jwt) and p.exp and now > p.exp + self.clock_skew_s:
-                del self._entries[token]  # expired: it will fail its time check; drop it now
+                del self._entries[token]  # expired: it fails its time check from now on; forget it
             else:
                 self._entries.move_to_end(token)
                 return e
         e = _Entry(parse(token))
-        if self.max_entries > 0 and len(token) <= MAX_CACHED_TOKEN_BYTES:
+        p = e.parsed
+        expired = isinstance(p, Jwt) and p.exp and now > p.exp + self.clock_skew_s
+        if self.max_entries > 0 and len(token) <= MAX_CACHED_TOKEN_BYTES and not expired:
             self._entries[token] = e
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)

@@ -132,7 +132,7 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
         if alg and alg[:2] not in ("RS", "PS"):
             raise JwksError("[alg] is not started with [RS] or [PS] for an RSA key")
         n, e = _b64int(field("n", "a RSA key")), _b64int(field("e", "a RSA key"))
-        if n is None or e is None:
+        if n is None or e is None or e not in (3, 65537):  # BoringSSL's limit, as in jwt_verify_lib
             raise JwksError("Jwks RSA [n] or [e] field is missing or has a parse error")
         try:
             return PublicKey("RSA", kid, alg, "", rsa.RSAPublicNumbers(e, n).public_key())
@@ -181,14 +181,13 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
     raise JwksError("[kty] is not supported in [keys]")
 
 
-_CERT_PREFIX, _CERT_SUFFIX = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+_CERT_PREFIX, _CERT_SUFFIX = "-----BEGIN CERTIFICATE-----\n", "\n-----END CERTIFICATE-----\n"
 
 
 def _x509_map(doc: dict[str, Any]) -> tuple[PublicKey, ...] | None:
     """Google's `{kid: PEM certificate}` form, accepted by jwt_verify_lib for RSA keys."""
     if not doc or not all(
-        k and isinstance(v, str) and v.startswith(_CERT_PREFIX) and v.rstrip().endswith(_CERT_SUFFIX)
-        for k, v in doc.items()
+        k and isinstance(v, str) and v.startswith(_CERT_PREFIX) and v.endswith(_CERT_SUFFIX) for k, v in doc.items()
     ):
         return None
     keys = []

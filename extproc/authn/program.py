@@ -61,6 +61,13 @@ class Provider:
     remote: RemoteSource | None
     extractor: Extractor
     origin: str  # namespace/name of the RequestAuthentication, for explanations
+    # What shapes a verified token's outputs: the token cache keys them by this, since
+    # after a reload `origins-0` may be another rule writing other headers.
+    outputs_key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = repr((self.payload_header, self.claim_headers, self.space_delimited))
+        object.__setattr__(self, "outputs_key", key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,6 @@ gone for the next provider, exactly as in Envoy's filter chain.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -45,7 +44,7 @@ from extproc.authn.token import Jwt, parse
 
 CLOCK_SKEW_S = 60
 MAX_URI_LENGTH = 256
-_JWT_RUN = re.compile(r"[A-Za-z0-9_.-]+")
+_JWT_START = re.compile(r"[A-Za-z0-9_.-]")
 
 # keys(provider) -> the provider's current keys, or None when a remote source has none yet.
 KeyLookup = Callable[[Provider], KeySet | None]
@@ -95,8 +94,9 @@ class HeaderState:
 class Found:
     token: str
     issuers: IssuerSet
-    header: str  # "" for a query parameter or cookie: Envoy never strips those
+    header: str  # "" for a query parameter or cookie
     where: str  # for explanations: "header authorization", "query access_token", "cookie x"
+    param: str = ""  # the query parameter it came from; Envoy strips it like a header
 
 
 @dataclass
@@ -111,6 +111,13 @@ class _Context:
     failures: list[tuple[str, str, Status]] = field(default_factory=list)  # (provider, where, status)
     missing_keys: set[RemoteSource] = field(default_factory=set)
     unknown_kid: set[RemoteSource] = field(default_factory=set)
+    removed_params: list[str] = field(default_factory=list)  # decoded names, in removal order
+
+    def remove_param(self, name: str) -> None:
+        """jwt_authn's JwtParamLocation::removeJwt: the path is rebuilt without it."""
+        if name not in self.removed_params:
+            self.removed_params.append(name)
+        self.path = path_without_param(self.path, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,8 @@ class AuthnResult:
     payload: Mapping[str, Any] | None = None  # the normalised payload the authz engine reads
     remove_headers: tuple[str, ...] = ()
     set_headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Query parameters to drop, as spelled in the request (ext_authz query_parameters_to_remove).
+    remove_query_params: tuple[str, ...] = ()
     verified: tuple[tuple[str, str], ...] = ()  # (provider origin, iss/sub)
     failures: tuple[tuple[str, str, Status], ...] = ()
     cors_preflight: bool = False
@@ -167,16 +176,26 @@ def authenticate(
 ) -> AuthnResult:
     if program.root is None:
         return SKIPPED
+    hs = HeaderState(headers)
+    # Envoy 1.40 first removes every provider's payload and claim headers, whatever the
+    # requirement and even for a CORS preflight, so no output header can be forged.
+    if program.all_extractor is not None:
+        for name in program.all_extractor.sanitize:
+            hs.remove(name)
     if is_cors_preflight(method, headers):
-        return AuthnResult(Status.OK, cors_preflight=True)
-    ctx = _Context(HeaderState(headers), headers.get(":path", ""), now, keys, cache)
+        removes, _ = hs.changes()
+        return AuthnResult(Status.OK, remove_headers=removes, cors_preflight=True)
+    path = headers.get(":path", "")
+    ctx = _Context(hs, path, now, keys, cache)
     status = _run(program.root, ctx)
-    removes, sets = ctx.headers.changes() if status is Status.OK else ((), ())
+    ok = status is Status.OK
+    removes, sets = ctx.headers.changes() if ok else ((), ())
     return AuthnResult(
         status=status,
-        payload=ctx.payload if status is Status.OK else None,
+        payload=ctx.payload if ok else None,
         remove_headers=removes,
         set_headers=sets,
+        remove_query_params=raw_param_names(path, ctx.removed_params) if ok and ctx.removed_params else (),
         verified=tuple((p.origin, f"{j.iss}/{j.sub}") for p, j in ctx.verified),
         failures=tuple(ctx.failures),
         missing_keys=frozenset(ctx.missing_keys),
@@ -252,16 +271,21 @@ def _verify(p: Provider, found: Found, ctx: _Context) -> Status:
         if verdict is Status.JWKS_KID_ALG_MISMATCH and jwt.kid and p.remote is not None:
             ctx.unknown_kid.add(p.remote)
         return verdict
-    outputs = entry.outputs.get(p.name) if entry is not None else None
+    # Keyed by what shapes the outputs, not by the provider's name: the cache outlives
+    # reloads, after which `origins-0` can be another rule writing other headers.
+    outputs = entry.outputs.get(p.outputs_key) if entry is not None else None
     if outputs is None:
         outputs = _outputs(p, jwt)
         if entry is not None:
-            entry.outputs[p.name] = outputs
+            entry.outputs[p.outputs_key] = outputs
     hs = ctx.headers
     for header, value in outputs[0]:
         hs.add(header, value)
-    if not p.forward and found.header:
-        hs.remove(found.header)
+    if not p.forward:
+        if found.header:
+            hs.remove(found.header)
+        elif found.param:
+            ctx.remove_param(found.param)
     ctx.payload = outputs[1]
     ctx.verified.append((p, jwt))
     return Status.OK
@@ -284,10 +308,11 @@ def _outputs(p: Provider, jwt: Jwt) -> tuple[tuple[tuple[str, str], ...], dict[s
 
 
 def _jwt_after(value: str, start: int) -> str:
-    """Envoy's extractJWT: skip to the first JWT character after the prefix, take the run of
-    JWT characters; if there is none, the whole value (which will then fail to parse)."""
-    m = _JWT_RUN.search(value, start)
-    return m.group() if m else value
+    """Envoy 1.40's extractJWT: skip to the first base64url-or-dot character after the
+    prefix and take the rest of the value (trailing text stays part of the token; the
+    base64 decoder skips whitespace in it); with no such character, the whole value."""
+    m = _JWT_START.search(value, start)
+    return value[m.start() :] if m else value
 
 
 def _percent_decode(s: str) -> str:
@@ -332,13 +357,53 @@ def query_params(path: str) -> dict[str, str]:
     return params
 
 
+def _query_parts(path: str) -> list[tuple[str, str]]:
+    """The raw (key, value) pairs of the query string, in order; a part without `=` has an empty value."""
+    q = path.find("?")
+    if q == -1:
+        return []
+    out = []
+    data, start = path, q + 1
+    while start < len(data):
+        end = data.find("&", start)
+        if end == -1:
+            end = len(data)
+        key, _, value = data[start:end].partition("=")
+        out.append((key, value))
+        start = end + 1
+    return out
+
+
+def path_without_param(path: str, name: str) -> str:
+    """Envoy's QueryParamsMulti::parseAndDecodeQueryString + remove + replaceQueryString:
+    what is left is percent-decoded and ordered by key (a btree map), values in order."""
+    grouped: dict[str, list[str]] = {}
+    for key, value in _query_parts(path):
+        k = _percent_decode(key)
+        if k != name:
+            grouped.setdefault(k, []).append(_percent_decode(value))
+    base = path.split("?", 1)[0]
+    query = "&".join(f"{k}={v}" for k in sorted(grouped, key=lambda k: k.encode()) for v in grouped[k])
+    return f"{base}?{query}" if query else base
+
+
+def raw_param_names(path: str, names: list[str]) -> tuple[str, ...]:
+    """The spellings in `path` of the (decoded) parameter names, for ext_authz to remove."""
+    wanted = set(names)
+    out: list[str] = []
+    for key, _ in _query_parts(path):
+        if key not in out and _percent_decode(key) in wanted:
+            out.append(key)
+    return tuple(out)
+
+
 def cookies(value: str | None, wanted: frozenset[str] | set[str]) -> dict[str, str]:
     """Envoy's parseCookies: `k=v` pairs split on ';', first occurrence wins, quotes removed."""
     out: dict[str, str] = {}
     if not value:
         return out
     for part in value.split(";"):
-        part = part.lstrip(" \t")
+        part = part.lstrip(" ")
         eq = part.find("=")
         if eq == -1:
             continue
@@ -367,7 +432,7 @@ def extract(ex: Extractor, hs: HeaderState, path: str) -> list[Found]:
         params = query_params(path)
         for name, issuers in ex.params:
             if name in params:
-                found.append(Found(params[name], issuers, "", f"query parameter {name}"))
+                found.append(Found(params[name], issuers, "", f"query parameter {name}", name))
     if ex.cookies:
         jar = cookies(hs.get("cookie"), {n for n, _ in ex.cookies})
         for name, issuers in ex.cookies:
@@ -400,22 +465,53 @@ def _number_text(v: float) -> str:
     return str(int(f))
 
 
+# protobuf's JSON writer (json/internal/writer.cc MustEscape): the JSON escapes, plus
+# characters escaped as \uXXXX for JavaScript safety; `/` is not escaped.
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\f": "\\f", "\b": "\\b", "\\": "\\\\"}
+_PROTO_ESCAPED = re.compile(
+    '[\x00-\x1f"\\\\<>\x7f-\x9f\u00ad\u0600-\u0603\u06dd\u070f\u17b4\u17b5\u200b-\u200f\u2028-\u202e'
+    "\u2060-\u2064\u206a-\u206f\ufeff\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    short = _SHORT_ESCAPES.get(ch)
+    if short is not None:
+        return short
+    cp = ord(ch)
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    cp -= 0x10000
+    return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+
+def _proto_string(s: str) -> str:
+    return '"' + _PROTO_ESCAPED.sub(_escape_char, s) + '"'
+
+
+def _proto_number(v: float) -> str:
+    """protobuf's SimpleDtoa: the %.15g form if it reads back exactly, else %.17g."""
+    text = f"{v:.15g}"
+    return text if float(text) == v else f"{v:.17g}"
+
+
 def _proto_json(value: Any) -> str:
-    """Compact JSON as protobuf's MessageToJsonString prints a Struct or ListValue."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, bool) or v is None or isinstance(v, str):
-            return v
-        if isinstance(v, int | float):
-            f = float(v)
-            return int(f) if f.is_integer() and abs(f) < 2**53 else f
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        return v
-
-    return json.dumps(conv(value), separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON as protobuf's MessageToJsonString prints a Struct or ListValue (numbers
+    are doubles). Object members come out in payload order; Envoy's order is its map's."""
+    if isinstance(value, str):
+        return _proto_string(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return _proto_number(float(value))
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_proto_string(k)}:{_proto_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_proto_json(v) for v in value) + "]"
+    return "null"
 
 
 def claim_header_value(payload: Mapping[str, Any], claim: str) -> str:

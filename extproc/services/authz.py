@@ -308,20 +308,19 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
 def _jwt_ok(authn: AuthnResult) -> external_auth_pb2.OkHttpResponse | None:
     """Header changes of a successful verification, as jwt_authn would make them."""
-    if not authn.remove_headers and not authn.set_headers:
+    if not authn.remove_headers and not authn.set_headers and not authn.remove_query_params:
         return None
     ok = external_auth_pb2.OkHttpResponse()
     for name, values in authn.set_headers:
-        for i, value in enumerate(values):
-            ok.headers.append(
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=name, value=value),
-                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-                    if i == 0
-                    else base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
-                )
+        # jwt_authn adds one entry per verified token; the upstream sees them joined with ",".
+        ok.headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, value=",".join(values)),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
             )
+        )
     ok.headers_to_remove.extend(authn.remove_headers)
+    ok.query_parameters_to_remove.extend(authn.remove_query_params)
     return ok
 
 

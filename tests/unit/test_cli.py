@@ -23,7 +23,7 @@ spec:
 def test_validate_ok_and_which_policies_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "p.yaml").write_text(POLICY)
     assert main(["validate", "--config-dir", str(tmp_path)]) == 0
-    assert "ok: 1 AuthorizationPolicies in 1 files" in capsys.readouterr().out
+    assert "ok: 1 AuthorizationPolicies and 0 RequestAuthentications in 1 files" in capsys.readouterr().out
     assert main(["validate", "--config-dir", str(tmp_path), "--namespace", "foo", "--labels", "app=api"]) == 0
     assert "ignored: foo/reads: selector app=web does not match" in capsys.readouterr().out
 
