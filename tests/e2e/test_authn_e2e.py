@@ -23,7 +23,7 @@ import yaml
 from tests.e2e.conftest import Stack
 from tests.fixtures.jwks_server import JwksServer
 from tests.fixtures.jwt_keys import TokenIssuer
-from tests.fixtures.procs import free_port
+from tests.fixtures.procs import free_port, http_get
 from tests.fixtures.stack import Response
 
 pytestmark = pytest.mark.e2e
@@ -258,6 +258,22 @@ def test_key_rotation_is_picked_up_without_a_restart(stack: Stack, issuer: Token
         assert outcome(send(stack, unknown)) == (401, NO_MATCHING_KEY)
         assert server.fetches <= before + 2  # made-up kids cannot make extproc hammer the server
         assert stack.extproc.proc.popen.pid == pid and stack.extproc.proc.alive()
+
+        # Fetch status and key age are visible to operators.
+        status, body = http_get(f"http://127.0.0.1:{stack.extproc.admin_port}/debug/jwks")
+        assert status == 200
+        (rule,) = json.loads(body)["jwtRules"]
+        keys = rule["keys"]
+        assert (rule["issuer"], keys["jwksUri"], keys["haveKeys"]) == (ISS, server.url, True)
+        assert sorted(k["kid"] for k in keys["keys"]) == sorted(["k2", issuer.kid])
+        assert keys["kidRefreshes"] >= 1 and keys["fetches"]["success"] >= 2 and keys["keyAgeSeconds"] < 60
+        metrics = stack.extproc.metrics()
+        src = f'issuer="{ISS}",source="{server.url}"'
+        assert f"extproc_jwks_keys{{{src}}} 2.0" in metrics
+        assert f'extproc_jwks_fetches_total{{issuer="{ISS}",result="success",source="{server.url}"}} 2.0' in metrics
+        assert 'extproc_jwt_verifications_total{outcome="verified"}' in metrics
+        assert 'extproc_jwt_verifications_total{outcome="jwks_kid_alg_mismatch"}' in metrics
+        assert 'extproc_cache_lookups_total{cache="jwt_signature",result="hit"}' in metrics
     finally:
         server.stop()
 
