@@ -40,21 +40,21 @@ class TokenCache:
     def _entry(self, token: str, now: int) -> _Entry:
         e = self._entries.get(token)
         if e is not None:
-            p = e.parsed
-            if isinstance(p, Jwt) and p.exp and now > p.exp + self.clock_skew_s:
-                del self._entries[token]  # expired: it fails its time check from now on; forget it
-            else:
+            if not self._expired(e, now):
                 self._entries.move_to_end(token)
                 return e
+            del self._entries[token]  # expired: it fails its time check from now on; forget it
         e = _Entry(parse(token))
-        p = e.parsed
-        expired = isinstance(p, Jwt) and p.exp and now > p.exp + self.clock_skew_s
-        if self.max_entries > 0 and len(token) <= MAX_CACHED_TOKEN_BYTES and not expired:
+        if self.max_entries > 0 and len(token) <= MAX_CACHED_TOKEN_BYTES and not self._expired(e, now):
             self._entries[token] = e
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
                 self.evictions += 1
         return e
+
+    def _expired(self, e: _Entry, now: int) -> bool:
+        p = e.parsed
+        return isinstance(p, Jwt) and bool(p.exp) and now > p.exp + self.clock_skew_s
 
     def parse(self, token: str, now: int) -> tuple[Jwt | Status, _Entry]:
         e = self._entry(token, now)

@@ -528,7 +528,7 @@ def _jwt_rule(path: Path, rule: JwtRule) -> Iterable[Problem]:
         yield Problem((*path, "jwksUri"), msg)
     if rule.jwks:
         try:
-            keys = parse_jwks(rule.jwks)
+            parse_jwks(rule.jwks)
         except JwksError as e:
             yield Problem((*path, "jwks"), f"jwks parse error: {e}")
         else:
@@ -538,7 +538,6 @@ def _jwt_rule(path: Path, rule: JwtRule) -> Iterable[Problem]:
                     "jwks contains private key material; only public keys are used for verification",
                     warning=True,
                 )
-            del keys
     for i, loc in enumerate(rule.from_headers or ()):
         if loc is None:
             yield Problem((*path, "fromHeaders", i), "location header name must be non-null")

@@ -110,6 +110,11 @@ class ExtprocCollector(Collector):
         for outcome, n in sorted(s.jwt.items()):
             jwt.add_metric([outcome], n)
         yield jwt
+        yield CounterMetricFamily(
+            "extproc_jwt_rechecks",
+            "Requests verified again after their key source was refetched (first fetch or unknown kid)",
+            value=s.jwt_refetch_retries,
+        )
         yield GaugeMetricFamily(
             "extproc_jwt_rules_applied", "jwtRules applied to this workload", value=len(snap.authn.providers)
         )

@@ -192,15 +192,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     async def _authenticate(self, snap: Snapshot, attrs: Attributes) -> AuthnResult:
         http = attrs.http
         assert http is not None
-        result = authenticate(
-            snap.authn, http.method, http.headers, int(time.time()), self.jwks.keys_for, self.token_cache
-        )
+
+        def run() -> AuthnResult:
+            return authenticate(
+                snap.authn, http.method, http.headers, int(time.time()), self.jwks.keys_for, self.token_cache
+            )
+
+        result = run()
         # Keys never fetched yet, or a kid we do not know (a rotation): refetch, rate-limited.
         if not result.ok and result.refresh_wanted and await self.jwks.refresh(result.missing_keys, result.unknown_kid):
             self.stats.jwt_refetch_retries += 1
-            result = authenticate(
-                snap.authn, http.method, http.headers, int(time.time()), self.jwks.keys_for, self.token_cache
-            )
+            result = run()
         outcome = "cors_preflight" if result.cors_preflight else result.status.metric_name
         if result.ok and not result.cors_preflight:
             outcome = "verified" if result.verified else "no_token"

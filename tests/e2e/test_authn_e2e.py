@@ -236,12 +236,18 @@ def test_upstream_sees_claims_and_payload_but_not_the_token(
     assert seen["x-jwt-sub"] == "alice"
 
 
+def rechecks(metrics: str) -> float:
+    (line,) = [m for m in metrics.splitlines() if m.startswith("extproc_jwt_rechecks_total ")]
+    return float(line.split()[1])
+
+
 def test_key_rotation_is_picked_up_without_a_restart(stack: Stack, issuer: TokenIssuer) -> None:
     new = TokenIssuer(ISS, kid="k2")
     # Its own server and jwksUri: the unknown-kid refetch is rate-limited per source.
     server = JwksServer(jwks_of(issuer), delay_s=1.0).start()
     try:
         pid = stack.extproc.proc.popen.pid
+        rechecks_before = rechecks(stack.extproc.metrics())
         stack.set_policies(request_authentication(server.url))
         # The first request waits for the initial fetch, still in flight, instead of failing.
         assert outcome(send(stack, issuer.token(claims()))) == (200, "")
@@ -274,6 +280,8 @@ def test_key_rotation_is_picked_up_without_a_restart(stack: Stack, issuer: Token
         assert 'extproc_jwt_verifications_total{outcome="verified"}' in metrics
         assert 'extproc_jwt_verifications_total{outcome="jwks_kid_alg_mismatch"}' in metrics
         assert 'extproc_cache_lookups_total{cache="jwt_signature",result="hit"}' in metrics
+        # Verified again twice: after the slow first fetch and after the refetch for the new kid.
+        assert rechecks(metrics) == rechecks_before + 2
     finally:
         server.stop()
 
