@@ -139,10 +139,8 @@ def test_unreachable_source_has_no_keys_and_requests_do_not_hang() -> None:
         reg = JwksRegistry(refresh_interval_s=3600, kid_refresh_interval_s=0)
         src = RemoteSource("https://issuer", "http://127.0.0.1:9/keys", timeout_s=0.5)
         reg.sync([src])
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        assert await reg.refresh([src], []) is False
-        assert loop.time() - start < 2.0
+        # A hang guard, not a speed check: the wait is bounded by the source's timeout.
+        assert await asyncio.wait_for(reg.refresh([src], []), timeout=30) is False
         assert reg.states[src.key].keys is None
         assert reg.states[src.key].fetches["failure"] >= 1
         await reg.close()
