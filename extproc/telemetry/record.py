@@ -1,0 +1,248 @@
+"""What one finished request or one TCP report says, and the Istio label values it gets.
+
+The adapters (access log, ext_proc) fill an `HttpRecord` or `TcpRecord`; `Labeler` turns it
+into the ordered label tuple of `labels.LABELS`, with the rules of istio/proxy's
+`IstioStatsFilter::populatePeerInfo`:
+
+* inbound (reporter `destination`): source_* come from the peer (missing → `unknown`,
+  canonical revision → `latest`), destination_* from the local workload with no fallback
+  (so they may be empty, as in Istio);
+* outbound (reporter `source`): the reverse, and `connection_security_policy` is
+  `unknown`;
+* the peer's namespace comes from `/ns/<ns>/` in its SPIFFE id first, then its metadata;
+* `destination_service` is the Host header, unless `ServiceInfo` says which service the
+  local workload serves (Istio takes that from cluster metadata).
+
+The 20 peer labels and the security policy depend only on who talks to whom, so they are
+computed once per distinct (direction, peer, principals, host, cluster) and cached.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extproc.telemetry.labels import LATEST, UNKNOWN
+from extproc.telemetry.peer import Workload
+
+EMPTY_HEADERS: Mapping[str, str] = {}
+
+# Istio names these upstream clusters in destination_service_name instead of a service.
+SPECIAL_CLUSTERS = frozenset(
+    {
+        "BlackHoleCluster",
+        "PassthroughCluster",
+        "InboundPassthroughCluster",
+        "InboundPassthroughClusterIpv4",
+        "InboundPassthroughClusterIpv6",
+    }
+)
+SPECIAL_ROUTES = {"block_all": "BlackHoleCluster", "allow_any": "PassthroughCluster"}
+
+
+class Direction(enum.Enum):
+    INBOUND = "inbound"  # server sidecar: reporter="destination"
+    OUTBOUND = "outbound"  # client sidecar: reporter="source"
+
+    @property
+    def reporter(self) -> str:
+        return "destination" if self is Direction.INBOUND else "source"
+
+    @staticmethod
+    def parse(text: str) -> Direction:
+        try:
+            return Direction(text.strip().lower())
+        except ValueError:
+            raise ValueError(f"expected inbound or outbound, got {text!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """The service the local workload serves, as Istio's inbound cluster metadata says it."""
+
+    host: str  # e.g. httpbin.foo.svc.cluster.local
+    name: str = ""  # default: host up to the first "."
+    namespace: str = ""  # default: the workload's namespace
+
+    @property
+    def short_name(self) -> str:
+        return self.name or self.host.split(".", 1)[0]
+
+
+@dataclass(slots=True)
+class Peer:
+    """Who is on the other side, and the identities seen on the connection."""
+
+    direction: Direction
+    workload: Workload | None = None
+    peer_key: str = ""  # identifies `workload` cheaply (the raw header value); "" when none
+    peer_principal: str = ""  # the peer's URI SAN (downstream cert inbound, upstream cert outbound)
+    local_principal: str = ""  # our own URI SAN on that connection
+    host: str = ""  # the Host/:authority header ("" for TCP)
+    upstream_cluster: str = ""
+    route_name: str = ""
+
+
+@dataclass(slots=True)
+class HttpRecord:
+    peer: Peer
+    grpc: bool = False
+    response_code: int = 0
+    grpc_status: str = ""  # numeric gRPC status for gRPC requests, "" otherwise
+    response_flags: str = "-"
+    duration_ms: float | None = None
+    request_bytes: int | None = None
+    response_bytes: int | None = None
+    # gRPC message counts (from Envoy's grpc_stats filter), when known.
+    request_messages: int | None = None
+    response_messages: int | None = None
+    # For tag-override expressions.
+    method: str = ""
+    path: str = ""
+    scheme: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    source_address: str = ""
+    destination_address: str = ""
+    request_headers: Mapping[str, str] = field(default_factory=lambda: EMPTY_HEADERS)
+
+
+@dataclass(slots=True)
+class TcpRecord:
+    """Deltas since the previous report of the same connection."""
+
+    peer: Peer
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    opened: bool = False
+    closed: bool = False
+    response_flags: str = "-"
+    source_address: str = ""
+    destination_address: str = ""
+
+
+def spiffe_namespace(principal: str) -> str:
+    """The namespace in `<td>/ns/<ns>/sa/<sa>` (istio_stats.cc getNamespace), or ""."""
+    begin = principal.find("/ns/")
+    if begin == -1:
+        return ""
+    begin += 4
+    end = principal.find("/", begin)
+    return principal[begin:] if end == -1 else principal[begin:end]
+
+
+class Labeler:
+    """Label tuples for one local workload. Cheap per record: the peer part is cached."""
+
+    def __init__(self, local: Workload, service: ServiceInfo | None = None, cache_size: int = 4096) -> None:
+        self.local = local
+        self.service = service
+        self.cache_size = cache_size
+        self._peer_cache: dict[tuple[object, ...], tuple[tuple[str, ...], str]] = {}
+
+    def peer_labels(self, p: Peer) -> tuple[tuple[str, ...], str]:
+        """(reporter + the 19 peer labels, connection_security_policy)."""
+        key = (p.direction, p.peer_key, p.peer_principal, p.local_principal, p.host, p.upstream_cluster, p.route_name)
+        cached = self._peer_cache.get(key)
+        if cached is None:
+            cached = self._compute(p)
+            if len(self._peer_cache) >= self.cache_size:
+                self._peer_cache.clear()  # bounded; a new mix of peers simply recomputes
+            self._peer_cache[key] = cached
+        return cached
+
+    def http(self, r: HttpRecord) -> tuple[str, ...]:
+        peer, csp = self.peer_labels(r.peer)
+        return (
+            *peer,
+            "grpc" if r.grpc else "http",
+            str(r.response_code),
+            r.grpc_status if r.grpc else "",
+            r.response_flags or "-",
+            csp,
+        )
+
+    def tcp(self, r: TcpRecord) -> tuple[str, ...]:
+        """The 25-label tuple for TCP (response_code and grpc_response_status unused)."""
+        peer, csp = self.peer_labels(r.peer)
+        return (*peer, "tcp", "", "", r.response_flags or "-", csp)
+
+    def _service(self, p: Peer) -> tuple[str, str, str]:
+        """(destination_service, destination_service_name, service namespace or "")."""
+        host = name = p.host
+        namespace = ""
+        if p.route_name in SPECIAL_ROUTES:
+            name = SPECIAL_ROUTES[p.route_name]
+        elif p.upstream_cluster in SPECIAL_CLUSTERS:
+            name = p.upstream_cluster
+        elif p.direction is Direction.INBOUND and self.service is not None:
+            host = self.service.host
+            name = self.service.short_name
+            namespace = self.service.namespace
+        return host, name, namespace
+
+    def _compute(self, p: Peer) -> tuple[tuple[str, ...], str]:
+        local = self.local
+        peer = p.workload
+        peer_san = p.peer_principal
+        if not peer_san and p.direction is Direction.OUTBOUND and peer is not None:
+            peer_san = peer.identity
+        peer_ns = spiffe_namespace(peer_san) if peer_san else ""
+        if not peer_ns and peer is not None:
+            peer_ns = peer.namespace
+
+        def pv(attr: str, default: str = UNKNOWN) -> str:
+            value = getattr(peer, attr) if peer is not None else ""
+            return value or default
+
+        host, service_name, service_ns = self._service(p)
+        if p.direction is Direction.INBOUND:
+            csp = "mutual_tls" if peer_san and p.local_principal else "none"
+            labels = (
+                "destination",
+                pv("workload_name"),
+                pv("canonical_service"),
+                pv("canonical_revision", LATEST),
+                peer_ns or UNKNOWN,
+                peer_san or UNKNOWN,
+                pv("app"),
+                pv("version"),
+                pv("cluster"),
+                local.workload_name,
+                local.namespace,
+                p.local_principal or UNKNOWN,
+                local.app,
+                local.version,
+                host or local.canonical_service,
+                local.canonical_service,
+                local.canonical_revision,
+                service_name or local.canonical_service,
+                service_ns or local.namespace,
+                local.cluster,
+            )
+        else:
+            csp = UNKNOWN
+            labels = (
+                "source",
+                local.workload_name,
+                local.canonical_service,
+                local.canonical_revision,
+                local.namespace,
+                p.local_principal or UNKNOWN,
+                local.app,
+                local.version,
+                local.cluster,
+                pv("workload_name"),
+                peer_ns or UNKNOWN,
+                peer_san or UNKNOWN,
+                pv("app"),
+                pv("version"),
+                host or UNKNOWN,
+                pv("canonical_service"),
+                pv("canonical_revision", LATEST),
+                service_name or UNKNOWN,
+                service_ns or peer_ns or UNKNOWN,
+                pv("cluster"),
+            )
+        return labels, csp

@@ -1,0 +1,148 @@
+"""Turns records into metric updates, once per request, whichever source reports it.
+
+Sources: the access log service (HTTP entries at stream end; TCP entries periodically
+and at connection end) and ext_proc (the response phase of each HTTP request). When one
+Envoy enables both for the same requests, ext_proc's report wins: it claims the request
+by its `x-request-id`, and the access log entry with that id is then skipped. A request
+ext_proc never saw the response of (a reply Envoy sent before the ext_proc filter, a
+failed side stream) is still counted from the access log.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from extproc.telemetry import labels as L
+from extproc.telemetry.record import HttpRecord, Labeler, Peer, TcpRecord
+from extproc.telemetry.store import MetricStore
+
+MAX_CLAIMS = 100_000
+
+
+@dataclass
+class RecorderStats:
+    http: dict[str, int]  # source -> requests recorded
+    http_duplicates: int = 0  # access log entries skipped because ext_proc counted them
+    tcp_reports: int = 0
+    tcp_connections_tracked: int = 0
+
+
+class Recorder:
+    def __init__(self, labeler: Labeler, store: MetricStore) -> None:
+        self.labeler = labeler
+        self.store = store
+        self.stats = RecorderStats(http={"access_log": 0, "ext_proc": 0})
+        self._claims: OrderedDict[str, int] = OrderedDict()
+
+    def http(self, r: HttpRecord, source: str) -> None:
+        rid = r.request_id
+        if source == "ext_proc":
+            if rid:
+                claims = self._claims
+                claims[rid] = claims.get(rid, 0) + 1
+                if len(claims) > MAX_CLAIMS:
+                    claims.popitem(last=False)
+        elif rid and self._claims:
+            n = self._claims.get(rid)
+            if n is not None:
+                if n > 1:
+                    self._claims[rid] = n - 1
+                else:
+                    del self._claims[rid]
+                self.stats.http_duplicates += 1
+                return
+        self.stats.http[source] = self.stats.http.get(source, 0) + 1
+        base = self.labeler.http(r)
+        store = self.store
+        t = store.table(L.REQUESTS.name)
+        if t is not None:
+            t.add(base, r, 1)
+        if r.duration_ms is not None and (t := store.table(L.REQUEST_DURATION.name)) is not None:
+            t.observe(base, r, r.duration_ms)
+        if r.request_bytes is not None and (t := store.table(L.REQUEST_BYTES.name)) is not None:
+            t.observe(base, r, r.request_bytes)
+        if r.response_bytes is not None and (t := store.table(L.RESPONSE_BYTES.name)) is not None:
+            t.observe(base, r, r.response_bytes)
+        if r.grpc:
+            if r.request_messages and (t := store.table(L.REQUEST_MESSAGES.name)) is not None:
+                t.add(base, r, r.request_messages)
+            if r.response_messages and (t := store.table(L.RESPONSE_MESSAGES.name)) is not None:
+                t.add(base, r, r.response_messages)
+
+    def tcp(self, r: TcpRecord) -> None:
+        self.stats.tcp_reports += 1
+        base = self.labeler.tcp(r)
+        store = self.store
+        if r.opened and (t := store.table(L.TCP_OPENED.name)) is not None:
+            t.add(base, r, 1)
+        if r.sent_bytes and (t := store.table(L.TCP_SENT.name)) is not None:
+            t.add(base, r, r.sent_bytes)
+        if r.received_bytes and (t := store.table(L.TCP_RECEIVED.name)) is not None:
+            t.add(base, r, r.received_bytes)
+        if r.closed and (t := store.table(L.TCP_CLOSED.name)) is not None:
+            t.add(base, r, 1)
+
+
+@dataclass(slots=True)
+class _Connection:
+    peer: Peer
+    sent: int = 0
+    received: int = 0
+    last_seen: int = 0  # tracker generation
+
+
+class TcpTracker:
+    """Turns cumulative per-connection byte counts into deltas.
+
+    Envoy's TCP access log entries carry bytes since the connection began (periodic
+    entries and the final one alike), so each connection's last totals are kept by
+    stream id until its end entry. Connections whose end entry never arrives (a dropped
+    log batch) are forgotten after `max_idle_generations` calls of `sweep()`.
+    """
+
+    def __init__(self, recorder: Recorder, max_idle_generations: int = 60) -> None:
+        self.recorder = recorder
+        self.max_idle = max_idle_generations
+        self.generation = 0
+        self.connections: dict[str, _Connection] = {}
+
+    def report(
+        self,
+        stream_id: str,
+        peer: Peer,
+        sent_total: int,
+        received_total: int,
+        end: bool,
+        response_flags: str = "-",
+    ) -> None:
+        conn = self.connections.get(stream_id) if stream_id else None
+        opened = conn is None
+        if conn is None:
+            conn = _Connection(peer)
+            if stream_id and not end:
+                self.connections[stream_id] = conn
+        elif end:
+            del self.connections[stream_id]
+        conn.last_seen = self.generation
+        rec = TcpRecord(
+            peer=conn.peer,
+            sent_bytes=max(0, sent_total - conn.sent),
+            received_bytes=max(0, received_total - conn.received),
+            opened=opened,
+            closed=end,
+            response_flags=response_flags,
+        )
+        conn.sent = max(conn.sent, sent_total)
+        conn.received = max(conn.received, received_total)
+        self.recorder.tcp(rec)
+        self.recorder.stats.tcp_connections_tracked = len(self.connections)
+
+    def sweep(self) -> int:
+        self.generation += 1
+        horizon = self.generation - self.max_idle
+        stale = [k for k, c in self.connections.items() if c.last_seen < horizon]
+        for k in stale:
+            del self.connections[k]
+        self.recorder.stats.tcp_connections_tracked = len(self.connections)
+        return len(stale)

@@ -1,0 +1,238 @@
+"""Series tables for the standard metrics, and their Prometheus text rendering.
+
+Recording a request is a handful of dict lookups and integer additions; nothing is
+formatted until Prometheus scrapes. Each series keeps its label string pre-rendered, so a
+scrape is string joins.
+
+Bounds, which Istio's in-proxy telemetry lacked for years (istio/istio#21377):
+* series idle for longer than `idle_expiry_s` are dropped (Prometheus sees them end);
+* the number of series across all metrics is capped at `max_series`; once full, a record
+  that would open a new series is added to its metric's overflow series instead, whose
+  labels are all `overflow` except `reporter`, so totals stay exact
+  (OpenTelemetry's cardinality-limit behaviour). `extproc_telemetry_series` and
+  `extproc_telemetry_overflow_records_total` show both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client.utils import floatToGoString
+
+from extproc.telemetry.labels import DEFAULT_BUCKETS, LABELS, Kind, MetricDef
+
+OVERFLOW = "overflow"
+Key = tuple[str, ...]
+# Builds a metric's label values from the standard 25-value tuple and the record (for
+# tag overrides). None means: the metric's standard subset.
+Projector = Callable[[Key, object], Key]
+
+
+def escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    """How one metric's label values are built; `disabled` metrics are not kept at all."""
+
+    metric: MetricDef
+    label_names: tuple[str, ...]
+    project: Projector | None = None  # None: take `metric.labels` from the standard tuple
+    disabled: bool = False
+
+    @staticmethod
+    def standard(metric: MetricDef) -> MetricPlan:
+        return MetricPlan(metric, tuple(LABELS[i] for i in metric.labels))
+
+
+class Series:
+    __slots__ = ("labels", "touched", "value")
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.value = 0
+        self.touched = 0
+
+
+class HistogramSeries:
+    __slots__ = ("counts", "labels", "sum", "touched")
+
+    def __init__(self, labels: str, nbuckets: int) -> None:
+        self.labels = labels
+        self.counts = [0] * (nbuckets + 1)  # per bucket, not cumulative; last = above every bound
+        self.sum = 0.0
+        self.touched = 0
+
+
+class Table:
+    """All series of one metric."""
+
+    def __init__(self, plan: MetricPlan, store: MetricStore) -> None:
+        self.plan = plan
+        self.metric = plan.metric
+        self.store = store
+        self.series: dict[Key, Series | HistogramSeries] = {}
+        self.overflow_records = 0
+        m = plan.metric
+        if plan.project is None:
+            n = len(m.labels)
+            if m.labels == tuple(range(n)):
+                self.key: Callable[[Key, object], Key] = (
+                    (lambda base, _r: base) if n == len(LABELS) else (lambda base, _r, n=n: base[:n])
+                )
+            else:
+                idx = m.labels
+                self.key = lambda base, _r: tuple([base[i] for i in idx])
+        else:
+            self.key = plan.project
+        self._overflow_key: Key = tuple(
+            OVERFLOW if name != "reporter" else "" for name in plan.label_names
+        )  # reporter filled per record
+
+    def _label_string(self, key: Key) -> str:
+        return ",".join(f'{n}="{escape(v)}"' for n, v in zip(self.plan.label_names, key, strict=True))
+
+    def _new(self, key: Key) -> Series | HistogramSeries:
+        if self.metric.kind is Kind.HISTOGRAM:
+            return HistogramSeries(self._label_string(key), len(self.store.buckets))
+        return Series(self._label_string(key))
+
+    def cell(self, base: Key, record: object) -> Series | HistogramSeries:
+        key = self.key(base, record)
+        s = self.series.get(key)
+        if s is None:
+            store = self.store
+            if store.count >= store.max_series:
+                self.overflow_records += 1
+                key = self._overflow(key)
+                s = self.series.get(key)
+                if s is not None:
+                    s.touched = store.epoch
+                    return s
+            s = self._new(key)
+            self.series[key] = s
+            store.count += 1
+        s.touched = self.store.epoch
+        return s
+
+    def _overflow(self, key: Key) -> Key:
+        names = self.plan.label_names
+        if "reporter" in names:
+            i = names.index("reporter")
+            return (*self._overflow_key[:i], key[i], *self._overflow_key[i + 1 :])
+        return self._overflow_key
+
+    def add(self, base: Key, record: object, n: int) -> None:
+        self.cell(base, record).value += n  # type: ignore[union-attr]
+
+    def observe(self, base: Key, record: object, value: float) -> None:
+        s = self.cell(base, record)
+        s.counts[bisect.bisect_left(self.store.buckets, value)] += 1  # type: ignore[union-attr]
+        s.sum += value  # type: ignore[union-attr]
+
+
+class MetricStore:
+    def __init__(
+        self,
+        plans: Iterable[MetricPlan],
+        *,
+        max_series: int = 50_000,
+        idle_expiry_s: float = 3600.0,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_series = max_series
+        self.idle_expiry_s = idle_expiry_s
+        self.buckets = buckets
+        self.clock = clock
+        self.count = 0
+        self.evicted = 0
+        # `epoch` is a coarse clock: records stamp series with it, `tick()` advances it.
+        self.epoch = 0
+        self._epoch_started: dict[int, float] = {0: clock()}
+        self.tables: dict[str, Table] = {}
+        self.set_plans(plans)
+
+    def set_plans(self, plans: Iterable[MetricPlan]) -> None:
+        """Install new label plans (a Telemetry change). Tables whose plan changed restart empty."""
+        old = self.tables
+        tables: dict[str, Table] = {}
+        for plan in plans:
+            prev = old.get(plan.metric.name)
+            if prev is not None and prev.plan == plan:
+                tables[plan.metric.name] = prev
+            else:
+                tables[plan.metric.name] = Table(plan, self)
+        self.tables = tables
+        self.count = sum(len(t.series) for t in tables.values())
+
+    def table(self, name: str) -> Table | None:
+        t = self.tables.get(name)
+        return None if t is None or t.plan.disabled else t
+
+    def tick(self) -> int:
+        """Advance the coarse clock and drop series idle longer than `idle_expiry_s`."""
+        now = self.clock()
+        self.epoch += 1
+        self._epoch_started[self.epoch] = now
+        if self.idle_expiry_s <= 0:
+            return 0
+        # The newest epoch that started more than idle_expiry_s ago: series last touched
+        # before it have been idle at least that long.
+        horizon = None
+        for epoch, started in self._epoch_started.items():
+            if now - started >= self.idle_expiry_s:
+                horizon = epoch
+        if horizon is None:
+            return 0
+        for epoch in [e for e in self._epoch_started if e < horizon]:
+            del self._epoch_started[epoch]
+        dropped = 0
+        for t in self.tables.values():
+            stale = [k for k, s in t.series.items() if s.touched < horizon]
+            for k in stale:
+                del t.series[k]
+            dropped += len(stale)
+        self.count -= dropped
+        self.evicted += dropped
+        return dropped
+
+    def series_counts(self) -> dict[str, int]:
+        return {name: len(t.series) for name, t in self.tables.items()}
+
+    def render(self) -> str:
+        """The standard metrics in Prometheus text format 0.0.4."""
+        out: list[str] = []
+        les = [floatToGoString(b) for b in self.buckets]
+        for t in self.tables.values():
+            if t.plan.disabled or not t.series:
+                continue
+            m = t.metric
+            items = list(t.series.values())
+            if m.kind is Kind.COUNTER:
+                name = m.name + "_total"
+                out.append(f"# HELP {name} {m.help}\n# TYPE {name} counter\n")
+                out.extend(f"{name}{{{s.labels}}} {s.value}\n" for s in items)  # type: ignore[union-attr]
+                continue
+            name = m.name
+            out.append(f"# HELP {name} {m.help}\n# TYPE {name} histogram\n")
+            for s in items:
+                lbl = s.labels
+                cum = 0
+                counts = list(s.counts)  # type: ignore[union-attr]
+                for le, c in zip(les, counts, strict=False):
+                    cum += c
+                    out.append(f'{name}_bucket{{{lbl},le="{le}"}} {cum}\n')
+                cum += counts[-1]
+                out.append(
+                    f'{name}_bucket{{{lbl},le="+Inf"}} {cum}\n'
+                    f"{name}_sum{{{lbl}}} {floatToGoString(s.sum)}\n"  # type: ignore[union-attr]
+                    f"{name}_count{{{lbl}}} {cum}\n"
+                )
+        return "".join(out)
