@@ -42,6 +42,8 @@ from extproc.config.snapshot import Snapshot
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest
 from extproc.services.custom import CustomOutcome, ProviderPool
 from extproc.services.protoconv import struct_to_dict
+from extproc.telemetry import exchange as mx
+from extproc.telemetry.record import Direction
 
 log = logging.getLogger("extproc.authz")
 
@@ -122,8 +124,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         stats: AuthzStats | None = None,
         jwks: JwksRegistry | None = None,
         token_cache: TokenCache | None = None,
+        exchange: mx.PeerExchange | None = None,
+        direction: Direction = Direction.INBOUND,
     ) -> None:
         self._snapshot = snapshot
+        self.exchange = exchange
+        self.direction = direction
         self._adapter = adapter
         self._providers = providers
         self.stats = stats or AuthzStats()
@@ -136,13 +142,53 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
         try:
-            return await self._check(request)
+            if direction_of(context, self.direction) is Direction.OUTBOUND:
+                return self._outbound(request)
+            resp = await self._check(request)
+            if self.exchange is not None and request.attributes.request.HasField("http"):
+                self._inbound_exchange(request, resp)
+            return resp
         except Exception:  # a bug must deny, not crash the stream or the server
             self.stats.internal_errors += 1
             log.exception("internal error while checking a request; denying it")
             return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
         finally:
             self.stats.latency_sum_s += time.perf_counter() - started
+
+    def _outbound(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        """A client-side check: policies apply only inbound, so this allows and adds our metadata."""
+        is_http = request.attributes.request.HasField("http")
+        self.stats.count(self.stats.decisions, ("http" if is_http else "tcp", "allowed", "outbound"))
+        resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
+        if is_http and self.exchange is not None:
+            for name, value in self.exchange.own_headers():
+                resp.ok_response.headers.append(
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=name, value=value),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                )
+        return resp
+
+    def _inbound_exchange(self, request: external_auth_pb2.CheckRequest, resp: external_auth_pb2.CheckResponse) -> None:
+        """Read and remove the client's metadata; hand it to the access log; answer with ours."""
+        assert self.exchange is not None
+        got = mx.received(request.attributes.request.http.headers)
+        if got is None:
+            return
+        value, node_id = got
+        resp.dynamic_metadata.update({mx.METADATA_HEADER: value, mx.METADATA_ID_HEADER: node_id})
+        if resp.status.code != code_pb2.OK:
+            return
+        ok = resp.ok_response
+        ok.headers_to_remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
+        for name, own in self.exchange.own_headers():
+            ok.response_headers_to_add.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=name, value=own),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            )
 
     async def _check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         snap = self._snapshot()
@@ -306,6 +352,24 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         }
         resp.dynamic_metadata.update(md)
         return resp
+
+
+DIRECTION_HEADER = "x-extproc-direction"
+
+
+def direction_of(context: grpc.aio.ServicerContext, default: Direction) -> Direction:
+    """The direction named in the call's initial metadata (the Envoy filter's
+    `grpc_service.initial_metadata`), so one extproc can serve inbound and outbound listeners."""
+    for md in context.invocation_metadata() or ():
+        if md.key == DIRECTION_HEADER:
+            return (
+                Direction.INBOUND
+                if md.value == "inbound"
+                else Direction.OUTBOUND
+                if md.value == "outbound"
+                else default
+            )
+    return default
 
 
 def _jwt_ok(authn: AuthnResult) -> external_auth_pb2.OkHttpResponse | None:
