@@ -6,6 +6,7 @@ renders state that the engines and the reloader already keep.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,66 @@ from extproc.authz import engine
 from extproc.config.reload import SnapshotHolder
 from extproc.debug import attributes_from_description
 from extproc.services.authz import AuthzStats
+from extproc.telemetry.peer import PeerCache
+from extproc.telemetry.recorder import Telemetry
+
+
+class TelemetryCollector(Collector):
+    """extproc's view of its own telemetry pipeline: sources, series, bounds."""
+
+    def __init__(self, telemetry: Telemetry, sources: Callable[[], dict[str, int]]) -> None:
+        self.t = telemetry
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.t
+        rec = CounterMetricFamily(
+            "extproc_telemetry_requests", "HTTP requests recorded in the standard metrics, by source", labels=["source"]
+        )
+        for source, n in sorted(t.recorder.stats.http.items()):
+            rec.add_metric([source], n)
+        yield rec
+        yield CounterMetricFamily(
+            "extproc_telemetry_duplicates",
+            "Access log entries not counted because ext_proc already recorded the request",
+            value=t.recorder.stats.http_duplicates,
+        )
+        yield CounterMetricFamily(
+            "extproc_telemetry_tcp_reports", "TCP access log reports recorded", value=t.recorder.stats.tcp_reports
+        )
+        yield GaugeMetricFamily(
+            "extproc_telemetry_tcp_connections",
+            "TCP connections whose byte totals are being tracked",
+            value=len(t.tcp.connections),
+        )
+        series = GaugeMetricFamily(
+            "extproc_telemetry_series", "Series held per standard metric (cardinality)", labels=["metric"]
+        )
+        for name, n in sorted(t.store.series_counts().items()):
+            series.add_metric([name], n)
+        yield series
+        yield GaugeMetricFamily(
+            "extproc_telemetry_series_limit", "Most series kept before overflow", value=t.store.max_series
+        )
+        over = CounterMetricFamily(
+            "extproc_telemetry_overflow_records",
+            "Records added to a metric's overflow series because the series limit was reached",
+            labels=["metric"],
+        )
+        for name, n in sorted(t.store.overflow_counts().items()):
+            over.add_metric([name], n)
+        yield over
+        yield CounterMetricFamily(
+            "extproc_telemetry_evicted_series", "Series dropped after being idle", value=t.store.evicted
+        )
+        src = CounterMetricFamily(
+            "extproc_telemetry_source_events",
+            "Access log entries and ext_proc streams received, by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self.sources().items()):
+            src.add_metric([kind], n)
+        yield src
 
 
 class ExtprocCollector(Collector):
@@ -36,7 +97,9 @@ class ExtprocCollector(Collector):
         cert_cache_stats: Callable[[], tuple[int, int]],
         jwks: JwksRegistry | None = None,
         token_cache: TokenCache | None = None,
+        peer_cache: PeerCache | None = None,
     ) -> None:
+        self.peer_cache = peer_cache
         self.stats = stats
         self.holder = holder
         self.cert_cache_stats = cert_cache_stats
@@ -97,6 +160,9 @@ class ExtprocCollector(Collector):
         if self.token_cache is not None:
             cache.add_metric(["jwt_signature", "hit"], self.token_cache.hits)
             cache.add_metric(["jwt_signature", "miss"], self.token_cache.misses)
+        if self.peer_cache is not None:
+            cache.add_metric(["peer_metadata", "hit"], self.peer_cache.hits)
+            cache.add_metric(["peer_metadata", "miss"], self.peer_cache.misses)
         yield cache
         if self.token_cache is not None:
             yield GaugeMetricFamily(
@@ -147,6 +213,14 @@ class ExtprocCollector(Collector):
         yield info
 
 
+def istio_build() -> bytes:
+    """Istio's `istio_build` gauge, so dashboards that show the data-plane version find one."""
+    return (
+        "# HELP istio_build Istio component build info\n# TYPE istio_build gauge\n"
+        f'istio_build{{component="proxy",tag="extproc-{__version__}"}} 1\n'
+    ).encode()
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         text=json.dumps(data, indent=2, default=str) + "\n", status=status, content_type="application/json"
@@ -160,13 +234,18 @@ class AdminApp:
         stats: AuthzStats,
         collector: ExtprocCollector,
         jwks: JwksRegistry | None = None,
+        telemetry: Telemetry | None = None,
+        extra_collectors: tuple[Collector, ...] = (),
     ) -> None:
         self.holder = holder
         self.stats = stats
         self.jwks = jwks
+        self.telemetry = telemetry
         self.draining = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        for c in extra_collectors:
+            self.registry.register(c)
         self.app = web.Application()
         self.app.add_routes(
             [
@@ -219,10 +298,17 @@ class AdminApp:
         # so readiness only ends when draining; a failed reload is reported, not fatal.
         return _json(self._status(), 503 if self.draining else 200)
 
+    def render_metrics(self) -> bytes:
+        own = generate_latest(self.registry)
+        if self.telemetry is None:
+            return own
+        return self.telemetry.store.render().encode() + istio_build() + own
+
     async def metrics(self, _: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-        )
+        # Rendering runs in a worker thread so a large scrape never stalls the gRPC loop for
+        # its whole duration; the recording side never waits for it.
+        body = await asyncio.to_thread(self.render_metrics)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def debug_config(self, _: web.Request) -> web.Response:
         snap = self.holder.current

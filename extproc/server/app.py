@@ -20,7 +20,9 @@ import time
 
 import grpc
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.authn.cache import TokenCache
@@ -28,15 +30,24 @@ from extproc.authn.jwks_source import JwksRegistry
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
-from extproc.server.admin import AdminApp, ExtprocCollector
+from extproc.server.admin import AdminApp, ExtprocCollector, TelemetryCollector
 from extproc.server.settings import ServeSettings
+from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService, AuthzStats
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
+from extproc.services.processor import ExternalProcessorService
+from extproc.telemetry.exchange import PeerExchange
+from extproc.telemetry.peer import Workload
+from extproc.telemetry.record import Direction, ServiceInfo
+from extproc.telemetry.recorder import Telemetry
 
 log = logging.getLogger("extproc")
 
 AUTHZ_SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+ALS_SERVICE_NAME = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
+EXT_PROC_SERVICE_NAME = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+TELEMETRY_TICK_S = 10.0
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024  # Envoy may send up to ~8 MiB of headers (max_request_headers_kb=8192)
 
 
@@ -77,6 +88,37 @@ def workload_of(settings: ServeSettings) -> WorkloadIdentity:
     )
 
 
+def local_workload(settings: ServeSettings) -> Workload:
+    identity = (
+        f"spiffe://{settings.trust_domain}/ns/{settings.namespace}/sa/{settings.service_account}"
+        if settings.service_account
+        else ""
+    )
+    return Workload.from_labels(
+        settings.labels,
+        workload_name=settings.workload,
+        namespace=settings.namespace,
+        cluster=settings.cluster,
+        identity=identity,
+    )
+
+
+def telemetry_of(settings: ServeSettings) -> tuple[Telemetry, PeerExchange]:
+    local = local_workload(settings)
+    service = ServiceInfo(settings.service_host, namespace=settings.namespace) if settings.service_host else None
+    telemetry = Telemetry.create(
+        local, service, max_series=settings.metrics_max_series, idle_expiry_s=settings.metrics_idle_expiry_s
+    )
+    node_id = settings.node_id or f"sidecar~{settings.workload or 'unknown'}.{settings.namespace}"
+    return telemetry, PeerExchange(local, node_id)
+
+
+async def _telemetry_upkeep(telemetry: Telemetry) -> None:
+    while True:
+        await asyncio.sleep(TELEMETRY_TICK_S)
+        telemetry.tick()
+
+
 def options_of(settings: ServeSettings) -> Options:
     return Options(
         jwt_payload_key=settings.jwt_payload_key,
@@ -103,7 +145,13 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     jwks.sync(holder.current.authn.remote_sources)
     holder.on_swap.append(lambda snap: jwks.sync(snap.authn.remote_sources))
     token_cache = TokenCache(settings.jwt_cache_size)
-    authz = AuthorizationService(holder.get, adapter, providers, stats, jwks, token_cache)
+    direction = Direction(settings.direction)
+    telemetry, exchange = telemetry_of(settings)
+    authz = AuthorizationService(
+        holder.get, adapter, providers, stats, jwks, token_cache, exchange=exchange, direction=direction
+    )
+    als = AccessLogService(telemetry.recorder, telemetry.tcp, telemetry.peers, direction)
+    processor = ExternalProcessorService(telemetry.recorder, telemetry.peers, exchange, direction)
 
     server = grpc.aio.server(
         options=[
@@ -115,6 +163,8 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         ]
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(als, server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -132,8 +182,25 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses),
         jwks=jwks,
         token_cache=token_cache,
+        peer_cache=telemetry.peers,
     )
-    admin = AdminApp(holder, stats, collector, jwks=jwks)
+    sources = lambda: {  # noqa: E731
+        "access_log_streams": als.streams,
+        "access_log_http_entries": als.entries["http"],
+        "access_log_tcp_entries": als.entries["tcp"],
+        "access_log_bad_entries": als.bad_entries,
+        "ext_proc_streams": processor.streams,
+        "ext_proc_streams_ended_by_server": processor.ended_early,
+        "ext_proc_bad_streams": processor.bad_streams,
+    }
+    admin = AdminApp(
+        holder,
+        stats,
+        collector,
+        jwks=jwks,
+        telemetry=telemetry,
+        extra_collectors=(TelemetryCollector(telemetry, sources),),
+    )
     runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = settings.admin.host_port()
@@ -146,12 +213,15 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         return 1
 
     await server.start()
-    for name in ("", AUTHZ_SERVICE_NAME):
+    for name in ("", AUTHZ_SERVICE_NAME, ALS_SERVICE_NAME, EXT_PROC_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.create_task(holder.watch(stop), name="config-watcher")
+    upkeep = asyncio.create_task(_telemetry_upkeep(telemetry), name="telemetry-upkeep")
     log.info(
-        "serving ext_authz on %s, admin on %s; workload %s/%s labels=%s; snapshot %d with %d policies, %d JWT rules",
+        "serving ext_authz, ext_proc and access logs on %s (%s), admin on %s; workload %s/%s labels=%s; "
+        "snapshot %d with %d policies, %d JWT rules",
         settings.listen.text,
+        settings.direction,
         settings.admin.text,
         settings.namespace,
         settings.workload or "-",
@@ -166,9 +236,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     admin.draining = True
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=settings.drain_timeout_s)
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await watcher
+    for task in (watcher, upkeep):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
     await providers.close()
     await jwks.close()
     await runner.cleanup()

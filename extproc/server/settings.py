@@ -79,6 +79,13 @@ class ServeSettings:
     jwks_refresh_interval_s: float = 1200.0
     jwks_kid_refresh_interval_s: float = 30.0
     jwt_cache_size: int = 10_000
+    direction: str = "inbound"
+    cluster: str = "Kubernetes"
+    service_account: str = ""
+    service_host: str = ""
+    node_id: str = ""
+    metrics_max_series: int = 50_000
+    metrics_idle_expiry_s: float = 3600.0
     drain_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
@@ -111,6 +118,34 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "least time between refetches triggered by tokens with an unknown kid, per key source",
     ),
     ("--jwt-cache-size", "EXTPROC_JWT_CACHE_SIZE", "verified tokens kept in memory (0 disables the cache)"),
+    (
+        "--direction",
+        "EXTPROC_DIRECTION",
+        "inbound (server sidecar, reporter=destination) or outbound (client sidecar, reporter=source); "
+        "an Envoy filter can override it with the gRPC initial metadata x-extproc-direction",
+    ),
+    ("--cluster", "EXTPROC_CLUSTER", "cluster id of this workload (Istio's CLUSTER_ID) for *_cluster labels"),
+    (
+        "--service-account",
+        "EXTPROC_SERVICE_ACCOUNT",
+        "service account; makes IDENTITY spiffe://<trust-domain>/ns/<ns>/sa/<sa> in the peer metadata we send",
+    ),
+    (
+        "--service-host",
+        "EXTPROC_SERVICE_HOST",
+        "FQDN of the service this workload serves (inbound destination_service; default: the Host header)",
+    ),
+    ("--node-id", "EXTPROC_NODE_ID", "x-envoy-peer-metadata-id we send (default sidecar~<workload>.<namespace>)"),
+    (
+        "--metrics-max-series",
+        "EXTPROC_METRICS_MAX_SERIES",
+        "most standard-metric series kept; beyond it, new label sets go to each metric's overflow series",
+    ),
+    (
+        "--metrics-idle-expiry",
+        "EXTPROC_METRICS_IDLE_EXPIRY",
+        "drop standard-metric series not updated for this long (0 keeps them forever)",
+    ),
     ("--drain-timeout", "EXTPROC_DRAIN_TIMEOUT", "seconds to finish in-flight calls after SIGTERM"),
     ("--log-level", "EXTPROC_LOG_LEVEL", "debug, info, warning or error"),
     ("--log-format", "EXTPROC_LOG_FORMAT", "text or json"),
@@ -153,6 +188,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=helps["--jwks-kid-refresh-interval"] + " (default 30s)",
     )
     p.add_argument("--jwt-cache-size", type=int, metavar="N", help=helps["--jwt-cache-size"] + " (default 10000)")
+    p.add_argument("--direction", metavar="DIR", help=helps["--direction"] + " (default inbound)")
+    p.add_argument("--cluster", metavar="ID", help=helps["--cluster"] + " (default Kubernetes)")
+    p.add_argument("--service-account", metavar="SA", help=helps["--service-account"])
+    p.add_argument("--service-host", metavar="FQDN", help=helps["--service-host"])
+    p.add_argument("--node-id", metavar="ID", help=helps["--node-id"])
+    p.add_argument(
+        "--metrics-max-series", type=int, metavar="N", help=helps["--metrics-max-series"] + " (default 50000)"
+    )
+    p.add_argument("--metrics-idle-expiry", metavar="DURATION", help=helps["--metrics-idle-expiry"] + " (default 1h)")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help=helps["--drain-timeout"] + " (default 10)")
     p.add_argument("--log-level", metavar="LEVEL", help=helps["--log-level"] + " (default info)")
     p.add_argument("--log-format", metavar="FORMAT", help=helps["--log-format"] + " (default text)")
@@ -211,6 +255,9 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
     log_format = (pick("log_format", "EXTPROC_LOG_FORMAT", "text") or "text").lower()
     if log_format not in ("text", "json"):
         raise SettingsError(f"--log-format: expected text or json, got {log_format!r}")
+    direction = (pick("direction", "EXTPROC_DIRECTION", "inbound") or "inbound").lower()
+    if direction not in ("inbound", "outbound"):
+        raise SettingsError(f"--direction: expected inbound or outbound, got {direction!r}")
     drain = pick("drain_timeout", "EXTPROC_DRAIN_TIMEOUT", "10") or "10"
     try:
         drain_s = float(drain)
@@ -247,6 +294,19 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
         multiple_custom_providers=_bool(
             pick("multiple_custom_providers", "EXTPROC_MULTIPLE_CUSTOM_PROVIDERS", "false") or "false",
             "--multiple-custom-providers",
+        ),
+        direction=direction,
+        cluster=pick("cluster", "EXTPROC_CLUSTER", "Kubernetes") or "",
+        service_account=pick("service_account", "EXTPROC_SERVICE_ACCOUNT", "") or "",
+        service_host=pick("service_host", "EXTPROC_SERVICE_HOST", "") or "",
+        node_id=pick("node_id", "EXTPROC_NODE_ID", "") or "",
+        metrics_max_series=_int(
+            pick("metrics_max_series", "EXTPROC_METRICS_MAX_SERIES", "50000") or "50000", "--metrics-max-series", 1
+        ),
+        metrics_idle_expiry_s=_duration(
+            pick("metrics_idle_expiry", "EXTPROC_METRICS_IDLE_EXPIRY", "1h") or "1h",
+            "--metrics-idle-expiry",
+            allow_zero=True,
         ),
         drain_timeout_s=drain_s,
         log_level=log_level,

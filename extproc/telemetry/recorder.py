@@ -14,10 +14,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from extproc.telemetry import labels as L
-from extproc.telemetry.record import HttpRecord, Labeler, Peer, TcpRecord
-from extproc.telemetry.store import MetricStore
+from extproc.telemetry.peer import PeerCache, Workload
+from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer, ServiceInfo, TcpRecord
+from extproc.telemetry.store import MetricPlan, MetricStore, Table
 
 MAX_CLAIMS = 100_000
+
+
+def _enabled(tables: dict[str, Table], name: str) -> Table | None:
+    t = tables.get(name)
+    return None if t is None or t.plan.disabled else t
 
 
 @dataclass
@@ -54,33 +60,32 @@ class Recorder:
                 return
         self.stats.http[source] = self.stats.http.get(source, 0) + 1
         base = self.labeler.http(r)
-        store = self.store
-        t = store.table(L.REQUESTS.name)
-        if t is not None:
+        tables = self.store.tables_for(r.peer.direction is Direction.OUTBOUND)
+        if (t := _enabled(tables, L.REQUESTS.name)) is not None:
             t.add(base, r, 1)
-        if r.duration_ms is not None and (t := store.table(L.REQUEST_DURATION.name)) is not None:
+        if r.duration_ms is not None and (t := _enabled(tables, L.REQUEST_DURATION.name)) is not None:
             t.observe(base, r, r.duration_ms)
-        if r.request_bytes is not None and (t := store.table(L.REQUEST_BYTES.name)) is not None:
+        if r.request_bytes is not None and (t := _enabled(tables, L.REQUEST_BYTES.name)) is not None:
             t.observe(base, r, r.request_bytes)
-        if r.response_bytes is not None and (t := store.table(L.RESPONSE_BYTES.name)) is not None:
+        if r.response_bytes is not None and (t := _enabled(tables, L.RESPONSE_BYTES.name)) is not None:
             t.observe(base, r, r.response_bytes)
         if r.grpc:
-            if r.request_messages and (t := store.table(L.REQUEST_MESSAGES.name)) is not None:
+            if r.request_messages and (t := _enabled(tables, L.REQUEST_MESSAGES.name)) is not None:
                 t.add(base, r, r.request_messages)
-            if r.response_messages and (t := store.table(L.RESPONSE_MESSAGES.name)) is not None:
+            if r.response_messages and (t := _enabled(tables, L.RESPONSE_MESSAGES.name)) is not None:
                 t.add(base, r, r.response_messages)
 
     def tcp(self, r: TcpRecord) -> None:
         self.stats.tcp_reports += 1
         base = self.labeler.tcp(r)
-        store = self.store
-        if r.opened and (t := store.table(L.TCP_OPENED.name)) is not None:
+        tables = self.store.tables_for(r.peer.direction is Direction.OUTBOUND)
+        if r.opened and (t := _enabled(tables, L.TCP_OPENED.name)) is not None:
             t.add(base, r, 1)
-        if r.sent_bytes and (t := store.table(L.TCP_SENT.name)) is not None:
+        if r.sent_bytes and (t := _enabled(tables, L.TCP_SENT.name)) is not None:
             t.add(base, r, r.sent_bytes)
-        if r.received_bytes and (t := store.table(L.TCP_RECEIVED.name)) is not None:
+        if r.received_bytes and (t := _enabled(tables, L.TCP_RECEIVED.name)) is not None:
             t.add(base, r, r.received_bytes)
-        if r.closed and (t := store.table(L.TCP_CLOSED.name)) is not None:
+        if r.closed and (t := _enabled(tables, L.TCP_CLOSED.name)) is not None:
             t.add(base, r, 1)
 
 
@@ -146,3 +151,35 @@ class TcpTracker:
             del self.connections[k]
         self.recorder.stats.tcp_connections_tracked = len(self.connections)
         return len(stale)
+
+
+@dataclass
+class Telemetry:
+    """Everything one workload's metrics need, built once at start-up."""
+
+    local: Workload
+    labeler: Labeler
+    store: MetricStore
+    recorder: Recorder
+    tcp: TcpTracker
+    peers: PeerCache
+
+    @staticmethod
+    def create(
+        local: Workload,
+        service: ServiceInfo | None = None,
+        *,
+        max_series: int = 50_000,
+        idle_expiry_s: float = 3600.0,
+    ) -> Telemetry:
+        labeler = Labeler(local, service)
+        store = MetricStore(
+            [MetricPlan.standard(m) for m in L.METRICS], max_series=max_series, idle_expiry_s=idle_expiry_s
+        )
+        recorder = Recorder(labeler, store)
+        return Telemetry(local, labeler, store, recorder, TcpTracker(recorder), PeerCache())
+
+    def tick(self) -> None:
+        """Periodic upkeep: idle series and forgotten TCP connections."""
+        self.store.tick()
+        self.tcp.sweep()

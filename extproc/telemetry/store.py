@@ -138,9 +138,14 @@ class Table:
 
 
 class MetricStore:
+    """Tables per (direction, metric). Directions may have different plans: the Telemetry
+    API can override a metric for CLIENT (reporter=source) or SERVER (reporter=destination)
+    only. Both render under one metric family."""
+
     def __init__(
         self,
         plans: Iterable[MetricPlan],
+        outbound_plans: Iterable[MetricPlan] | None = None,
         *,
         max_series: int = 50_000,
         idle_expiry_s: float = 3600.0,
@@ -156,25 +161,29 @@ class MetricStore:
         # `epoch` is a coarse clock: records stamp series with it, `tick()` advances it.
         self.epoch = 0
         self._epoch_started: dict[int, float] = {0: clock()}
-        self.tables: dict[str, Table] = {}
-        self.set_plans(plans)
+        self.inbound: dict[str, Table] = {}
+        self.outbound: dict[str, Table] = {}
+        plans = list(plans)
+        self.set_plans(plans, plans if outbound_plans is None else outbound_plans)
 
-    def set_plans(self, plans: Iterable[MetricPlan]) -> None:
+    def set_plans(self, inbound: Iterable[MetricPlan], outbound: Iterable[MetricPlan]) -> None:
         """Install new label plans (a Telemetry change). Tables whose plan changed restart empty."""
-        old = self.tables
+        self.inbound = self._tables(inbound, self.inbound)
+        self.outbound = self._tables(outbound, self.outbound)
+        self.count = sum(len(t.series) for t in self.all_tables())
+
+    def _tables(self, plans: Iterable[MetricPlan], old: dict[str, Table]) -> dict[str, Table]:
         tables: dict[str, Table] = {}
         for plan in plans:
             prev = old.get(plan.metric.name)
-            if prev is not None and prev.plan == plan:
-                tables[plan.metric.name] = prev
-            else:
-                tables[plan.metric.name] = Table(plan, self)
-        self.tables = tables
-        self.count = sum(len(t.series) for t in tables.values())
+            tables[plan.metric.name] = prev if prev is not None and prev.plan == plan else Table(plan, self)
+        return tables
 
-    def table(self, name: str) -> Table | None:
-        t = self.tables.get(name)
-        return None if t is None or t.plan.disabled else t
+    def all_tables(self) -> list[Table]:
+        return [*self.inbound.values(), *self.outbound.values()]
+
+    def tables_for(self, outbound: bool) -> dict[str, Table]:
+        return self.outbound if outbound else self.inbound
 
     def tick(self) -> int:
         """Advance the coarse clock and drop series idle longer than `idle_expiry_s`."""
@@ -194,7 +203,7 @@ class MetricStore:
         for epoch in [e for e in self._epoch_started if e < horizon]:
             del self._epoch_started[epoch]
         dropped = 0
-        for t in self.tables.values():
+        for t in self.all_tables():
             stale = [k for k, s in t.series.items() if s.touched < horizon]
             for k in stale:
                 del t.series[k]
@@ -204,17 +213,34 @@ class MetricStore:
         return dropped
 
     def series_counts(self) -> dict[str, int]:
-        return {name: len(t.series) for name, t in self.tables.items()}
+        counts: dict[str, int] = {}
+        for t in self.all_tables():
+            counts[t.metric.name] = counts.get(t.metric.name, 0) + len(t.series)
+        return counts
+
+    def overflow_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.all_tables():
+            counts[t.metric.name] = counts.get(t.metric.name, 0) + t.overflow_records
+        return counts
 
     def render(self) -> str:
-        """The standard metrics in Prometheus text format 0.0.4."""
+        """The standard metrics in Prometheus text format 0.0.4.
+
+        Safe to call from another thread than the one recording: it copies each table's
+        series list in one C-level step and reads cells that are only ever added to.
+        """
         out: list[str] = []
         les = [floatToGoString(b) for b in self.buckets]
-        for t in self.tables.values():
-            if t.plan.disabled or not t.series:
+        by_name: dict[str, list[Table]] = {}
+        for t in self.all_tables():
+            if not t.plan.disabled:
+                by_name.setdefault(t.metric.name, []).append(t)
+        for tables in by_name.values():
+            m = tables[0].metric
+            items = [s for t in tables for s in list(t.series.values())]
+            if not items:
                 continue
-            m = t.metric
-            items = list(t.series.values())
             if m.kind is Kind.COUNTER:
                 name = m.name + "_total"
                 out.append(f"# HELP {name} {m.help}\n# TYPE {name} counter\n")

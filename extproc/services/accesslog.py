@@ -1,0 +1,220 @@
+"""envoy.service.accesslog.v3.AccessLogService: Istio's metrics from Envoy's access logs.
+
+Envoy streams batches of entries on one long-lived stream per worker; nothing is sent
+back. HTTP entries are final (duration, wire bytes, response code and flags, gRPC
+status from trailers). TCP entries come periodically (`access_log_flush_interval`) and
+at connection end, with byte counts cumulative per connection: `TcpTracker` diffs them
+by stream id.
+
+Where the peer's identity comes from:
+* inbound: the `x-envoy-peer-metadata` pair extproc's Check read from the request and put
+  in the ext_authz dynamic metadata (or the request header itself, if the Envoy config logs
+  it and nothing removed it);
+* outbound: the server's pair from the response, which the Envoy config moves into
+  dynamic metadata with header_to_metadata (namespace `extproc.peer`) before the
+  application sees the response, or the logged response header;
+* principals: the URI SANs of the downstream TLS session.
+
+The Envoy config names the direction in the gRPC initial metadata `x-extproc-direction`
+(or the log name `inbound`/`outbound`); otherwise the server's `--direction` applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import struct_pb2
+
+from extproc.services.authz import LogOnce, direction_of
+from extproc.telemetry.labels import RESPONSE_FLAG_CODES
+from extproc.telemetry.peer import METADATA_HEADER, METADATA_ID_HEADER, PeerCache
+from extproc.telemetry.record import Direction, HttpRecord, Peer
+from extproc.telemetry.recorder import Recorder, TcpTracker
+
+log = logging.getLogger("extproc.accesslog")
+
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+PEER_NAMESPACE = "extproc.peer"  # where header_to_metadata puts the server's response pair
+GRPC_STATS_STATE = "envoy.filters.http.grpc_stats"
+_FLAG_FIELDS = tuple(
+    (accesslog_pb2.ResponseFlags.DESCRIPTOR.fields_by_name[f], code) for f, code in RESPONSE_FLAG_CODES
+)
+_METHODS = {
+    v.number: v.name
+    for v in accesslog_pb2.HTTPRequestProperties.DESCRIPTOR.fields_by_name["request_method"].enum_type.values
+    if v.number
+}
+_TCP_END = accesslog_pb2.TcpConnectionEnd
+_TCP_LOG_TYPES = frozenset(
+    {accesslog_pb2.TcpUpstreamConnected, accesslog_pb2.TcpPeriodic, accesslog_pb2.TcpConnectionEnd}
+)
+_HTTP_FINAL = frozenset({accesslog_pb2.NotSet, accesslog_pb2.DownstreamEnd})
+
+# Envoy's Grpc::Utility::httpToGrpcStatus, for gRPC requests answered without grpc-status.
+_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def response_flags(flags: accesslog_pb2.ResponseFlags) -> str:
+    """Envoy's short form (`UF,URX`), or `-` when no flag is set."""
+    codes = [code for fd, code in _FLAG_FIELDS if _is_set(flags, fd)]
+    return ",".join(codes) if codes else "-"
+
+
+def _is_set(flags: accesslog_pb2.ResponseFlags, fd) -> bool:  # type: ignore[no-untyped-def]
+    if fd.message_type is not None:
+        return flags.HasField(fd.name)
+    return bool(getattr(flags, fd.name))
+
+
+def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
+    for san in cert.subject_alt_name:
+        if san.uri:
+            return san.uri
+    return ""
+
+
+def _string(md: struct_pb2.Struct, key: str) -> str:
+    v = md.fields.get(key)
+    return v.string_value if v is not None else ""
+
+
+def grpc_status(grpc: bool, code: int, trailers: dict[str, str], headers: dict[str, str]) -> str:
+    """Envoy's Grpc::Common::getGrpcStatus: trailers, then headers, then from the HTTP code."""
+    if not grpc:
+        return ""
+    raw = trailers.get("grpc-status") or headers.get("grpc-status")
+    if raw is not None and raw.isdigit():
+        return raw
+    if code == 0:
+        return ""
+    return str(_HTTP_TO_GRPC.get(code, 2))  # 2 = UNKNOWN, also for a 200 without grpc-status
+
+
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(
+        self,
+        recorder: Recorder,
+        tcp: TcpTracker,
+        peers: PeerCache,
+        direction: Direction = Direction.INBOUND,
+    ) -> None:
+        self.recorder = recorder
+        self.tcp = tcp
+        self.peers = peers
+        self.direction = direction
+        self.streams = 0
+        self.entries = {"http": 0, "tcp": 0}
+        self.bad_entries = 0
+        self._log_bad = LogOnce(log)
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        self.streams += 1
+        direction = direction_of(context, self.direction)
+        async for msg in request_iterator:
+            if msg.HasField("identifier"):
+                name = msg.identifier.log_name
+                if name in ("inbound", "outbound"):
+                    direction = Direction(name)
+            kind = msg.WhichOneof("log_entries")
+            if kind == "http_logs":
+                for e in msg.http_logs.log_entry:
+                    self._guard(self.http_entry, e, direction)
+            elif kind == "tcp_logs":
+                for t in msg.tcp_logs.log_entry:
+                    self._guard(self.tcp_entry, t, direction)
+        return als_pb2.StreamAccessLogsResponse()
+
+    def _guard(self, fn, entry, direction: Direction) -> None:  # type: ignore[no-untyped-def]
+        """One bad entry must not end the stream (Envoy would drop the rest of the batch)."""
+        try:
+            fn(entry, direction)
+        except Exception as e:  # counted, and logged once per kind
+            self.bad_entries += 1
+            self._log_bad("bad-access-log-entry", f"skipped an access log entry: {type(e).__name__}: {e}")
+
+    def _peer(self, c: accesslog_pb2.AccessLogCommon, direction: Direction, host: str, logged: dict[str, str]) -> Peer:
+        fm = c.metadata.filter_metadata
+        value = node_id = ""
+        for ns in (AUTHZ_NAMESPACE, PEER_NAMESPACE) if direction is Direction.INBOUND else (PEER_NAMESPACE,):
+            if ns in fm:
+                value = _string(fm[ns], METADATA_HEADER)
+                if value:
+                    node_id = _string(fm[ns], METADATA_ID_HEADER)
+                    break
+        if not value:
+            value = logged.get(METADATA_HEADER, "")
+        tls = c.tls_properties
+        peer_san = local_san = ""
+        if direction is Direction.INBOUND and c.HasField("tls_properties"):
+            peer_san = _uri_san(tls.peer_certificate_properties)
+            local_san = _uri_san(tls.local_certificate_properties)
+        del node_id  # decoded peers are cached by value, which is what identifies them
+        return Peer(
+            direction=direction,
+            workload=self.peers.get(value) if value else None,
+            peer_key=value,
+            peer_principal=peer_san,
+            local_principal=local_san,
+            host=host,
+            upstream_cluster=c.upstream_cluster,
+            route_name=c.route_name,
+        )
+
+    def http_entry(self, e: accesslog_pb2.HTTPAccessLogEntry, direction: Direction) -> None:
+        c = e.common_properties
+        if c.access_log_type not in _HTTP_FINAL or c.intermediate_log_entry:
+            return  # periodic entries of long streams; the final entry carries the totals
+        self.entries["http"] += 1
+        req, resp = e.request, e.response
+        req_headers = dict(req.request_headers)
+        resp_headers = dict(resp.response_headers)
+        logged = resp_headers if direction is Direction.OUTBOUND else req_headers
+        code = resp.response_code.value if resp.HasField("response_code") else 0
+        is_grpc = req_headers.get("content-type", "").startswith("application/grpc") or (
+            GRPC_STATS_STATE in c.filter_state_objects
+        )
+        rec = HttpRecord(
+            peer=self._peer(c, direction, req.authority, logged),
+            grpc=is_grpc,
+            response_code=code,
+            grpc_status=grpc_status(is_grpc, code, dict(resp.response_trailers), resp_headers),
+            response_flags=response_flags(c.response_flags) if c.HasField("response_flags") else "-",
+            duration_ms=c.duration.ToNanoseconds() / 1e6 if c.HasField("duration") else None,
+            request_bytes=c.downstream_wire_bytes_received,
+            response_bytes=c.downstream_wire_bytes_sent,
+            method=_METHODS.get(req.request_method, ""),
+            path=req.path,
+            scheme=req.scheme,
+            user_agent=req.user_agent,
+            request_id=req.request_id,
+            request_headers=req_headers,
+        )
+        if is_grpc and GRPC_STATS_STATE in c.filter_state_objects:
+            counts = grpc_stats_pb2.FilterObject()
+            if c.filter_state_objects[GRPC_STATS_STATE].Unpack(counts):
+                rec.request_messages = counts.request_message_count
+                rec.response_messages = counts.response_message_count
+        self.recorder.http(rec, "access_log")
+
+    def tcp_entry(self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction) -> None:
+        c = e.common_properties
+        t = c.access_log_type
+        if t != accesslog_pb2.NotSet and t not in _TCP_LOG_TYPES:
+            return
+        self.entries["tcp"] += 1
+        end = t == _TCP_END or (t == accesslog_pb2.NotSet and not c.intermediate_log_entry)
+        self.tcp.report(
+            c.stream_id,
+            self._peer(c, direction, "", {}),
+            e.connection_properties.sent_bytes,
+            e.connection_properties.received_bytes,
+            end,
+            response_flags(c.response_flags) if c.HasField("response_flags") else "-",
+        )
