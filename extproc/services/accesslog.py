@@ -50,9 +50,7 @@ _METHODS = {
     if v.number
 }
 _TCP_END = accesslog_pb2.TcpConnectionEnd
-_TCP_LOG_TYPES = frozenset(
-    {accesslog_pb2.TcpUpstreamConnected, accesslog_pb2.TcpPeriodic, accesslog_pb2.TcpConnectionEnd}
-)
+_TCP_LOG_TYPES = frozenset({accesslog_pb2.TcpPeriodic, accesslog_pb2.TcpConnectionEnd})
 _HTTP_FINAL = frozenset({accesslog_pb2.NotSet, accesslog_pb2.DownstreamEnd})
 
 # Envoy's Grpc::Utility::httpToGrpcStatus, for gRPC requests answered without grpc-status.
@@ -206,6 +204,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     def tcp_entry(self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction) -> None:
         c = e.common_properties
         t = c.access_log_type
+        if t == accesslog_pb2.TcpUpstreamConnected:
+            # tcp_proxy connects upstream as the connection is accepted, before the TLS
+            # handshake: this entry has no peer identity yet, and no bytes worth counting.
+            return
         if t != accesslog_pb2.NotSet and t not in _TCP_LOG_TYPES:
             return
         self.entries["tcp"] += 1

@@ -178,12 +178,18 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             return
         value, node_id = got
         resp.dynamic_metadata.update({mx.METADATA_HEADER: value, mx.METADATA_ID_HEADER: node_id})
-        if resp.status.code != code_pb2.OK:
+        # Our pair goes on every response the peer gets, a denial included, as istio/proxy's
+        # peer_metadata filter does: the client then labels its 403s with our workload.
+        if resp.status.code == code_pb2.OK:
+            ok = resp.ok_response
+            ok.headers_to_remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
+            target = ok.response_headers_to_add
+        elif resp.HasField("denied_response"):
+            target = resp.denied_response.headers
+        else:
             return
-        ok = resp.ok_response
-        ok.headers_to_remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
         for name, own in self.exchange.own_headers():
-            ok.response_headers_to_add.append(
+            target.append(
                 base_pb2.HeaderValueOption(
                     header=base_pb2.HeaderValue(key=name, value=own),
                     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,

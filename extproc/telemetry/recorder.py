@@ -92,6 +92,7 @@ class Recorder:
 @dataclass(slots=True)
 class _Connection:
     peer: Peer
+    response_flags: str  # fixed at the first report, as Istio fixes a connection's labels once
     sent: int = 0
     received: int = 0
     last_seen: int = 0  # tracker generation
@@ -102,7 +103,8 @@ class TcpTracker:
 
     Envoy's TCP access log entries carry bytes since the connection began (periodic
     entries and the final one alike), so each connection's last totals are kept by
-    stream id until its end entry. Connections whose end entry never arrives (a dropped
+    stream id until its end entry. A connection keeps the labels of its first report, so its
+    opened, bytes and closed counts always land in one series. Connections whose end entry never arrives (a dropped
     log batch) are forgotten after `max_idle_generations` calls of `sweep()`.
     """
 
@@ -124,7 +126,7 @@ class TcpTracker:
         conn = self.connections.get(stream_id) if stream_id else None
         opened = conn is None
         if conn is None:
-            conn = _Connection(peer)
+            conn = _Connection(peer, response_flags)
             if stream_id and not end:
                 self.connections[stream_id] = conn
         elif end:
@@ -136,7 +138,7 @@ class TcpTracker:
             received_bytes=max(0, received_total - conn.received),
             opened=opened,
             closed=end,
-            response_flags=response_flags,
+            response_flags=conn.response_flags,
         )
         conn.sent = max(conn.sent, sent_total)
         conn.received = max(conn.received, received_total)
