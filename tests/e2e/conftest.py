@@ -8,11 +8,14 @@ from __future__ import annotations
 import shutil
 import textwrap
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.procs import free_port, wait_until
@@ -117,3 +120,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any], upstrea
         if envoy is not None:
             envoy.stop()
         extproc.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_app() -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    svc = health.HealthServicer()
+    svc.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(svc, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)

@@ -10,19 +10,18 @@ between the sidecars, gRPC (unary, OK and an error status) and TCP.
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures import envoy_config as ec
 from tests.fixtures import mesh
+from tests.fixtures.exposition import samples, total
 from tests.fixtures.procs import free_port, wait_until
 from tests.fixtures.prometheus import PrometheusServer, promtool_check_metrics
 from tests.fixtures.stack import ExtprocProcess, HttpClient, tcp_roundtrip
@@ -47,35 +46,6 @@ class Mesh:
     prometheus: PrometheusServer
     echoed: list[dict[str, Any]]
     responses: list[dict[str, str]]
-
-
-def _sample(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of `name` whose labels include `labels`, parsed from an exposition."""
-    out = []
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        body, _, value = line.rpartition(" ")
-        lbl = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body[len(name) :]))
-        if all(lbl.get(k) == v for k, v in labels.items()):
-            out.append((lbl, float(value)))
-    return out
-
-
-def _total(text: str, name: str, **labels: str) -> float:
-    return sum(v for _, v in _sample(text, name, **labels))
-
-
-@pytest.fixture(scope="module")
-def grpc_app() -> Iterator[int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    svc = health.HealthServicer()
-    svc.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(svc, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield port
-    server.stop(0)
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +220,9 @@ def _drive(m: Mesh, host: str) -> None:
         ):
             st = envoy.stats()
             text = x.metrics()
-            if _total(text, "istio_requests_total") != st.get(f"http.{prefix}_http.downstream_rq_completed"):
+            if total(text, "istio_requests_total") != st.get(f"http.{prefix}_http.downstream_rq_completed"):
                 return False
-            if _total(text, "istio_tcp_connections_closed_total") != TCP_CONNECTIONS:
+            if total(text, "istio_tcp_connections_closed_total") != TCP_CONNECTIONS:
                 return False
         return True
 
@@ -261,7 +231,7 @@ def _drive(m: Mesh, host: str) -> None:
 
 def test_server_side_labels_the_client_workload_from_the_metadata_exchange(mesh_stack: Mesh) -> None:
     text = mesh_stack.server_x.metrics()
-    rows = _sample(text, "istio_requests_total", request_protocol="http", response_code="200")
+    rows = samples(text, "istio_requests_total", request_protocol="http", response_code="200")
     assert len(rows) == 1, rows
     labels, value = rows[0]
     assert value == HTTP_OK
@@ -306,7 +276,7 @@ def test_server_side_labels_the_client_workload_from_the_metadata_exchange(mesh_
 
 def test_client_side_labels_the_server_workload_from_the_response(mesh_stack: Mesh) -> None:
     text = mesh_stack.client_x.metrics()
-    rows = _sample(text, "istio_requests_total", request_protocol="http", response_code="200")
+    rows = samples(text, "istio_requests_total", request_protocol="http", response_code="200")
     assert len(rows) == 1, rows
     labels, value = rows[0]
     assert value == HTTP_OK
@@ -332,26 +302,26 @@ def test_applications_never_see_the_exchange_headers(mesh_stack: Mesh) -> None:
 
 
 def test_denials_are_counted_with_their_flags_on_both_sides(mesh_stack: Mesh) -> None:
-    server = _sample(mesh_stack.server_x.metrics(), "istio_requests_total", response_code="403")
+    server = samples(mesh_stack.server_x.metrics(), "istio_requests_total", response_code="403")
     assert [(lbl["response_flags"], v) for lbl, v in server] == [("UAEX", HTTP_DENIED)]
     # The denied request still came from a known peer: the metadata is read before the decision.
     assert server[0][0]["source_workload"] == "other"
-    client = _sample(mesh_stack.client_x.metrics(), "istio_requests_total", response_code="403")
+    client = samples(mesh_stack.client_x.metrics(), "istio_requests_total", response_code="403")
     assert [(lbl["response_flags"], v) for lbl, v in client] == [("-", HTTP_DENIED)]
 
 
 def test_grpc_requests_carry_protocol_status_and_message_counts(mesh_stack: Mesh) -> None:
     text = mesh_stack.server_x.metrics()
     by_status = {
-        lbl["grpc_response_status"]: v for lbl, v in _sample(text, "istio_requests_total", request_protocol="grpc")
+        lbl["grpc_response_status"]: v for lbl, v in samples(text, "istio_requests_total", request_protocol="grpc")
     }
     assert by_status == {"0": GRPC_OK, "5": GRPC_NOT_FOUND}
     for name in ("istio_request_messages_total", "istio_response_messages_total"):
-        rows = _sample(text, name, reporter="destination")
+        rows = samples(text, name, reporter="destination")
         assert len(rows) == 1 and len(rows[0][0]) == 20, rows  # reporter + the 19 peer labels
-    assert _total(text, "istio_request_messages_total") == GRPC_OK + GRPC_NOT_FOUND
+    assert total(text, "istio_request_messages_total") == GRPC_OK + GRPC_NOT_FOUND
     # grpcio's health service answers an unknown service with NOT_FOUND and a message too.
-    assert _total(text, "istio_response_messages_total") == GRPC_OK + GRPC_NOT_FOUND
+    assert total(text, "istio_response_messages_total") == GRPC_OK + GRPC_NOT_FOUND
 
 
 def test_http_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
@@ -363,13 +333,13 @@ def test_http_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
         text = x.metrics()
         for code_class in ("2xx", "4xx", "5xx"):
             ours = sum(
-                v for lbl, v in _sample(text, "istio_requests_total") if lbl["response_code"].startswith(code_class[0])
+                v for lbl, v in samples(text, "istio_requests_total") if lbl["response_code"].startswith(code_class[0])
             )
             assert ours == st.get(f"http.{prefix}_http.downstream_rq_{code_class}", 0), (prefix, code_class)
         completed = st[f"http.{prefix}_http.downstream_rq_completed"]
         assert completed == HTTP_OK + HTTP_DENIED + GRPC_OK + GRPC_NOT_FOUND
         for hist in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
-            assert _total(text, hist + "_count") == completed, hist
+            assert total(text, hist + "_count") == completed, hist
 
 
 def test_tcp_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
@@ -379,15 +349,15 @@ def test_tcp_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
     ):
         st = envoy.stats(f"tcp.{prefix}.")
         text = x.metrics()
-        rows = _sample(text, "istio_tcp_connections_opened_total")
+        rows = samples(text, "istio_tcp_connections_opened_total")
         diff = [{k: v for k, v in lbl.items() if v != rows[0][0][k]} for lbl, _ in rows]
         assert len(rows) == 1 and len(rows[0][0]) == 23, diff
         assert rows[0][0]["reporter"] == reporter and rows[0][0]["request_protocol"] == "tcp"
-        assert _total(text, "istio_tcp_connections_opened_total") == st[f"tcp.{prefix}.downstream_cx_total"]
-        assert _total(text, "istio_tcp_connections_closed_total") == st[f"tcp.{prefix}.downstream_cx_total"]
-        assert _total(text, "istio_tcp_received_bytes_total") == st[f"tcp.{prefix}.downstream_cx_rx_bytes_total"]
-        assert _total(text, "istio_tcp_sent_bytes_total") == st[f"tcp.{prefix}.downstream_cx_tx_bytes_total"]
-    server_rows = _sample(mesh_stack.server_x.metrics(), "istio_tcp_connections_opened_total")
+        assert total(text, "istio_tcp_connections_opened_total") == st[f"tcp.{prefix}.downstream_cx_total"]
+        assert total(text, "istio_tcp_connections_closed_total") == st[f"tcp.{prefix}.downstream_cx_total"]
+        assert total(text, "istio_tcp_received_bytes_total") == st[f"tcp.{prefix}.downstream_cx_rx_bytes_total"]
+        assert total(text, "istio_tcp_sent_bytes_total") == st[f"tcp.{prefix}.downstream_cx_tx_bytes_total"]
+    server_rows = samples(mesh_stack.server_x.metrics(), "istio_tcp_connections_opened_total")
     assert server_rows[0][0]["source_principal"] == "spiffe://cluster.local/ns/bar/sa/other"
     assert server_rows[0][0]["source_workload_namespace"] == "bar"  # from the SPIFFE id
     assert server_rows[0][0]["connection_security_policy"] == "mutual_tls"
