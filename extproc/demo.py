@@ -235,6 +235,10 @@ def run_demo(check: bool = False) -> int:
             f"  curl -s -XPOST 127.0.0.1:{PORTS['extproc_admin']}/debug/explain "
             '-d \'{"method":"POST","path":"/post","headers":{"x-user":"bob"}}\'\n'
         )
+        print(
+            f"  # Istio's standard metrics for that traffic\n"
+            f"  curl -s 127.0.0.1:{PORTS['extproc_admin']}/metrics | grep '^istio_requests_total'\n"
+        )
         print(f"Envoy's access log (with each decision) is in {logs / 'envoy.log'}. Ctrl-C stops everything.")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
@@ -247,6 +251,45 @@ def run_demo(check: bool = False) -> int:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _metric_total(text: str, name: str) -> float:
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def _check_metrics(http_requests: int, tcp_connections: int) -> bool:
+    """Istio's metrics for the probes arrive through the access log service (flushed each second)."""
+    url = f"http://127.0.0.1:{PORTS['extproc_admin']}/metrics"
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        got = (
+            _metric_total(text, "istio_requests_total"),
+            _metric_total(text, "istio_tcp_connections_closed_total"),
+        )
+        if got == (http_requests, tcp_connections):
+            break
+        time.sleep(0.2)
+    ok = (
+        _metric_total(text, "istio_requests_total"),
+        _metric_total(text, "istio_tcp_connections_closed_total"),
+    ) == (http_requests, tcp_connections)
+    print(
+        f"\n  {'ok  ' if ok else 'FAIL'} metrics: istio_requests_total sums to "
+        f"{_metric_total(text, 'istio_requests_total'):.0f} (expect {http_requests}), "
+        f"istio_tcp_connections_closed_total to {_metric_total(text, 'istio_tcp_connections_closed_total'):.0f} "
+        f"(expect {tcp_connections}); by response code:"
+    )
+    codes: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("istio_requests_total{"):
+            code = line.split('response_code="', 1)[1].split('"', 1)[0]
+            codes[code] = codes.get(code, 0) + float(line.rpartition(" ")[2])
+    for code, n in sorted(codes.items()):
+        print(f"      response_code={code}: {n:.0f}")
+    return ok
 
 
 def _check(envoy_log: Path, issuer: DemoIssuer) -> int:
@@ -274,6 +317,7 @@ def _check(envoy_log: Path, issuer: DemoIssuer) -> int:
     )
     with urllib.request.urlopen(explain, timeout=5) as r:
         print(f"\n  why was bob denied? {json.loads(r.read())['reason']}")
+    failures += not _check_metrics(sum(p.method != "TCP" for p in PROBES), sum(p.method == "TCP" for p in PROBES))
     time.sleep(0.3)  # Envoy flushes its access log every 100 ms here
     print("\n  Envoy's access log:")
     for line in envoy_log.read_text().splitlines()[-6:]:
