@@ -105,7 +105,7 @@ def local_workload(settings: ServeSettings) -> Workload:
 
 def telemetry_of(settings: ServeSettings) -> tuple[Telemetry, PeerExchange]:
     local = local_workload(settings)
-    service = ServiceInfo(settings.service_host, namespace=settings.namespace) if settings.service_host else None
+    service = ServiceInfo(settings.service_host) if settings.service_host else None
     telemetry = Telemetry.create(
         local, service, max_series=settings.metrics_max_series, idle_expiry_s=settings.metrics_idle_expiry_s
     )

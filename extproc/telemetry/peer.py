@@ -66,15 +66,22 @@ class Workload:
         Canonical service: the `service.istio.io/canonical-name` label, else
         `app.kubernetes.io/name`, else `app`, else the workload name. Canonical revision:
         `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else
-        `version`, else `latest`.
+        `version`, else `latest`. The app and version labels are the plain `app` and
+        `version`, which is what Istio's stats filter reads from its own node metadata.
         """
-        app = labels.get(APP_QUALIFIED_LABEL) or labels.get(APP_LABEL, "")
-        version = labels.get(VERSION_QUALIFIED_LABEL) or labels.get(VERSION_LABEL, "")
+        app = labels.get(APP_LABEL, "")
+        version = labels.get(VERSION_LABEL, "")
         return Workload(
             workload_name=workload_name,
             namespace=namespace,
-            canonical_service=labels.get(CANONICAL_NAME_LABEL) or app or workload_name,
-            canonical_revision=labels.get(CANONICAL_REVISION_LABEL) or version or "latest",
+            canonical_service=labels.get(CANONICAL_NAME_LABEL)
+            or labels.get(APP_QUALIFIED_LABEL)
+            or app
+            or workload_name,
+            canonical_revision=labels.get(CANONICAL_REVISION_LABEL)
+            or labels.get(VERSION_QUALIFIED_LABEL)
+            or version
+            or "latest",
             app=app,
             version=version,
             cluster=cluster,

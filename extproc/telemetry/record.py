@@ -59,11 +59,13 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ServiceInfo:
-    """The service the local workload serves, as Istio's inbound cluster metadata says it."""
+    """The service the local workload serves, as Istio's inbound cluster metadata says it.
+
+    Its namespace is the workload's: inbound, Istio reports the local namespace as
+    destination_service_namespace whatever the metadata says."""
 
     host: str  # e.g. httpbin.foo.svc.cluster.local
     name: str = ""  # default: host up to the first "."
-    namespace: str = ""  # default: the workload's namespace
 
     @property
     def short_name(self) -> str:
@@ -143,7 +145,8 @@ class Labeler:
 
     def peer_labels(self, p: Peer) -> tuple[tuple[str, ...], str]:
         """(reporter + the 19 peer labels, connection_security_policy)."""
-        key = (p.direction, p.peer_key, p.peer_principal, p.local_principal, p.host, p.upstream_cluster, p.route_name)
+        who = p.peer_key or p.workload  # a peer given without its header value is keyed by itself
+        key = (p.direction, who, p.peer_principal, p.local_principal, p.host, p.upstream_cluster, p.route_name)
         cached = self._peer_cache.get(key)
         if cached is None:
             cached = self._compute(p)
@@ -179,7 +182,6 @@ class Labeler:
         elif p.direction is Direction.INBOUND and self.service is not None:
             host = self.service.host
             name = self.service.short_name
-            namespace = self.service.namespace
         return host, name, namespace
 
     def _compute(self, p: Peer) -> tuple[tuple[str, ...], str]:

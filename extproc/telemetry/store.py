@@ -16,6 +16,7 @@ Bounds, which Istio's in-proxy telemetry lacked for years (istio/istio#21377):
 from __future__ import annotations
 
 import bisect
+import operator
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -87,8 +88,8 @@ class Table:
                     (lambda base, _r: base) if n == len(LABELS) else (lambda base, _r, n=n: base[:n])
                 )
             else:
-                idx = m.labels
-                self.key = lambda base, _r: tuple([base[i] for i in idx])
+                pick = operator.itemgetter(*m.labels)
+                self.key = lambda base, _r: pick(base)
         else:
             self.key = plan.project
         self._overflow_key: Key = tuple(
