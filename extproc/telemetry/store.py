@@ -242,6 +242,8 @@ class MetricStore:
             items = [s for t in tables for s in list(t.series.values())]
             if not items:
                 continue
+            if len(tables) > 1 and any("reporter" not in t.plan.label_names for t in tables):
+                items = _merged(items)
             if m.kind is Kind.COUNTER:
                 name = m.name + "_total"
                 out.append(f"# HELP {name} {m.help}\n# TYPE {name} counter\n")
@@ -263,3 +265,22 @@ class MetricStore:
                     f"{name}_count{{{lbl}}} {cum}\n"
                 )
         return "".join(out)
+
+
+def _merged(items: list[Series | HistogramSeries]) -> list[Series | HistogramSeries]:
+    """Series of both directions that render with the same labels, summed into one.
+
+    Only needed when an override removed `reporter`: Prometheus rejects a family that
+    repeats a label set."""
+    out: dict[str, Series | HistogramSeries] = {}
+    for s in items:
+        acc = out.get(s.labels)
+        if acc is None:
+            acc = HistogramSeries(s.labels, len(s.counts) - 1) if isinstance(s, HistogramSeries) else Series(s.labels)
+            out[s.labels] = acc
+        if isinstance(s, HistogramSeries) and isinstance(acc, HistogramSeries):
+            acc.counts = [a + b for a, b in zip(acc.counts, list(s.counts), strict=True)]
+            acc.sum += s.sum
+        elif isinstance(s, Series) and isinstance(acc, Series):
+            acc.value += s.value
+    return list(out.values())

@@ -1025,3 +1025,19 @@ def test_peers_without_a_header_value_are_not_confused() -> None:
     b = labelled(labeler.http(HttpRecord(peer=Peer(Direction.INBOUND, workload=Workload(workload_name="b")))))
     none = labelled(labeler.http(HttpRecord(peer=Peer(Direction.INBOUND))))
     assert (a["source_workload"], b["source_workload"], none["source_workload"]) == ("a", "b", "unknown")
+
+
+def test_series_of_both_directions_merge_when_an_override_removes_reporter() -> None:
+    names = ("request_protocol", "response_code")  # as if every other label had been removed
+    idx = [L.INDEX[n] for n in names]
+    plan = MetricPlan(L.REQUESTS, names, project=lambda base, _r: tuple(base[i] for i in idx))
+    store = MetricStore([plan])
+    rec = Recorder(Labeler(REVIEWS), store)
+    rec.http(HttpRecord(peer=peer(Direction.INBOUND), response_code=200), "access_log")
+    rec.http(HttpRecord(peer=peer(Direction.OUTBOUND), response_code=200), "access_log")
+    rec.http(HttpRecord(peer=peer(Direction.OUTBOUND), response_code=200), "access_log")
+    text = store.render()
+    lines = [line for line in text.splitlines() if line.startswith("istio_requests_total{")]
+    assert lines == ['istio_requests_total{request_protocol="http",response_code="200"} 3']
+    rc, out = promtool_check_metrics(text)
+    assert rc == 0, out
