@@ -10,6 +10,7 @@ Recognised documents:
   * MeshConfig                     extproc.io/v1alpha1: `spec.extensionProviders` as in Istio
   * ConfigMap named `istio`        Istio's own mesh ConfigMap; `data.mesh` is read for
                                    `extensionProviders`, other mesh settings are ignored
+  * Telemetry                      telemetry.istio.io/v1 or v1alpha1: `spec.metrics`
   * List                           `items` are loaded as documents of their own
 Anything else is skipped with a warning, so a directory shared with other manifests loads.
 """
@@ -37,6 +38,7 @@ from extproc.config.models import (
 )
 from extproc.config.providers import ProviderSettings, resolve_providers
 from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
+from extproc.telemetry.overrides import LoadedTelemetry, is_telemetry, parse_telemetry
 
 _SECURITY_KINDS: dict[str, tuple[type[BaseModel], Any]] = {
     "AuthorizationPolicy": (AuthorizationPolicy, validation.validate_authorization_policy),
@@ -67,6 +69,7 @@ class LoadedConfig:
     files: list[str] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
     request_authentications: list[LoadedPolicy] = field(default_factory=list)
+    telemetries: list[LoadedTelemetry] = field(default_factory=list)
 
 
 def config_files(dirs: Sequence[str | os.PathLike[str]]) -> list[FsPath]:
@@ -264,6 +267,25 @@ def _load_document(
             result.policies.append(LoadedPolicy(resource, where))
         else:
             result.request_authentications.append(LoadedPolicy(resource, where))
+        return
+
+    if is_telemetry(data):
+        telemetry, problems = parse_telemetry(doc, file, prefix)
+        issues.extend(problems)
+        if telemetry is None:
+            return
+        key = (kind, telemetry.namespace, telemetry.name)
+        if key in seen:
+            issues.append(
+                ConfigIssue(
+                    telemetry.location,
+                    at(("metadata", "name")),
+                    f"duplicate {kind}, first defined in {seen[key].render()}",
+                )
+            )
+            return
+        seen[key] = telemetry.location
+        result.telemetries.append(telemetry)
         return
 
     if kind == "MeshConfig" and api == EXTPROC_API_VERSION:

@@ -19,6 +19,7 @@ from extproc.config.errors import ConfigIssue
 from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, RequestAuthentication
 from extproc.config.providers import HttpProviderSettings, ProviderSettings, parse_duration
+from extproc.telemetry.overrides import TelemetryPlans, compile_telemetry
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
@@ -64,6 +65,8 @@ class Snapshot:
     files: tuple[str, ...]
     warnings: tuple[ConfigIssue, ...]
     loaded_at: float
+    # Istio's standard metrics after the applicable Telemetry resources' spec.metrics.
+    telemetry: TelemetryPlans = field(default_factory=TelemetryPlans.standard)
 
 
 def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
@@ -167,6 +170,7 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
         files=tuple(loaded.files),
         warnings=tuple(loaded.warnings),
         loaded_at=time.time(),
+        telemetry=compile_telemetry(loaded.telemetries, workload),
     )
 
 

@@ -147,6 +147,8 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     token_cache = TokenCache(settings.jwt_cache_size)
     direction = Direction(settings.direction)
     telemetry, exchange = telemetry_of(settings)
+    telemetry.apply(holder.current.telemetry)
+    holder.on_swap.append(lambda snap: telemetry.apply(snap.telemetry))
     authz = AuthorizationService(
         holder.get, adapter, providers, stats, jwks, token_cache, exchange=exchange, direction=direction
     )

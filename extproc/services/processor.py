@@ -143,10 +143,11 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                     reply = ep.ProcessingResponse(response_body=ep.BodyResponse())
                 else:
                     reply = None
+                if done:
+                    self.ended_early += 1
                 if reply is not None and not req.observability_mode:
                     yield reply
                 if done:
-                    self.ended_early += 1
                     return
         except Exception as e:
             self.bad_streams += 1

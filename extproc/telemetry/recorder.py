@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from extproc.telemetry import labels as L
+from extproc.telemetry.overrides import TelemetryPlans
 from extproc.telemetry.peer import PeerCache, Workload
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer, ServiceInfo, TcpRecord
 from extproc.telemetry.store import MetricPlan, MetricStore, Table
@@ -180,6 +181,10 @@ class Telemetry:
         )
         recorder = Recorder(labeler, store)
         return Telemetry(local, labeler, store, recorder, TcpTracker(recorder), PeerCache())
+
+    def apply(self, plans: TelemetryPlans) -> None:
+        """Install the label plans of the applicable Telemetry resources (a reload)."""
+        self.store.set_plans(plans.inbound, plans.outbound)
 
     def tick(self) -> None:
         """Periodic upkeep: idle series and forgotten TCP connections."""

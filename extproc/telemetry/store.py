@@ -253,14 +253,15 @@ class MetricStore:
             out.append(f"# HELP {name} {m.help}\n# TYPE {name} histogram\n")
             for s in items:
                 lbl = s.labels
+                sep = "," if lbl else ""  # every label may have been removed by an override
                 cum = 0
                 counts = list(s.counts)  # type: ignore[union-attr]
                 for le, c in zip(les, counts, strict=False):
                     cum += c
-                    out.append(f'{name}_bucket{{{lbl},le="{le}"}} {cum}\n')
+                    out.append(f'{name}_bucket{{{lbl}{sep}le="{le}"}} {cum}\n')
                 cum += counts[-1]
                 out.append(
-                    f'{name}_bucket{{{lbl},le="+Inf"}} {cum}\n'
+                    f'{name}_bucket{{{lbl}{sep}le="+Inf"}} {cum}\n'
                     f"{name}_sum{{{lbl}}} {floatToGoString(s.sum)}\n"  # type: ignore[union-attr]
                     f"{name}_count{{{lbl}}} {cum}\n"
                 )

@@ -57,6 +57,20 @@ def stack(
     observability: bool = request.param
     tmp: Path = tmp_path_factory.mktemp("extproc-mode")
     (tmp / "policies").mkdir()
+    # Telemetry API overrides, applied to istio_requests_total only.
+    (tmp / "policies" / "telemetry.yaml").write_text(
+        "apiVersion: telemetry.istio.io/v1\n"
+        "kind: Telemetry\n"
+        "metadata: {name: mesh-default, namespace: istio-system}\n"
+        "spec:\n"
+        "  metrics:\n"
+        "  - providers: [{name: prometheus}]\n"
+        "    overrides:\n"
+        "    - match: {metric: REQUEST_COUNT}\n"
+        "      tagOverrides:\n"
+        "        request_method: {value: request.method}\n"
+        "        destination_principal: {operation: REMOVE}\n"
+    )
     x = ExtprocProcess(
         [tmp / "policies"], tmp, namespace="foo", labels="app=httpbin,version=v1", extra_args=["--workload", "httpbin"]
     )
@@ -138,6 +152,10 @@ def test_each_request_is_counted_once_from_ext_proc(stack: tuple[ExtprocProcess,
     assert [(r["source_workload"], r["source_version"], r["response_code"], v) for r, v in http_rows] == [
         ("sleep", "v9", "200", REQUESTS)
     ]
+    # The Telemetry resource added a label and removed one, on that metric alone.
+    assert {r["request_method"] for r, _ in http_rows} == {"GET"}
+    assert all("destination_principal" not in r for r, _ in samples(text, "istio_requests_total"))
+    assert all("destination_principal" in r for r, _ in samples(text, "istio_request_duration_milliseconds_count"))
     grpc_rows = samples(text, "istio_requests_total", request_protocol="grpc")
     assert [(r["grpc_response_status"], v) for r, v in grpc_rows] == [("0", GRPC_CALLS)]
     assert total(text, "istio_request_duration_milliseconds_count") == expected
