@@ -25,6 +25,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from envoy.config.core.v3 import address_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -74,6 +75,15 @@ def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
         if san.uri:
             return san.uri
     return ""
+
+
+def _address(a: address_pb2.Address) -> str:
+    """`ip:port` (`[v6]:port`), as Envoy's source.address attribute prints it; "" when absent."""
+    sa = a.socket_address
+    if not sa.address:
+        return ""
+    host = f"[{sa.address}]" if ":" in sa.address else sa.address
+    return f"{host}:{sa.port_value}"
 
 
 def _string(md: struct_pb2.Struct, key: str) -> str:
@@ -192,6 +202,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             scheme=req.scheme,
             user_agent=req.user_agent,
             request_id=req.request_id,
+            source_address=_address(c.downstream_remote_address),
+            destination_address=_address(c.downstream_local_address),
             request_headers=req_headers,
         )
         if is_grpc and GRPC_STATS_STATE in c.filter_state_objects:
@@ -219,4 +231,5 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             e.connection_properties.received_bytes,
             end,
             response_flags(c.response_flags) if c.HasField("response_flags") else "-",
+            (_address(c.downstream_remote_address), _address(c.downstream_local_address)),
         )

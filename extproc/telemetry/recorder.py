@@ -94,6 +94,7 @@ class Recorder:
 class _Connection:
     peer: Peer
     response_flags: str  # fixed at the first report, as Istio fixes a connection's labels once
+    addresses: tuple[str, str]
     sent: int = 0
     received: int = 0
     last_seen: int = 0  # tracker generation
@@ -123,11 +124,13 @@ class TcpTracker:
         received_total: int,
         end: bool,
         response_flags: str = "-",
+        addresses: tuple[str, str] = ("", ""),
     ) -> None:
+        """`addresses`: the downstream (source) and local (destination) `ip:port`."""
         conn = self.connections.get(stream_id) if stream_id else None
         opened = conn is None
         if conn is None:
-            conn = _Connection(peer, response_flags)
+            conn = _Connection(peer, response_flags, addresses)
             if stream_id and not end:
                 self.connections[stream_id] = conn
         elif end:
@@ -140,6 +143,8 @@ class TcpTracker:
             opened=opened,
             closed=end,
             response_flags=conn.response_flags,
+            source_address=conn.addresses[0],
+            destination_address=conn.addresses[1],
         )
         conn.sent = max(conn.sent, sent_total)
         conn.received = max(conn.received, received_total)
