@@ -33,7 +33,7 @@ from google.protobuf import struct_pb2
 
 from extproc.services.authz import LogOnce, direction_of
 from extproc.telemetry.labels import RESPONSE_FLAG_CODES
-from extproc.telemetry.peer import METADATA_HEADER, METADATA_ID_HEADER, PeerCache
+from extproc.telemetry.peer import METADATA_HEADER, PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.telemetry.recorder import Recorder, TcpTracker
 
@@ -149,13 +149,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
 
     def _peer(self, c: accesslog_pb2.AccessLogCommon, direction: Direction, host: str, logged: dict[str, str]) -> Peer:
         fm = c.metadata.filter_metadata
-        value = node_id = ""
+        value = ""
         for ns in (AUTHZ_NAMESPACE, PEER_NAMESPACE) if direction is Direction.INBOUND else (PEER_NAMESPACE,):
-            if ns in fm:
-                value = _string(fm[ns], METADATA_HEADER)
-                if value:
-                    node_id = _string(fm[ns], METADATA_ID_HEADER)
-                    break
+            if ns in fm and (value := _string(fm[ns], METADATA_HEADER)):
+                break
         if not value:
             value = logged.get(METADATA_HEADER, "")
         tls = c.tls_properties
@@ -163,7 +160,6 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         if direction is Direction.INBOUND and c.HasField("tls_properties"):
             peer_san = _uri_san(tls.peer_certificate_properties)
             local_san = _uri_san(tls.local_certificate_properties)
-        del node_id  # decoded peers are cached by value, which is what identifies them
         return Peer(
             direction=direction,
             workload=self.peers.get(value) if value else None,

@@ -22,7 +22,6 @@ from extproc.telemetry import peer as P
 class PeerExchange:
     local: P.Workload
     node_id: str  # our x-envoy-peer-metadata-id
-    enabled: bool = True
 
     @property
     def header_value(self) -> str:
