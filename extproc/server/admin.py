@@ -15,8 +15,9 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from extproc import __version__
 from extproc.authn.cache import TokenCache
@@ -24,7 +25,7 @@ from extproc.authn.jwks_source import JwksRegistry
 from extproc.authz import engine
 from extproc.config.reload import SnapshotHolder
 from extproc.debug import attributes_from_description
-from extproc.services.authz import AuthzStats
+from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.recorder import Telemetry
 
@@ -138,7 +139,17 @@ class ExtprocCollector(Collector):
             dry.add_metric([action, result], n)
         yield dry
         yield CounterMetricFamily("extproc_audit_matches", "Requests matched by an AUDIT policy", value=s.audit_hits)
-        yield CounterMetricFamily("extproc_check_seconds", "Time spent in Check handlers", value=s.latency_sum_s)
+        cum, buckets = 0, []
+        for bound, n in zip(LATENCY_BUCKETS_S, s.latency_counts, strict=False):
+            cum += n
+            buckets.append((floatToGoString(bound), cum))
+        buckets.append(("+Inf", cum + s.latency_counts[-1]))
+        yield HistogramMetricFamily(
+            "extproc_check_duration_seconds",
+            "Time extproc took to answer ext_authz Check calls",
+            buckets=buckets,
+            sum_value=s.latency_sum_s,
+        )
         reloads = CounterMetricFamily("extproc_config_reloads", "Configuration loads", labels=["result"])
         reloads.add_metric(["success"], self.holder.counters.success)
         reloads.add_metric(["failure"], self.holder.counters.failure)

@@ -19,6 +19,7 @@ Responses are what users of Istio's native filters expect:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import time
@@ -48,6 +49,9 @@ from extproc.telemetry.record import Direction
 log = logging.getLogger("extproc.authz")
 
 
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
 @dataclass
 class AuthzStats:
     """Plain counters; the admin endpoint renders them. Never touched by a lock on the hot path."""
@@ -60,6 +64,8 @@ class AuthzStats:
     dry_run: dict[tuple[str, str], int] = field(default_factory=dict)  # (ALLOW|DENY, allowed|denied)
     audit_hits: int = 0
     latency_sum_s: float = 0.0
+    # Check handling time: counts per LATENCY_BUCKETS_S bound (not cumulative), last = above all.
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
     jwt: dict[str, int] = field(default_factory=dict)  # verification outcome -> count
     jwt_refetch_retries: int = 0
 
@@ -153,12 +159,16 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             log.exception("internal error while checking a request; denying it")
             return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
         finally:
-            self.stats.latency_sum_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.stats.latency_sum_s += elapsed
+            self.stats.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, elapsed)] += 1
 
     def _outbound(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         """A client-side check: policies apply only inbound, so this allows and adds our metadata."""
         is_http = request.attributes.request.HasField("http")
-        self.stats.count(self.stats.decisions, ("http" if is_http else "tcp", "allowed", "outbound"))
+        protocol = "http" if is_http else "tcp"
+        self.stats.checks[protocol] += 1
+        self.stats.count(self.stats.decisions, (protocol, "allowed", "outbound"))
         resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
         if is_http and self.exchange is not None:
             for name, value in self.exchange.own_headers():

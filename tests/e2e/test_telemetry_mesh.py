@@ -373,6 +373,9 @@ def test_promtool_accepts_both_expositions(mesh_stack: Mesh) -> None:
     for x in (mesh_stack.server_x, mesh_stack.client_x):
         text = x.metrics()
         assert "istio_build{" in text and "extproc_telemetry_series{" in text
+        checks = total(text, "extproc_checks_total")
+        assert checks > 0 and total(text, "extproc_check_duration_seconds_count") == checks
+        assert total(text, "extproc_check_duration_seconds_bucket", le="+Inf") == checks
         rc, out = promtool_check_metrics(text)
         assert out.strip().splitlines() == [unit_lint], out
         assert rc == 3  # lint findings, not a parse error (1)
