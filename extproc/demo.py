@@ -260,27 +260,22 @@ def _metric_total(text: str, name: str) -> float:
 def _check_metrics(http_requests: int, tcp_connections: int) -> bool:
     """Istio's metrics for the probes arrive through the access log service (flushed each second)."""
     url = f"http://127.0.0.1:{PORTS['extproc_admin']}/metrics"
+    want = (http_requests, tcp_connections)
     deadline = time.monotonic() + 10
-    text = ""
-    while time.monotonic() < deadline:
+    while True:
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
         got = (
             _metric_total(text, "istio_requests_total"),
             _metric_total(text, "istio_tcp_connections_closed_total"),
         )
-        if got == (http_requests, tcp_connections):
+        if got == want or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    ok = (
-        _metric_total(text, "istio_requests_total"),
-        _metric_total(text, "istio_tcp_connections_closed_total"),
-    ) == (http_requests, tcp_connections)
+    ok = got == want
     print(
-        f"\n  {'ok  ' if ok else 'FAIL'} metrics: istio_requests_total sums to "
-        f"{_metric_total(text, 'istio_requests_total'):.0f} (expect {http_requests}), "
-        f"istio_tcp_connections_closed_total to {_metric_total(text, 'istio_tcp_connections_closed_total'):.0f} "
-        f"(expect {tcp_connections}); by response code:"
+        f"\n  {'ok  ' if ok else 'FAIL'} metrics: istio_requests_total sums to {got[0]:.0f} (expect {want[0]}), "
+        f"istio_tcp_connections_closed_total to {got[1]:.0f} (expect {want[1]}); by response code:"
     )
     codes: dict[str, float] = {}
     for line in text.splitlines():

@@ -22,7 +22,7 @@ The Envoy config names the direction in the gRPC initial metadata `x-extproc-dir
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from envoy.config.core.v3 import address_pb2
@@ -91,7 +91,7 @@ def _string(md: struct_pb2.Struct, key: str) -> str:
     return v.string_value if v is not None else ""
 
 
-def grpc_status(grpc: bool, code: int, trailers: dict[str, str], headers: dict[str, str]) -> str:
+def grpc_status(grpc: bool, code: int, trailers: Mapping[str, str], headers: Mapping[str, str]) -> str:
     """Envoy's Grpc::Common::getGrpcStatus: trailers, then headers, then from the HTTP code."""
     if not grpc:
         return ""

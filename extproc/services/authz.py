@@ -171,7 +171,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         self.stats.count(self.stats.decisions, (protocol, "allowed", "outbound"))
         resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
         if is_http and self.exchange is not None:
-            for name, value in self.exchange.own_headers():
+            for name, value in self.exchange.headers:
                 resp.ok_response.headers.append(
                     base_pb2.HeaderValueOption(
                         header=base_pb2.HeaderValue(key=name, value=value),
@@ -198,7 +198,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             target = resp.denied_response.headers
         else:
             return
-        for name, own in self.exchange.own_headers():
+        for name, own in self.exchange.headers:
             target.append(
                 base_pb2.HeaderValueOption(
                     header=base_pb2.HeaderValue(key=name, value=own),

@@ -46,9 +46,10 @@ EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 MAX_HEADERS = 512
 
 
-def header_map(h: ep.HttpHeaders) -> dict[str, str]:
+def header_map(h: base_pb2.HeaderMap) -> dict[str, str]:
+    """Lower-case names; Envoy sends values in raw_value; repeated names joined with ","."""
     out: dict[str, str] = {}
-    for hv in h.headers.headers[:MAX_HEADERS]:
+    for hv in h.headers[:MAX_HEADERS]:
         value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
         key = hv.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
@@ -133,7 +134,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                     hr, done = self._response_headers(st, req, direction)
                     reply = ep.ProcessingResponse(response_headers=hr)
                 elif kind == "response_trailers":
-                    self._finish(st, trailers=header_map_trailers(req.response_trailers))
+                    self._finish(st, trailers=header_map(req.response_trailers.trailers))
                     reply, done = ep.ProcessingResponse(response_trailers=ep.TrailersResponse()), True
                 elif kind == "request_trailers":
                     reply = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
@@ -160,7 +161,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                 self._finish(st, trailers=None)
 
     def _request_headers(self, st: _Stream, req: ep.ProcessingRequest, direction: Direction) -> ep.HeadersResponse:
-        headers = header_map(req.request_headers)
+        headers = header_map(req.request_headers.headers)
         st.request_headers = headers
         st.grpc = headers.get("content-type", "").startswith("application/grpc")
         got = mx.received(headers) if direction is Direction.INBOUND else None
@@ -174,7 +175,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         if self.exchange is None:
             return ep.HeadersResponse()
         if direction is Direction.OUTBOUND:
-            return _mutation(set_headers=self.exchange.own_headers())
+            return _mutation(set_headers=self.exchange.headers)
         if got is not None:
             return _mutation(remove=(mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
         return ep.HeadersResponse()
@@ -182,7 +183,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
     def _response_headers(
         self, st: _Stream, req: ep.ProcessingRequest, direction: Direction
     ) -> tuple[ep.HeadersResponse, bool]:
-        headers = header_map(req.response_headers)
+        headers = header_map(req.response_headers.headers)
         peer = st.peer or Peer(direction=direction)
         reply = ep.HeadersResponse()
         if direction is Direction.OUTBOUND:
@@ -192,7 +193,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                 peer.peer_key = got[0]
                 reply = _mutation(remove=(mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
         elif self.exchange is not None and peer.peer_key:
-            reply = _mutation(set_headers=self.exchange.own_headers())
+            reply = _mutation(set_headers=self.exchange.headers)
         status = headers.get(":status", "")
         total = _number(req, "request.total_size")
         st.record = HttpRecord(
@@ -221,15 +222,8 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                 return
             rec = HttpRecord(peer=st.peer, grpc=st.grpc, request_id=st.request_headers.get("x-request-id", ""))
         if trailers is not None and st.grpc:
-            rec.grpc_status = grpc_status(True, rec.response_code, dict(trailers), {}) or rec.grpc_status
+            rec.grpc_status = grpc_status(True, rec.response_code, trailers, {}) or rec.grpc_status
         rec.duration_ms = (time.monotonic() - st.started) * 1000.0
         st.record = None
         st.peer = None
         self.recorder.http(rec, "ext_proc")
-
-
-def header_map_trailers(t: ep.HttpTrailers) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for hv in t.trailers.headers[:MAX_HEADERS]:
-        out[hv.key.lower()] = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
-    return out

@@ -13,41 +13,28 @@ names, because Envoy logs the request after the headers are gone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from extproc.telemetry import peer as P
+from extproc.telemetry.peer import METADATA_HEADER, METADATA_ID_HEADER, Workload, encode
 
 
 @dataclass(frozen=True)
 class PeerExchange:
-    local: P.Workload
+    local: Workload
     node_id: str  # our x-envoy-peer-metadata-id
+    # Our pair, encoded once: every exchanging request sends the same two headers.
+    headers: tuple[tuple[str, str], tuple[str, str]] = field(init=False)
 
-    @property
-    def header_value(self) -> str:
-        return _encoded(self.local)
-
-    def own_headers(self) -> tuple[tuple[str, str], tuple[str, str]]:
-        return ((P.METADATA_HEADER, self.header_value), (P.METADATA_ID_HEADER, self.node_id))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", ((METADATA_HEADER, encode(self.local)), (METADATA_ID_HEADER, self.node_id)))
 
 
 def received(headers: Mapping[str, str]) -> tuple[str, str] | None:
     """The peer's (metadata, id) pair in a header map, or None when it sent no metadata."""
-    value = headers.get(P.METADATA_HEADER)
+    value = headers.get(METADATA_HEADER)
     if not value:
         return None
-    return value, headers.get(P.METADATA_ID_HEADER, "")
+    return value, headers.get(METADATA_ID_HEADER, "")
 
 
-_CACHE: dict[P.Workload, str] = {}
-
-
-def _encoded(w: P.Workload) -> str:
-    v = _CACHE.get(w)
-    if v is None:
-        v = _CACHE[w] = P.encode(w)
-    return v
-
-
-METADATA_HEADER = P.METADATA_HEADER
-METADATA_ID_HEADER = P.METADATA_ID_HEADER
+__all__ = ["METADATA_HEADER", "METADATA_ID_HEADER", "PeerExchange", "received"]

@@ -32,7 +32,6 @@ class RecorderStats:
     http: dict[str, int]  # source -> requests recorded
     http_duplicates: int = 0  # access log entries skipped because ext_proc counted them
     tcp_reports: int = 0
-    tcp_connections_tracked: int = 0
 
 
 class Recorder:
@@ -149,7 +148,6 @@ class TcpTracker:
         conn.sent = max(conn.sent, sent_total)
         conn.received = max(conn.received, received_total)
         self.recorder.tcp(rec)
-        self.recorder.stats.tcp_connections_tracked = len(self.connections)
 
     def sweep(self) -> int:
         self.generation += 1
@@ -157,7 +155,6 @@ class TcpTracker:
         stale = [k for k, c in self.connections.items() if c.last_seen < horizon]
         for k in stale:
             del self.connections[k]
-        self.recorder.stats.tcp_connections_tracked = len(self.connections)
         return len(stale)
 
 

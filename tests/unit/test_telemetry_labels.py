@@ -950,7 +950,7 @@ def test_tcp_tracker_turns_totals_into_deltas() -> None:
         "sent_bytes": 100,
         "received_bytes": 50,
     }
-    assert rec.stats.tcp_connections_tracked == 1
+    assert len(tcp.connections) == 1
     tcp.report("s1", p, 300, 80, end=False)
     tcp.report("s1", p, 300, 80, end=False)  # nothing new
     assert tcp_values(store) == {
@@ -967,7 +967,7 @@ def test_tcp_tracker_turns_totals_into_deltas() -> None:
         "received_bytes": 90,
     }
     assert tcp.connections == {}
-    assert rec.stats.tcp_connections_tracked == 0
+    assert len(tcp.connections) == 0
     assert rec.stats.tcp_reports == 4
 
 
@@ -1008,7 +1008,7 @@ def test_tcp_tracker_sweep_forgets_stale_connections() -> None:
     tcp.report("live", p, 20, 20, end=False)  # seen again: stays
     assert tcp.sweep() == 1
     assert set(tcp.connections) == {"live"}
-    assert rec.stats.tcp_connections_tracked == 1
+    assert len(tcp.connections) == 1
     assert tcp.sweep() == 0
     assert tcp.sweep() == 1
     assert tcp.connections == {}
