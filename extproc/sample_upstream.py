@@ -1,6 +1,7 @@
 """A sample upstream for the demo and the tests: it answers every HTTP request with a
 JSON echo of what it received, so a user can see exactly which headers reached the
-application after Envoy and extproc.
+application after Envoy and extproc. A request header `x-echo-delay-ms: N` delays the
+answer by N ms (at most 10 s).
 
     python -m extproc.sample_upstream --port 8080 [--jwks FILE]
 
@@ -18,9 +19,14 @@ import json
 
 from aiohttp import web
 
+MAX_DELAY_MS = 10_000
+
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
+    delay = request.headers.get("x-echo-delay-ms", "")
+    if delay.isdigit():  # a slow application, for latency and span-duration checks
+        await asyncio.sleep(min(int(delay), MAX_DELAY_MS) / 1000)
     payload = {
         "method": request.method,
         "path": request.path_qs,

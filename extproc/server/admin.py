@@ -28,6 +28,7 @@ from extproc.debug import attributes_from_description
 from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.recorder import Telemetry
+from extproc.tracing.tracer import Tracing
 
 
 class TelemetryCollector(Collector):
@@ -86,6 +87,43 @@ class TelemetryCollector(Collector):
         for kind, n in sorted(self.sources().items()):
             src.add_metric([kind], n)
         yield src
+
+
+class TracingCollector(Collector):
+    """Trace contexts handled and spans exported: is the tracing pipeline keeping up?"""
+
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.tracing
+        ctx = CounterMetricFamily(
+            "extproc_trace_contexts",
+            "Requests whose trace context extproc continued or started, and whether it sampled them",
+            labels=["trace", "sampled"],
+        )
+        for (trace, sampled), n in sorted(t.contexts.items()):
+            ctx.add_metric([trace, sampled], n)
+        yield ctx
+        sink = t.sink
+        if sink is None:
+            return
+        st = sink.stats
+        spans = CounterMetricFamily(
+            "extproc_spans",
+            "Spans by fate: submitted to the export queue, dropped because it was full, "
+            "exported, or lost in a failed export",
+            labels=["outcome"],
+        )
+        for outcome, n in (
+            ("submitted", st.submitted),
+            ("dropped", st.dropped),
+            ("exported", st.exported),
+            ("failed", st.failed),
+        ):
+            spans.add_metric([outcome], n)
+        yield spans
+        yield GaugeMetricFamily("extproc_spans_queued", "Spans waiting for export", value=sink.queued)
 
 
 class ExtprocCollector(Collector):

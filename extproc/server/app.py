@@ -30,7 +30,7 @@ from extproc.authn.jwks_source import JwksRegistry
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
-from extproc.server.admin import AdminApp, ExtprocCollector, TelemetryCollector
+from extproc.server.admin import AdminApp, ExtprocCollector, TelemetryCollector, TracingCollector
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService, AuthzStats
@@ -41,6 +41,9 @@ from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, ServiceInfo
 from extproc.telemetry.recorder import Telemetry
+from extproc.tracing.context import Format
+from extproc.tracing.spans import ExportSettings
+from extproc.tracing.tracer import Tracing, TracingSettings
 
 log = logging.getLogger("extproc")
 
@@ -113,6 +116,18 @@ def telemetry_of(settings: ServeSettings) -> tuple[Telemetry, PeerExchange]:
     return telemetry, PeerExchange(local, node_id)
 
 
+def tracing_of(settings: ServeSettings, local: Workload) -> Tracing:
+    export = None
+    if settings.otlp_endpoint:
+        export = ExportSettings(
+            endpoint=settings.otlp_endpoint,
+            insecure=not settings.otlp_endpoint.startswith("https://"),
+            max_queue_size=settings.trace_queue_size,
+        )
+    formats = tuple(Format(f) for f in settings.trace_formats)
+    return Tracing(TracingSettings(formats, settings.trace_sampling, export if formats else None), local)
+
+
 async def _telemetry_upkeep(telemetry: Telemetry) -> None:
     while True:
         await asyncio.sleep(TELEMETRY_TICK_S)
@@ -149,11 +164,22 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     telemetry, exchange = telemetry_of(settings)
     telemetry.apply(holder.current.telemetry)
     holder.on_swap.append(lambda snap: telemetry.apply(snap.telemetry))
+    tracing = tracing_of(settings, exchange.local)
     authz = AuthorizationService(
-        holder.get, adapter, providers, stats, jwks, token_cache, exchange=exchange, direction=direction
+        holder.get,
+        adapter,
+        providers,
+        stats,
+        jwks,
+        token_cache,
+        exchange=exchange,
+        direction=direction,
+        tracing=tracing,
     )
-    als = AccessLogService(telemetry.recorder, telemetry.tcp, telemetry.peers, direction)
-    processor = ExternalProcessorService(telemetry.recorder, telemetry.peers, exchange, direction)
+    als = AccessLogService(telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing)
+    processor = ExternalProcessorService(
+        telemetry.recorder, telemetry.peers, exchange, direction, authz=authz, tracing=tracing
+    )
 
     server = grpc.aio.server(
         options=[
@@ -194,6 +220,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         "ext_proc_streams": processor.streams,
         "ext_proc_streams_ended_by_server": processor.ended_early,
         "ext_proc_bad_streams": processor.bad_streams,
+        "ext_proc_denied": processor.denied,
     }
     admin = AdminApp(
         holder,
@@ -201,7 +228,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         collector,
         jwks=jwks,
         telemetry=telemetry,
-        extra_collectors=(TelemetryCollector(telemetry, sources),),
+        extra_collectors=(TelemetryCollector(telemetry, sources), TracingCollector(tracing)),
     )
     runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -244,6 +271,8 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
             await task
     await providers.close()
     await jwks.close()
+    # Spans still queued go out now, bounded so an unreachable collector cannot hold the exit.
+    await asyncio.to_thread(tracing.shutdown, min(5.0, settings.drain_timeout_s))
     await runner.cleanup()
     log.info("stopped")
     return 0

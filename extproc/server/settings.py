@@ -19,6 +19,9 @@ class SettingsError(ValueError):
     pass
 
 
+TRACE_FORMATS = ("w3c", "b3", "b3-single")
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     """HOST:PORT, [V6HOST]:PORT or unix:PATH, in gRPC's own target syntax."""
@@ -86,6 +89,10 @@ class ServeSettings:
     node_id: str = ""
     metrics_max_series: int = 50_000
     metrics_idle_expiry_s: float = 3600.0
+    trace_formats: tuple[str, ...] = ("w3c", "b3")
+    trace_sampling: float = 1.0
+    otlp_endpoint: str = ""
+    trace_queue_size: int = 2048
     drain_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
@@ -146,6 +153,23 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "EXTPROC_METRICS_IDLE_EXPIRY",
         "drop standard-metric series not updated for this long (0 keeps them forever)",
     ),
+    (
+        "--trace-formats",
+        "EXTPROC_TRACE_FORMATS",
+        "trace context formats written on every request: w3c, b3 (multi-header), b3-single, ','-separated; "
+        "none turns tracing off",
+    ),
+    (
+        "--trace-sampling",
+        "EXTPROC_TRACE_SAMPLING",
+        "percent of new traces sampled (Istio's tracing.sampling); an incoming decision is always honoured",
+    ),
+    (
+        "--otlp-endpoint",
+        "EXTPROC_OTLP_ENDPOINT",
+        "OTLP/gRPC collector for spans: HOST:PORT or http(s)://HOST:PORT; unset exports no spans",
+    ),
+    ("--trace-queue-size", "EXTPROC_TRACE_QUEUE_SIZE", "spans waiting for export; beyond it they are dropped"),
     ("--drain-timeout", "EXTPROC_DRAIN_TIMEOUT", "seconds to finish in-flight calls after SIGTERM"),
     ("--log-level", "EXTPROC_LOG_LEVEL", "debug, info, warning or error"),
     ("--log-format", "EXTPROC_LOG_FORMAT", "text or json"),
@@ -197,6 +221,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics-max-series", type=int, metavar="N", help=helps["--metrics-max-series"] + " (default 50000)"
     )
     p.add_argument("--metrics-idle-expiry", metavar="DURATION", help=helps["--metrics-idle-expiry"] + " (default 1h)")
+    p.add_argument("--trace-formats", metavar="F[,F...]", help=helps["--trace-formats"] + " (default w3c,b3)")
+    p.add_argument("--trace-sampling", metavar="PERCENT", help=helps["--trace-sampling"] + " (default 1)")
+    p.add_argument("--otlp-endpoint", metavar="ADDRESS", help=helps["--otlp-endpoint"])
+    p.add_argument("--trace-queue-size", type=int, metavar="N", help=helps["--trace-queue-size"] + " (default 2048)")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help=helps["--drain-timeout"] + " (default 10)")
     p.add_argument("--log-level", metavar="LEVEL", help=helps["--log-level"] + " (default info)")
     p.add_argument("--log-format", metavar="FORMAT", help=helps["--log-format"] + " (default text)")
@@ -258,6 +286,26 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
     direction = (pick("direction", "EXTPROC_DIRECTION", "inbound") or "inbound").lower()
     if direction not in ("inbound", "outbound"):
         raise SettingsError(f"--direction: expected inbound or outbound, got {direction!r}")
+    formats_text = (pick("trace_formats", "EXTPROC_TRACE_FORMATS", "w3c,b3") or "").strip().lower()
+    trace_formats = tuple(dict.fromkeys(f.strip() for f in formats_text.split(",") if f.strip()))
+    if trace_formats == ("none",):
+        trace_formats = ()
+    bad = [f for f in trace_formats if f not in TRACE_FORMATS]
+    if bad or not formats_text:
+        raise SettingsError(
+            f"--trace-formats: expected some of {', '.join(TRACE_FORMATS)} or none, got {formats_text!r}"
+        )
+    sampling_text = pick("trace_sampling", "EXTPROC_TRACE_SAMPLING", "1") or "1"
+    try:
+        trace_sampling = float(sampling_text)
+    except ValueError:
+        raise SettingsError(f"--trace-sampling: expected a percentage, got {sampling_text!r}") from None
+    if not 0.0 <= trace_sampling <= 100.0:
+        raise SettingsError(f"--trace-sampling: must be between 0 and 100, got {sampling_text}")
+    otlp = (pick("otlp_endpoint", "EXTPROC_OTLP_ENDPOINT", "") or "").strip()
+    if otlp:
+        bare = otlp.split("://", 1)[1] if otlp.startswith(("http://", "https://")) else otlp
+        ListenAddress.parse(bare.rstrip("/"), "--otlp-endpoint", allow_unix=False)
     drain = pick("drain_timeout", "EXTPROC_DRAIN_TIMEOUT", "10") or "10"
     try:
         drain_s = float(drain)
@@ -307,6 +355,12 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
             pick("metrics_idle_expiry", "EXTPROC_METRICS_IDLE_EXPIRY", "1h") or "1h",
             "--metrics-idle-expiry",
             allow_zero=True,
+        ),
+        trace_formats=trace_formats,
+        trace_sampling=trace_sampling,
+        otlp_endpoint=otlp,
+        trace_queue_size=_int(
+            pick("trace_queue_size", "EXTPROC_TRACE_QUEUE_SIZE", "2048") or "2048", "--trace-queue-size", 1
         ),
         drain_timeout_s=drain_s,
         log_level=log_level,

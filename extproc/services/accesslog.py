@@ -36,6 +36,7 @@ from extproc.telemetry.labels import RESPONSE_FLAG_CODES
 from extproc.telemetry.peer import METADATA_HEADER, PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.telemetry.recorder import Recorder, TcpTracker
+from extproc.tracing.tracer import DECISION_KEYS, TRACE_KEY, TRACESTATE_KEY, SpanIds, Tracing
 
 log = logging.getLogger("extproc.accesslog")
 
@@ -110,7 +111,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         tcp: TcpTracker,
         peers: PeerCache,
         direction: Direction = Direction.INBOUND,
+        tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing if tracing is not None and tracing.exports else None
+        self.spans = 0
         self.recorder = recorder
         self.tcp = tcp
         self.peers = peers
@@ -208,6 +212,32 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 rec.request_messages = counts.request_message_count
                 rec.response_messages = counts.response_message_count
         self.recorder.http(rec, "access_log")
+        if self.tracing is not None:
+            self._span(c, rec)
+
+    def _span(self, c: accesslog_pb2.AccessLogCommon, rec: HttpRecord) -> None:
+        """The request's span, when its Check chose ids and sampled it (ext_authz dynamic metadata).
+
+        Start and duration are Envoy's: the stream's start time and the time to the last
+        byte sent downstream.
+        """
+        fm = c.metadata.filter_metadata
+        if AUTHZ_NAMESPACE not in fm:
+            return
+        md = fm[AUTHZ_NAMESPACE]
+        ids = SpanIds.decode(_string(md, TRACE_KEY), _string(md, TRACESTATE_KEY))
+        if ids is None or self.tracing is None:
+            return
+        start_ns = c.start_time.ToNanoseconds()
+        if c.HasField("duration"):
+            elapsed = c.duration.ToNanoseconds()
+        elif c.HasField("time_to_last_downstream_tx_byte"):
+            elapsed = c.time_to_last_downstream_tx_byte.ToNanoseconds()
+        else:
+            elapsed = 0
+        decision = {k: _string(md, k) for k in DECISION_KEYS}
+        self.spans += 1
+        self.tracing.finish(ids, rec, start_ns, start_ns + elapsed, decision)
 
     def tcp_entry(self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction) -> None:
         c = e.common_properties

@@ -23,7 +23,7 @@ import bisect
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from extproc.services.custom import CustomOutcome, ProviderPool
 from extproc.services.protoconv import struct_to_dict
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.record import Direction
+from extproc.tracing.tracer import Tracing
 
 log = logging.getLogger("extproc.authz")
 
@@ -132,10 +133,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         token_cache: TokenCache | None = None,
         exchange: mx.PeerExchange | None = None,
         direction: Direction = Direction.INBOUND,
+        tracing: Tracing | None = None,
     ) -> None:
         self._snapshot = snapshot
         self.exchange = exchange
         self.direction = direction
+        self.tracing = tracing if tracing is not None and tracing.propagates else None
         self._adapter = adapter
         self._providers = providers
         self.stats = stats or AuthzStats()
@@ -149,19 +152,64 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         started = time.perf_counter()
         try:
             if direction_of(context, self.direction) is Direction.OUTBOUND:
-                return self._outbound(request)
-            resp = await self._check(request)
-            if self.exchange is not None and request.attributes.request.HasField("http"):
-                self._inbound_exchange(request, resp)
+                resp = self._outbound(request)
+            else:
+                resp = await self._check(request)
+                if self.exchange is not None and request.attributes.request.HasField("http"):
+                    self._inbound_exchange(request, resp)
+            if self.tracing is not None and request.attributes.request.HasField("http"):
+                self._trace(request, resp)
             return resp
         except Exception:  # a bug must deny, not crash the stream or the server
-            self.stats.internal_errors += 1
-            log.exception("internal error while checking a request; denying it")
-            return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
+            return self._internal_error(request)
         finally:
-            elapsed = time.perf_counter() - started
-            self.stats.latency_sum_s += elapsed
-            self.stats.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, elapsed)] += 1
+            self._observe(started)
+
+    async def decide(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        """Inbound enforcement alone (CUSTOM, JWT, DENY/ALLOW), for the ext_proc filter.
+
+        The caller does the metadata exchange and tracing itself, in its own message format.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._check(request)
+        except Exception:
+            return self._internal_error(request)
+        finally:
+            self._observe(started)
+
+    def _internal_error(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+        self.stats.internal_errors += 1
+        log.exception("internal error while checking a request; denying it")
+        return self._deny(is_http=self._adapter.is_http(request), reason="internal error")
+
+    def _observe(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.stats.latency_sum_s += elapsed
+        self.stats.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, elapsed)] += 1
+
+    def _trace(self, request: external_auth_pb2.CheckRequest, resp: external_auth_pb2.CheckResponse) -> None:
+        """Continue or start the request's trace: headers for the upstream, ids for the access log.
+
+        A denied request gets no headers (nothing goes upstream) but still gets its span.
+        """
+        assert self.tracing is not None
+        out = self.tracing.begin(request_headers(request.attributes.request.http))
+        if out is None:
+            return
+        if resp.status.code == code_pb2.OK:
+            ok = resp.ok_response
+            for name, value in out.headers:
+                ok.headers.append(
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=name, value=value),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                )
+            if out.remove:
+                ok.headers_to_remove.extend(out.remove)
+        if self.tracing.wants_span(out):
+            resp.dynamic_metadata.update(self.tracing.metadata(out))
 
     def _outbound(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         """A client-side check: policies apply only inbound, so this allows and adds our metadata."""
@@ -371,6 +419,18 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 DIRECTION_HEADER = "x-extproc-direction"
+
+
+def request_headers(http: external_auth_pb2.AttributeContext.HttpRequest) -> Mapping[str, str]:
+    """The request headers of a CheckRequest, from `header_map` when Envoy encodes them raw."""
+    if http.headers or not http.HasField("header_map"):
+        return http.headers
+    out: dict[str, str] = {}
+    for hv in http.header_map.headers:
+        value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
+        key = hv.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
 
 
 def direction_of(context: grpc.aio.ServicerContext, default: Direction) -> Direction:

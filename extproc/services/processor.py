@@ -1,19 +1,24 @@
-"""envoy.service.ext_proc.v3.ExternalProcessor: metrics and metadata exchange from ext_proc.
+"""envoy.service.ext_proc.v3.ExternalProcessor: the `extproc` mode, everything from one filter.
 
-For users who run Envoy's ext_proc filter instead of ext_authz + the access log service.
 One side stream per HTTP request:
 
-* request headers: the metadata exchange (outbound: add ours; inbound: read the peer's,
-  remove it); remember when the request started;
+* request headers: enforcement (inbound: CUSTOM, JWT, DENY/ALLOW through the same pipeline
+  as ext_authz; a denial is an ImmediateResponse with the status, body and headers Istio's
+  filters send), the metadata exchange (outbound: add ours; inbound: read the peer's and
+  remove it), and the trace context for the upstream, all in one header mutation;
 * response headers: the exchange on the way back (outbound: read and remove the server's
-  pair; inbound: answer with ours if the peer sent its own), then record the request, unless
-  it is a gRPC response whose trailers are still to come;
-* response trailers (gRPC, with `response_trailer_mode: SEND`): record with the grpc-status.
+  pair; inbound: answer with ours if the peer sent its own), the response headers an OK
+  decision asked for, then the request's metrics and span, unless it is a gRPC response
+  whose trailers are still to come;
+* response trailers (gRPC, with `response_trailer_mode: SEND`): metrics and span with the
+  grpc-status.
 
-The request is recorded once, from the last message the stream is expected to carry, and
-the server then ends the stream itself. Envoy continues without the processor after an OK
-close, and in `observability_mode` this frees the side stream at once instead of after
-`deferred_close_timeout` (see DESIGN.md).
+A denied request is recorded and its span ended at the denial: Envoy does not show its own
+local replies to the processor. The request is recorded once, from the last message the
+stream is expected to carry, and the server then ends the stream itself. Envoy continues
+without the processor after an OK close, and in `observability_mode` this frees the side
+stream at once instead of after `deferred_close_timeout` (see DESIGN.md). In that mode
+Envoy ignores every reply, so nothing is enforced or propagated; metrics and spans remain.
 
 Values ext_proc cannot know at response headers are documented, not guessed silently:
 duration is measured from the request-headers message to the response-headers (or trailers)
@@ -27,22 +32,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2
 
+from extproc.services import processing_adapter as pa
 from extproc.services.accesslog import grpc_status
-from extproc.services.authz import LogOnce, direction_of
+from extproc.services.authz import AuthorizationService, LogOnce, direction_of
+from extproc.services.protoconv import struct_to_dict
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.telemetry.recorder import Recorder
+from extproc.tracing.context import Outgoing
+from extproc.tracing.tracer import SpanIds, Tracing
 
 log = logging.getLogger("extproc.processor")
 
-EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+EXT_PROC_ATTRIBUTES = pa.EXT_PROC_ATTRIBUTES
 MAX_HEADERS = 512
 
 
@@ -90,14 +103,40 @@ def _mutation(set_headers: tuple[tuple[str, str], ...] = (), remove: tuple[str, 
 class _Stream:
     """What one HTTP request's side stream has told us so far."""
 
-    __slots__ = ("grpc", "peer", "record", "request_headers", "started")
+    __slots__ = (
+        "decision",
+        "grpc",
+        "outgoing",
+        "peer",
+        "record",
+        "request_headers",
+        "response_headers_to_add",
+        "started",
+        "started_ns",
+    )
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.started_ns = time.time_ns()
         self.request_headers: dict[str, str] = {}
         self.peer: Peer | None = None
         self.grpc = False
         self.record: HttpRecord | None = None
+        self.outgoing: Outgoing | None = None
+        self.decision: dict[str, Any] | None = None
+        self.response_headers_to_add: tuple[base_pb2.HeaderValueOption, ...] = ()
+
+
+def _details(decision: Mapping[str, Any], status: str) -> str:
+    """%RESPONSE_CODE_DETAILS% of a denial, as the native filter that would have denied names it."""
+    stage = decision.get("extproc_stage", "")
+    if stage in ("deny", "allow"):
+        return f"rbac_access_denied_matched_policy[{decision.get('enforced_effective_policy_id', 'none')}]"
+    if stage == "jwt":
+        return "jwt_authn_access_denied{" + status.replace(" ", "_") + "}"
+    if stage == "custom":
+        return "ext_authz_denied"
+    return "extproc_denied"
 
 
 class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
@@ -107,14 +146,20 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         peers: PeerCache,
         exchange: mx.PeerExchange | None,
         direction: Direction = Direction.INBOUND,
+        authz: AuthorizationService | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.recorder = recorder
         self.peers = peers
         self.exchange = exchange
         self.direction = direction
+        self.authz = authz
+        self.tracing = tracing
         self.streams = 0
         self.ended_early = 0  # streams the server ended after the last expected message
         self.bad_streams = 0
+        self.denied = 0
+        self.spans = 0
         self._log_bad = LogOnce(log)
 
     async def Process(
@@ -129,7 +174,7 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                 reply: ep.ProcessingResponse | None
                 done = False
                 if kind == "request_headers":
-                    reply = ep.ProcessingResponse(request_headers=self._request_headers(st, req, direction))
+                    reply, done = await self._request_headers(st, req, direction)
                 elif kind == "response_headers":
                     hr, done = self._response_headers(st, req, direction)
                     reply = ep.ProcessingResponse(response_headers=hr)
@@ -160,7 +205,9 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
             if st.record is not None or st.peer is not None:
                 self._finish(st, trailers=None)
 
-    def _request_headers(self, st: _Stream, req: ep.ProcessingRequest, direction: Direction) -> ep.HeadersResponse:
+    async def _request_headers(
+        self, st: _Stream, req: ep.ProcessingRequest, direction: Direction
+    ) -> tuple[ep.ProcessingResponse, bool]:
         headers = header_map(req.request_headers.headers)
         st.request_headers = headers
         st.grpc = headers.get("content-type", "").startswith("application/grpc")
@@ -172,28 +219,102 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
             peer_key=value,
             host=headers.get(":authority", ""),
         )
-        if self.exchange is None:
-            return ep.HeadersResponse()
-        if direction is Direction.OUTBOUND:
-            return _mutation(set_headers=self.exchange.headers)
-        if got is not None:
-            return _mutation(remove=(mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
-        return ep.HeadersResponse()
+        attrs = pa.attribute_strings(req)
+        if attrs and direction is Direction.INBOUND:
+            st.peer.peer_principal = attrs.get("connection.uri_san_peer_certificate", "")
+            st.peer.local_principal = attrs.get("connection.uri_san_local_certificate", "")
+        # In observability mode Envoy applies no reply: nothing can be enforced or propagated.
+        acting = not req.observability_mode
+        tracing = self.tracing
+        st.outgoing = tracing.begin(headers) if tracing is not None else None
+
+        ok: external_auth_pb2.OkHttpResponse | None = None
+        metadata: struct_pb2.Struct | None = None
+        if direction is Direction.INBOUND and self.authz is not None and acting:
+            resp = await self.authz.decide(pa.check_request(headers, attrs, req))
+            metadata = resp.dynamic_metadata
+            st.decision = struct_to_dict(metadata)
+            if resp.status.code != code_pb2.OK:
+                return self._denied(st, resp, got is not None), True
+            ok = resp.ok_response
+            st.response_headers_to_add = pa.response_headers_to_add(ok)
+
+        out = ep.ProcessingResponse()
+        if not acting:
+            return out, False
+        extra: list[tuple[str, str]] = []
+        remove: list[str] = []
+        if self.exchange is not None:
+            if direction is Direction.OUTBOUND:
+                extra.extend(self.exchange.headers)
+            elif got is not None:
+                remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
+        if st.outgoing is not None:
+            extra.extend(st.outgoing.headers)
+            remove.extend(st.outgoing.remove)
+        out.request_headers.CopyFrom(
+            pa.request_mutation(ok or _NO_CHANGE, headers.get(":path", ""), extra=tuple(extra), remove=tuple(remove))
+        )
+        if metadata is not None and metadata.fields:
+            out.dynamic_metadata.CopyFrom(pa.namespaced(metadata))
+        return out, False
+
+    def _denied(
+        self, st: _Stream, resp: external_auth_pb2.CheckResponse, peer_sent_metadata: bool
+    ) -> ep.ProcessingResponse:
+        """The local reply for a denial; the request is over, so its metrics and span are too."""
+        self.denied += 1
+        decision = st.decision or {}
+        imm = pa.immediate_response(resp, _details(decision, resp.status.message))
+        if self.exchange is not None and peer_sent_metadata:
+            # Our pair on the denial too, so the client labels its 403s with our workload.
+            for name, value in self.exchange.headers:
+                imm.headers.set_headers.append(
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                )
+        peer = st.peer
+        assert peer is not None
+        st.record = HttpRecord(
+            peer=peer,
+            grpc=st.grpc,
+            response_code=imm.status.code,
+            request_bytes=_size(st.request_headers),
+            response_bytes=len(imm.body),
+            method=st.request_headers.get(":method", ""),
+            path=st.request_headers.get(":path", ""),
+            scheme=st.request_headers.get(":scheme", ""),
+            user_agent=st.request_headers.get("user-agent", ""),
+            request_id=st.request_headers.get("x-request-id", ""),
+            request_headers=st.request_headers,
+        )
+        st.record.grpc_status = grpc_status(st.grpc, imm.status.code, {}, {})
+        self._finish(st, trailers=None)
+        out = ep.ProcessingResponse(immediate_response=imm)
+        if resp.dynamic_metadata.fields:
+            out.dynamic_metadata.CopyFrom(pa.namespaced(resp.dynamic_metadata))
+        return out
 
     def _response_headers(
         self, st: _Stream, req: ep.ProcessingRequest, direction: Direction
     ) -> tuple[ep.HeadersResponse, bool]:
         headers = header_map(req.response_headers.headers)
         peer = st.peer or Peer(direction=direction)
-        reply = ep.HeadersResponse()
+        set_headers: list[tuple[str, str]] = []
+        remove: list[str] = []
         if direction is Direction.OUTBOUND:
             got = mx.received(headers)
             if got is not None:
                 peer.workload = self.peers.get(got[0])
                 peer.peer_key = got[0]
-                reply = _mutation(remove=(mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
+                remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
         elif self.exchange is not None and peer.peer_key:
-            reply = _mutation(set_headers=self.exchange.headers)
+            set_headers.extend(self.exchange.headers)
+        reply = _mutation(set_headers=tuple(set_headers), remove=tuple(remove))
+        if st.response_headers_to_add:
+            reply.response.header_mutation.set_headers.extend(st.response_headers_to_add)
         status = headers.get(":status", "")
         total = _number(req, "request.total_size")
         st.record = HttpRecord(
@@ -223,7 +344,16 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
             rec = HttpRecord(peer=st.peer, grpc=st.grpc, request_id=st.request_headers.get("x-request-id", ""))
         if trailers is not None and st.grpc:
             rec.grpc_status = grpc_status(True, rec.response_code, trailers, {}) or rec.grpc_status
-        rec.duration_ms = (time.monotonic() - st.started) * 1000.0
+        elapsed_s = time.monotonic() - st.started
+        rec.duration_ms = elapsed_s * 1000.0
         st.record = None
         st.peer = None
         self.recorder.http(rec, "ext_proc")
+        out = st.outgoing
+        if self.tracing is not None and self.tracing.wants_span(out):
+            assert out is not None
+            self.spans += 1
+            self.tracing.finish(SpanIds.of(out), rec, st.started_ns, st.started_ns + int(elapsed_s * 1e9), st.decision)
+
+
+_NO_CHANGE = external_auth_pb2.OkHttpResponse()

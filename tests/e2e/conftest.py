@@ -24,6 +24,14 @@ from tests.fixtures.stack import ClientCert, ExtprocProcess, HttpClient, tcp_rou
 pytestmark = pytest.mark.e2e
 
 
+MODES = ("authz", "extproc")
+
+
+def http_filter(mode: str) -> dict[str, Any]:
+    """The HTTP filter of a deployment mode: ext_authz (`authz+als`) or ext_proc (`extproc`)."""
+    return ec.ext_authz_http() if mode == "authz" else ec.ext_proc_http()
+
+
 @dataclass
 class Stack:
     workdir: Path
@@ -36,6 +44,7 @@ class Stack:
     tcp_port: int
     access_log: Path
     pki: dict[str, Any]
+    mode: str = "authz"
 
     def set_policies(self, yaml_text: str, name: str = "policies.yaml") -> None:
         """Replace every policy file with `yaml_text` and wait until extproc serves it."""
@@ -84,14 +93,16 @@ class Stack:
         return found[-1]
 
 
-def build_stack(tmp: Path, pki: dict[str, Any], upstream_port: int, extproc: ExtprocProcess, config_dir: Path) -> Stack:
+def build_stack(
+    tmp: Path, pki: dict[str, Any], upstream_port: int, extproc: ExtprocProcess, config_dir: Path, mode: str = "authz"
+) -> Stack:
     server = pki["server"]
     tls = ec.Tls(server.cert_path, server.key_path, pki["ca"].cert_path, require_client_certificate=False)
     http_port, https_port, tcp_tls_port, tcp_port, admin = (free_port() for _ in range(5))
     access_log = tmp / "access.log"
     listeners: list[ec.HttpListener | ec.TcpListener] = [
-        ec.HttpListener("http", http_port, [ec.ext_authz_http()], access_log_path=access_log),
-        ec.HttpListener("https", https_port, [ec.ext_authz_http()], tls=tls, access_log_path=access_log),
+        ec.HttpListener("http", http_port, [http_filter(mode)], access_log_path=access_log),
+        ec.HttpListener("https", https_port, [http_filter(mode)], tls=tls, access_log_path=access_log),
         ec.TcpListener("tcp_tls", tcp_tls_port, [ec.ext_authz_network()], tls=tls),
         ec.TcpListener("tcp", tcp_port, [ec.ext_authz_network()]),
     ]
@@ -101,25 +112,34 @@ def build_stack(tmp: Path, pki: dict[str, Any], upstream_port: int, extproc: Ext
     ]
     envoy = ec.EnvoyProcess(ec.bootstrap(admin, listeners, clusters), tmp / "envoy", admin)
     envoy.wait_ready()
-    return Stack(tmp, config_dir, extproc, envoy, http_port, https_port, tcp_tls_port, tcp_port, access_log, pki)
+    return Stack(tmp, config_dir, extproc, envoy, http_port, https_port, tcp_tls_port, tcp_port, access_log, pki, mode)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any], upstream: int) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
+def run_stack(
+    tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any], upstream: int, mode: str
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp(f"stack-{mode}")
     config_dir = tmp / "policies"
     config_dir.mkdir()
     extproc = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin,version=v1")
     envoy: ec.EnvoyProcess | None = None
     try:
         extproc.wait_ready()
-        s = build_stack(tmp, pki, upstream, extproc, config_dir)
+        s = build_stack(tmp, pki, upstream, extproc, config_dir, mode)
         envoy = s.envoy
         yield s
     finally:
         if envoy is not None:
             envoy.stop()
         extproc.stop()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any], upstream: int
+) -> Iterator[Stack]:
+    """The stack in each deployment mode: the same tests hold for ext_authz and for ext_proc."""
+    yield from run_stack(tmp_path_factory, pki, upstream, request.param)
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,13 @@ def test_allow_by_principal_over_mtls(stack: Stack) -> None:
     assert stack.tcp(tls=False) is None
 
 
-def test_allow_response_adds_no_headers(stack: Stack) -> None:
+def test_allow_response_adds_only_the_trace_context(stack: Stack) -> None:
     stack.set_policies(ALLOW_SLEEP)
     seen = stack.https(cert="sleep").get("/headers", {"x-probe": "1"}).json()["headers"]
-    baseline = {
+    trace = {"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"}  # the default --trace-formats w3c,b3
+    assert trace <= seen.keys(), seen
+    assert seen["traceparent"][3:35] == seen["x-b3-traceid"].rjust(32, "0")
+    baseline = trace | {
         "host",
         "accept-encoding",
         "x-probe",
@@ -74,7 +77,13 @@ def test_deny_policy_returns_403_and_records_the_rule(stack: Stack) -> None:
     r = stack.http().get("/admin/users?id=1")
     assert r.status == 403 and r.body == b"RBAC: access denied"
     log = stack.access_log_line("/admin/users?id=1")
-    assert "ext_authz_denied" in log
+    # %RESPONSE_CODE_DETAILS%: ext_authz's own, or the one Envoy's RBAC filter would give.
+    details = (
+        "ext_authz_denied"
+        if stack.mode == "authz"
+        else "rbac_access_denied_matched_policy[ns[istio-system]-policy[deny-admin]-rule[0]]"
+    )
+    assert details in log
     assert "ns[istio-system]-policy[deny-admin]-rule[0]" in log
     assert stack.http().request("PUT", "/admin").status == 200
     # A DENY rule with only HTTP attributes denies every TCP connection (Istio's widening).

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
+from tests.e2e.conftest import MODES, http_filter
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.jwks_server import HeaderEcho
 from tests.fixtures.procs import free_port
@@ -697,7 +698,7 @@ class Harness:
     keys: Keys
     scenarios: dict[str, Scenario]
     native_ports: dict[str, int]
-    ext_port: int
+    ext_ports: dict[str, int]  # by deployment mode: ext_authz ("authz") or ext_proc ("extproc")
     config_dir: Path
     extproc: ExtprocProcess
 
@@ -710,16 +711,18 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     config_dir = tmp / "policies"
     config_dir.mkdir()
     echo = HeaderEcho().start()
-    x = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin")
+    # No trace headers: the native side has no tracer, and only the JWT semantics are compared.
+    x = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin", extra_args=["--trace-formats", "none"])
     envoy: ec.EnvoyProcess | None = None
     try:
         native_ports = {name: free_port() for name in scenarios}
-        ext_port, admin = free_port(), free_port()
+        ext_ports = {mode: free_port() for mode in MODES}
+        admin = free_port()
         listeners = [
             ec.HttpListener(f"native-{name}", native_ports[name], native_filters(s.docs))
             for name, s in scenarios.items()
         ]
-        listeners.append(ec.HttpListener("extproc", ext_port, [ec.ext_authz_http()]))
+        listeners += [ec.HttpListener(f"extproc-{mode}", port, [http_filter(mode)]) for mode, port in ext_ports.items()]
         clusters = [
             ec.cluster("upstream", "127.0.0.1", echo.port),
             ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
@@ -727,7 +730,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         envoy = ec.EnvoyProcess(ec.bootstrap(admin, listeners, clusters), tmp / "envoy", admin)
         x.wait_ready()
         envoy.wait_ready()
-        yield Harness(keys, scenarios, native_ports, ext_port, config_dir, x)
+        yield Harness(keys, scenarios, native_ports, ext_ports, config_dir, x)
     finally:
         if envoy is not None:
             envoy.stop()
@@ -785,13 +788,14 @@ def render(case: Case, native: dict[str, Any], ours: dict[str, Any]) -> str:
     return f"--- case {case.name} ({case.method} {case.path[:60]}):\n{diff}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_extproc_authenticates_like_envoy_jwt_authn(harness: Harness, scenario: str) -> None:
+def test_extproc_authenticates_like_envoy_jwt_authn(harness: Harness, scenario: str, mode: str) -> None:
     h = harness
     s = h.scenarios[scenario]
     serve(h, s.docs)
     native_client = HttpClient(h.native_ports[scenario])
-    ext_client = HttpClient(h.ext_port)
+    ext_client = HttpClient(h.ext_ports[mode])
     try:
         results = [(c, send(native_client, c), send(ext_client, c)) for c in s.cases]
     finally:
