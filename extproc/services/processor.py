@@ -231,6 +231,12 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         ok: external_auth_pb2.OkHttpResponse | None = None
         metadata: struct_pb2.Struct | None = None
         if direction is Direction.INBOUND and self.authz is not None and acting:
+            if "source.address" not in attrs:
+                self._log_bad(
+                    "ext-proc-without-addresses",
+                    "ext_proc sent no source.address/destination.address: add them to the filter's "
+                    "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
+                )
             resp = await self.authz.decide(pa.check_request(headers, attrs, req))
             metadata = resp.dynamic_metadata
             st.decision = struct_to_dict(metadata)

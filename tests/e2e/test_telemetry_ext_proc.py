@@ -43,6 +43,8 @@ def ext_proc(observability: bool) -> dict[str, Any]:
             "response_trailer_mode": "SEND",
         },
         "message_timeout": "1s",
+        # The peer's address and certificate, which policies (enforced in this mode) read.
+        "request_attributes": ec.EXT_PROC_ATTRIBUTES,
         # The exchange headers are x-envoy-*, which ext_proc may not change by default.
         "mutation_rules": {"allow_envoy": True},
         "observability_mode": observability,
