@@ -59,10 +59,10 @@ EXT_PROC_ATTRIBUTES = pa.EXT_PROC_ATTRIBUTES
 MAX_HEADERS = 512
 
 
-def header_map(h: base_pb2.HeaderMap) -> dict[str, str]:
+def header_map(h: base_pb2.HeaderMap, limit: int | None = MAX_HEADERS) -> dict[str, str]:
     """Lower-case names; Envoy sends values in raw_value; repeated names joined with ","."""
     out: dict[str, str] = {}
-    for hv in h.headers[:MAX_HEADERS]:
+    for hv in h.headers[:limit]:
         value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
         key = hv.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
@@ -237,7 +237,10 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
                     "ext_proc sent no source.address/destination.address: add them to the filter's "
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
-            resp = await self.authz.decide(pa.check_request(headers, attrs, req))
+            hv = req.request_headers.headers
+            # Enforcement sees every header: too many is a malformed request, denied as with ext_authz.
+            checked = headers if len(hv.headers) <= MAX_HEADERS else header_map(hv, limit=None)
+            resp = await self.authz.decide(pa.check_request(checked, attrs, req))
             metadata = resp.dynamic_metadata
             st.decision = struct_to_dict(metadata)
             if resp.status.code != code_pb2.OK:
