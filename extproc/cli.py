@@ -3,7 +3,7 @@
 extproc serve    --config-dir DIR ... --listen ADDR --admin ADDR --namespace NS --labels k=v,...
 extproc validate --config-dir DIR ... [--namespace NS --labels k=v,...]
 extproc explain  --config-dir DIR ... --namespace NS [--labels k=v,...] --request JSON|@FILE
-extproc demo     [--check]
+extproc demo     [--check] [--mode authz|extproc]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from extproc.demo import run_demo
 
-    return run_demo(check=ns.check)
+    return run_demo(check=ns.check, mode=ns.mode)
 
 
 def _add_workload_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run Envoy, extproc, a sample upstream and sample policies on this machine")
     demo.add_argument("--check", action="store_true", help="send the sample requests, print the results and exit")
+    demo.add_argument(
+        "--mode",
+        choices=("authz", "extproc"),
+        default="authz",
+        help="authz: ext_authz + access logs (envoy/authz.yaml); extproc: one ext_proc filter (envoy/extproc.yaml)",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

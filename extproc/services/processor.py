@@ -130,7 +130,7 @@ class _Stream:
 def _details(decision: Mapping[str, Any], status: str) -> str:
     """%RESPONSE_CODE_DETAILS% of a denial, as the native filter that would have denied names it."""
     stage = decision.get("extproc_stage", "")
-    if stage in ("deny", "allow"):
+    if stage in ("deny", "allow", "no-match"):
         return f"rbac_access_denied_matched_policy[{decision.get('enforced_effective_policy_id', 'none')}]"
     if stage == "jwt":
         return "jwt_authn_access_denied{" + status.replace(" ", "_") + "}"

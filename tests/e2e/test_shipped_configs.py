@@ -40,8 +40,11 @@ def test_sample_policies_load_without_warnings() -> None:
     ]
 
 
-def test_demo_check_serves_the_promised_answers(envoy_binary: Path) -> None:
-    r = subprocess.run([str(VENV_BIN / "extproc"), "demo", "--check"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("mode", ["authz", "extproc"])
+def test_demo_check_serves_the_promised_answers(envoy_binary: Path, mode: str) -> None:
+    r = subprocess.run(
+        [str(VENV_BIN / "extproc"), "demo", "--check", "--mode", mode], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("  ok   ") == 12  # 11 probes and the metrics check
     assert "istio_requests_total sums to 10 (expect 10)" in r.stdout
