@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -232,6 +231,9 @@ class SpanSink:
         self.settings = settings
         self.stats = SinkStats()
         if exporter is None:
+            # Imported here: only a server that exports spans needs the OTLP protos.
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
             exporter = OTLPSpanExporter(
                 endpoint=settings.endpoint,
                 insecure=settings.insecure,
