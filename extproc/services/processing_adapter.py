@@ -11,9 +11,17 @@ What ext_proc does not send by default must be asked for with the filter's
 `request_attributes` (see envoy/extproc.yaml), or policies on peers cannot be evaluated:
 
     source.address, destination.address          "ip:port" of the downstream connection
+    filter_state["extproc.peer_address"]          the physical peer (see below)
     connection.peer_certificate                   the client certificate, PEM (all SANs)
     connection.uri_san_peer_certificate           fallback when the PEM is not sent
     connection.requested_server_name              SNI
+
+`source.address` is the stream's remote address: when the HCM trusts x-forwarded-for it is
+the header's last entry (port 0), not the peer. ext_authz sends the peer, and `ipBlocks`
+(Envoy RBAC's `direct_remote_ip`) needs it, so envoy/extproc.yaml records
+%DOWNSTREAM_DIRECT_REMOTE_ADDRESS% in filter state with the set_filter_state filter and asks
+for it as an attribute. Filter state cannot be set by a client, so it is safe to trust;
+without it, `source.address` stands in.
 
 A request without addresses is denied as malformed, the same as a CheckRequest without
 them: the server fails closed rather than evaluating `ipBlocks` against nothing.
@@ -31,6 +39,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+# The physical peer, recorded by set_filter_state before ext_proc (see the module docstring).
+PEER_ADDRESS_STATE = "extproc.peer_address"
+PEER_ADDRESS_ATTRIBUTE = f'filter_state["{PEER_ADDRESS_STATE}"]'
 # The namespace our decision metadata is written to; the filter must list it in
 # metadata_options.receiving_namespaces.untyped for Envoy to keep it.
 METADATA_NAMESPACE = "extproc"
@@ -81,8 +92,9 @@ def check_request(
     """
     req = external_auth_pb2.CheckRequest()
     a = req.attributes
-    for name, side in (("source.address", a.source), ("destination.address", a.destination)):
-        hp = _split_host_port(attrs.get(name, ""))
+    peer = attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get("source.address", "")
+    for value, side in ((peer, a.source), (attrs.get("destination.address", ""), a.destination)):
+        hp = _split_host_port(value)
         if hp is not None:
             side.address.socket_address.address, side.address.socket_address.port_value = hp
     pem = attrs.get("connection.peer_certificate", "")

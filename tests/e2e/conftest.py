@@ -27,9 +27,9 @@ pytestmark = pytest.mark.e2e
 MODES = ("authz", "extproc")
 
 
-def http_filter(mode: str) -> dict[str, Any]:
-    """The HTTP filter of a deployment mode: ext_authz (`authz+als`) or ext_proc (`extproc`)."""
-    return ec.ext_authz_http() if mode == "authz" else ec.ext_proc_http()
+def http_filters(mode: str) -> list[dict[str, Any]]:
+    """The HTTP filters of a deployment mode: ext_authz (`authz+als`) or ext_proc (`extproc`)."""
+    return [ec.ext_authz_http()] if mode == "authz" else ec.ext_proc_chain()
 
 
 @dataclass
@@ -101,8 +101,8 @@ def build_stack(
     http_port, https_port, tcp_tls_port, tcp_port, admin = (free_port() for _ in range(5))
     access_log = tmp / "access.log"
     listeners: list[ec.HttpListener | ec.TcpListener] = [
-        ec.HttpListener("http", http_port, [http_filter(mode)], access_log_path=access_log),
-        ec.HttpListener("https", https_port, [http_filter(mode)], tls=tls, access_log_path=access_log),
+        ec.HttpListener("http", http_port, http_filters(mode), access_log_path=access_log),
+        ec.HttpListener("https", https_port, http_filters(mode), tls=tls, access_log_path=access_log),
         ec.TcpListener("tcp_tls", tcp_tls_port, [ec.ext_authz_network()], tls=tls),
         ec.TcpListener("tcp", tcp_port, [ec.ext_authz_network()]),
     ]

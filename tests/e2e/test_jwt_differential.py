@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
-from tests.e2e.conftest import MODES, http_filter
+from tests.e2e.conftest import MODES, http_filters
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.jwks_server import HeaderEcho
 from tests.fixtures.procs import free_port
@@ -722,7 +722,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             ec.HttpListener(f"native-{name}", native_ports[name], native_filters(s.docs))
             for name, s in scenarios.items()
         ]
-        listeners += [ec.HttpListener(f"extproc-{mode}", port, [http_filter(mode)]) for mode, port in ext_ports.items()]
+        listeners += [ec.HttpListener(f"extproc-{mode}", port, http_filters(mode)) for mode, port in ext_ports.items()]
         clusters = [
             ec.cluster("upstream", "127.0.0.1", echo.port),
             ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),

@@ -66,7 +66,7 @@ def _context(headers: dict[str, str]) -> tuple[str, str, str]:
 
 def _filters(mode: str, direction: str) -> list[dict[str, Any]]:
     if mode == "extproc":
-        return [ec.ext_proc_http(direction=direction, failure_mode_allow=direction == "outbound")]
+        return ec.ext_proc_chain(direction=direction, failure_mode_allow=direction == "outbound")
     authz = mesh.ext_authz(direction)
     return [authz, mesh.peer_from_response()] if direction == "outbound" else [authz]
 

@@ -73,6 +73,18 @@ def test_the_check_request_gives_the_same_attributes_as_ext_authz_would(pki_pem:
     assert unquote(req.attributes.source.certificate) == pki_pem
 
 
+def test_the_peer_recorded_in_filter_state_is_the_source_not_the_forwarded_client() -> None:
+    # An HCM that trusts x-forwarded-for makes source.address the header's last entry.
+    attrs = {
+        "source.address": "203.0.113.9:0",
+        pa.PEER_ADDRESS_ATTRIBUTE: "10.1.2.3:40000",
+        "destination.address": "10.1.2.4:80",
+    }
+    got = CheckAdapter().attributes(pa.check_request(HEADERS, attrs))
+    assert (str(got.source_ip), got.source_port) == ("10.1.2.3", 40000)  # ipBlocks: the peer
+    assert str(got.remote_ip) == "203.0.113.9"  # remoteIpBlocks: from x-forwarded-for
+
+
 def test_without_a_certificate_the_first_uri_san_is_the_principal() -> None:
     attrs = {
         "source.address": "10.1.2.3:1",
