@@ -144,7 +144,8 @@ def mesh_config(
 @dataclass
 class Pair:
     native: int
-    extproc: int
+    extproc: int  # ext_authz pointed at extproc (`authz+als` mode)
+    ext_proc: int  # ext_proc pointed at extproc (`extproc` mode); no request body in this mode
 
 
 def start_pair(
@@ -164,10 +165,12 @@ def start_pair(
     (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error, body))
     x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}")
     x.wait_ready()
-    native, via, admin = free_port(), free_port(), free_port()
+    native, via, via_proc, admin = free_port(), free_port(), free_port(), free_port()
     listeners: list[Any] = [
         ec.HttpListener("native", native, istio_custom_filters(kind, timeout, fail_open, status_on_error, body)),
         ec.HttpListener("extproc", via, [ec.ext_authz_http(**({"with_request_body": BODY_SETTINGS} if body else {}))]),
+        # extproc waits for the provider itself: Envoy must wait longer than the provider timeout.
+        ec.HttpListener("ext_proc", via_proc, ec.ext_proc_chain(message_timeout="10s")),
     ]
     clusters = [
         ec.cluster("upstream", "127.0.0.1", upstream),
@@ -178,7 +181,7 @@ def start_pair(
     # extproc waits for the provider itself, so give the outer call more room than the provider timeout
     listeners[1].filters[0]["typed_config"]["grpc_service"]["timeout"] = "10s"
     start_envoy(ec.bootstrap(admin, listeners, clusters), admin, name=f"envoy-{kind}")
-    return Pair(native, via), x
+    return Pair(native, via, via_proc), x
 
 
 CLIENT_HEADERS = ("x-ext-authz-check-result", "x-ext-authz-response", "x-ext-authz-extra", "content-type")
@@ -226,10 +229,12 @@ def test_custom_matches_envoys_own_ext_authz(
             native = observe(HttpClient(pair.native).get(path, headers))
             ours = observe(HttpClient(pair.extproc).get(path, headers))
             assert ours == native, (path, headers)
+            assert observe(HttpClient(pair.ext_proc).get(path, headers)) == native, ("ext_proc", path, headers)
         # the provider saw the same request from both (HTTP: method, path, the headers it is allowed to see)
         if kind == "http":
             calls = [c for c in provider.received() if c["kind"] == "http" and c["path"].startswith("/check/ext/q")]
-            native_call, our_call = calls[-2], calls[-1]
+            native_call, our_call, proc_call = calls[-3], calls[-2], calls[-1]
+            assert proc_call["path"] == native_call["path"] and proc_call["method"] == native_call["method"]
             assert our_call["method"] == native_call["method"] == "GET"
             assert our_call["path"] == native_call["path"] == "/check/ext/q?a=1&b=2"
             ignore = {
@@ -246,6 +251,7 @@ def test_custom_matches_envoys_own_ext_authz(
                 return out
 
             assert stable(our_call["headers"]) == stable(native_call["headers"])
+            assert stable(proc_call["headers"]) == stable(native_call["headers"])
     finally:
         x.stop()
 
