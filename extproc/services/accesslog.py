@@ -114,7 +114,6 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         tracing: Tracing | None = None,
     ) -> None:
         self.tracing = tracing if tracing is not None and tracing.exports else None
-        self.spans = 0
         self.recorder = recorder
         self.tcp = tcp
         self.peers = peers
@@ -236,7 +235,6 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         else:
             elapsed = 0
         decision = {k: _string(md, k) for k in DECISION_KEYS}
-        self.spans += 1
         self.tracing.finish(ids, rec, start_ns, start_ns + elapsed, decision)
 
     def tcp_entry(self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction) -> None:

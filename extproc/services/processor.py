@@ -159,7 +159,6 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         self.ended_early = 0  # streams the server ended after the last expected message
         self.bad_streams = 0
         self.denied = 0
-        self.spans = 0
         self._log_bad = LogOnce(log)
 
     async def Process(
@@ -361,7 +360,6 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         out = st.outgoing
         if self.tracing is not None and self.tracing.wants_span(out):
             assert out is not None
-            self.spans += 1
             self.tracing.finish(SpanIds.of(out), rec, st.started_ns, st.started_ns + int(elapsed_s * 1e9), st.decision)
 
 
