@@ -123,7 +123,7 @@ class TracingCollector(Collector):
         ):
             spans.add_metric([outcome], n)
         yield spans
-        yield GaugeMetricFamily("extproc_spans_queued", "Spans waiting for export", value=sink.queued)
+        yield GaugeMetricFamily("extproc_spans_queued", "Spans waiting for export", value=st.queued)
 
 
 class ExtprocCollector(Collector):

@@ -237,3 +237,48 @@ def test_client_and_server_sidecars_report_one_trace(traced: Traced) -> None:
     assert server.attributes["istio.source_workload"] == "sleep"
     # The client's span encloses the server's.
     assert client.start_ns <= server.start_ns and server.end_ns <= client.end_ns
+
+
+def test_a_collector_that_is_down_costs_spans_not_requests(
+    tmp_path_factory: pytest.TempPathFactory, upstream: int
+) -> None:
+    """Every request is served and propagated; spans beyond the bounded queue are dropped and counted."""
+    tmp: Path = tmp_path_factory.mktemp("collector-down")
+    (tmp / "p").mkdir()
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    x = ExtprocProcess(
+        [tmp / "p"],
+        tmp,
+        extra_args=["--otlp-endpoint", nowhere, "--trace-sampling", "100", "--trace-queue-size", "4"],
+    )
+    envoy: ec.EnvoyProcess | None = None
+    try:
+        x.wait_ready()
+        port, admin = free_port(), free_port()
+        listener = ec.HttpListener("http", port, ec.ext_proc_chain())
+        clusters = [
+            ec.cluster("upstream", "127.0.0.1", upstream),
+            ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+        ]
+        envoy = ec.EnvoyProcess(ec.bootstrap(admin, [listener], clusters), tmp / "envoy", admin)
+        envoy.wait_ready()
+        client = HttpClient(port)
+        requests = 40
+        for i in range(requests):
+            r = client.get(f"/down/{i}")
+            assert r.status == 200
+            _context(r.json()["headers"])  # still propagated
+        metrics = x.metrics()
+        outcomes = {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("extproc_spans_total{")
+        }
+        assert outcomes, [m for m in metrics.splitlines() if "span" in m or "trace" in m]
+        assert outcomes["submitted"] == requests
+        assert outcomes["dropped"] > 0
+        assert outcomes["exported"] == 0
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        x.stop()
