@@ -164,7 +164,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     telemetry, exchange = telemetry_of(settings)
     telemetry.apply(holder.current.telemetry)
     holder.on_swap.append(lambda snap: telemetry.apply(snap.telemetry))
-    tracing = tracing_of(settings, exchange.local)
+    try:
+        tracing = tracing_of(settings, exchange.local)
+    except RuntimeError as e:
+        log.error("cannot export spans to %s: %s", settings.otlp_endpoint, e)
+        return 2
     authz = AuthorizationService(
         holder.get,
         adapter,

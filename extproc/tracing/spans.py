@@ -232,7 +232,14 @@ class SpanSink:
         self.stats = SinkStats()
         if exporter is None:
             # Imported here: only a server that exports spans needs the OTLP protos.
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            except ImportError as e:
+                # xds-protos ships an older copy of the same `opentelemetry.proto` package.
+                raise RuntimeError(
+                    f"the OTLP exporter cannot load ({e}); reinstall opentelemetry-proto after xds-protos "
+                    "(pip install --force-reinstall --no-deps opentelemetry-proto), as scripts/setup does"
+                ) from e
 
             exporter = OTLPSpanExporter(
                 endpoint=settings.endpoint,
