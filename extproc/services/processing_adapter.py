@@ -118,7 +118,8 @@ def check_request(
     return req
 
 
-def _set(name: str, value: str) -> base_pb2.HeaderValueOption:
+def set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    """Set (overwrite) one header, value in raw_value as ext_proc expects."""
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
@@ -186,7 +187,7 @@ def request_mutation(
     for hvo in ok.headers:
         mut.set_headers.append(_append(hvo))
     for name, value in extra:
-        mut.set_headers.append(_set(name, value))
+        mut.set_headers.append(set_header(name, value))
     removed = [*ok.headers_to_remove, *remove]
     if removed:
         mut.remove_headers.extend(removed)

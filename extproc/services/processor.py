@@ -89,13 +89,7 @@ def _number(attrs: ep.ProcessingRequest, name: str) -> float | None:
 def _mutation(set_headers: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> ep.HeadersResponse:
     resp = ep.HeadersResponse()
     mut = resp.response.header_mutation
-    for name, value in set_headers:
-        mut.set_headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        )
+    mut.set_headers.extend(pa.set_header(name, value) for name, value in set_headers)
     mut.remove_headers.extend(remove)
     return resp
 
@@ -125,6 +119,24 @@ class _Stream:
         self.outgoing: Outgoing | None = None
         self.decision: dict[str, Any] | None = None
         self.response_headers_to_add: tuple[base_pb2.HeaderValueOption, ...] = ()
+
+
+def _record(st: _Stream, peer: Peer, code: int, request_bytes: int, response_bytes: int) -> HttpRecord:
+    """The request's record from what its request headers said, with the response's facts."""
+    h = st.request_headers
+    return HttpRecord(
+        peer=peer,
+        grpc=st.grpc,
+        response_code=code,
+        request_bytes=request_bytes,
+        response_bytes=response_bytes,
+        method=h.get(":method", ""),
+        path=h.get(":path", ""),
+        scheme=h.get(":scheme", ""),
+        user_agent=h.get("user-agent", ""),
+        request_id=h.get("x-request-id", ""),
+        request_headers=h,
+    )
 
 
 def _details(decision: Mapping[str, Any], status: str) -> str:
@@ -276,28 +288,10 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         imm = pa.immediate_response(resp, _details(decision, resp.status.message))
         if self.exchange is not None and peer_sent_metadata:
             # Our pair on the denial too, so the client labels its 403s with our workload.
-            for name, value in self.exchange.headers:
-                imm.headers.set_headers.append(
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-                    )
-                )
+            imm.headers.set_headers.extend(pa.set_header(name, value) for name, value in self.exchange.headers)
         peer = st.peer
         assert peer is not None
-        st.record = HttpRecord(
-            peer=peer,
-            grpc=st.grpc,
-            response_code=imm.status.code,
-            request_bytes=_size(st.request_headers),
-            response_bytes=len(imm.body),
-            method=st.request_headers.get(":method", ""),
-            path=st.request_headers.get(":path", ""),
-            scheme=st.request_headers.get(":scheme", ""),
-            user_agent=st.request_headers.get("user-agent", ""),
-            request_id=st.request_headers.get("x-request-id", ""),
-            request_headers=st.request_headers,
-        )
+        st.record = _record(st, peer, imm.status.code, _size(st.request_headers), len(imm.body))
         st.record.grpc_status = grpc_status(st.grpc, imm.status.code, {}, {})
         self._finish(st, trailers=None)
         out = ep.ProcessingResponse(immediate_response=imm)
@@ -325,18 +319,12 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
             reply.response.header_mutation.set_headers.extend(st.response_headers_to_add)
         status = headers.get(":status", "")
         total = _number(req, "request.total_size")
-        st.record = HttpRecord(
-            peer=peer,
-            grpc=st.grpc,
-            response_code=int(status) if status.isdigit() else 0,
-            request_bytes=int(total) if total is not None else _size(st.request_headers),
-            response_bytes=_size(headers),
-            method=st.request_headers.get(":method", ""),
-            path=st.request_headers.get(":path", ""),
-            scheme=st.request_headers.get(":scheme", ""),
-            user_agent=st.request_headers.get("user-agent", ""),
-            request_id=st.request_headers.get("x-request-id", ""),
-            request_headers=st.request_headers,
+        st.record = _record(
+            st,
+            peer,
+            int(status) if status.isdigit() else 0,
+            int(total) if total is not None else _size(st.request_headers),
+            _size(headers),
         )
         st.record.grpc_status = grpc_status(st.grpc, st.record.response_code, {}, headers)
         if st.grpc and not req.response_headers.end_of_stream and "grpc-status" not in headers:

@@ -236,7 +236,3 @@ def resource_attributes(local: Workload) -> dict[str, str]:
     if local.cluster:
         attrs["k8s.cluster.name"] = local.cluster
     return attrs
-
-
-def kind_name(direction: Direction) -> str:
-    return "server" if direction is Direction.INBOUND else "client"

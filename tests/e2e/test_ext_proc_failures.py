@@ -6,15 +6,15 @@ provider (the sample ext-authz server with `x-ext-authz-delay`)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures import authz_provider
 from tests.fixtures import envoy_config as ec
-from tests.fixtures.procs import Proc, free_port, wait_until
+from tests.fixtures.procs import free_port
 from tests.fixtures.stack import ExtprocProcess, HttpClient
 
 pytestmark = pytest.mark.e2e
@@ -34,32 +34,13 @@ class Listeners:
 @pytest.fixture(scope="module")
 def listeners(tmp_path_factory: pytest.TempPathFactory, upstream: int) -> Iterator[Listeners]:
     tmp: Path = tmp_path_factory.mktemp("ext-proc-failures")
-    grpc_port, http_port = free_port(), free_port()
-    provider = Proc(
-        "provider",
-        [
-            sys.executable,
-            "-m",
-            "tests.fixtures.authz_provider",
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-        ],
-        tmp / "provider.log",
-    )
+    provider, grpc_port = authz_provider.start(tmp)
     policies = tmp / "policies"
     policies.mkdir()
-    (policies / "p.yaml").write_text(
-        "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec:\n  extensionProviders:\n"
-        f"  - {{name: ext, envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_port}, timeout: 10s}}}}\n---\n"
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\n"
-        "spec: {action: CUSTOM, provider: {name: ext}, rules: [{}]}\n"
-    )
+    (policies / "p.yaml").write_text(authz_provider.custom_on_every_request(grpc_port))
     x = ExtprocProcess([policies], tmp)
     envoy: ec.EnvoyProcess | None = None
     try:
-        wait_until(lambda: provider.check_alive() is None and "ready" in provider.log(), 20, "the provider")
         x.wait_ready()
         ports = Listeners(*(free_port() for _ in range(4)))
         built = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.conftest import Stack
+from tests.fixtures import authz_provider
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.procs import VENV_BIN, Proc, free_port, wait_until
 from tests.fixtures.stack import ExtprocProcess, HttpClient
@@ -272,30 +272,11 @@ def test_environment_variables_configure_serve_over_a_unix_socket(
 
 def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path) -> None:
     """A Check that is still waiting on a slow CUSTOM provider completes after SIGTERM."""
-    grpc_port, http_port = free_port(), free_port()
-    provider = Proc(
-        "provider",
-        [
-            sys.executable,
-            "-m",
-            "tests.fixtures.authz_provider",
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-        ],
-        tmp_path / "provider.log",
-    )
+    provider, grpc_port = authz_provider.start(tmp_path)
     try:
-        wait_until(lambda: provider.check_alive() is None and "ready" in provider.log(), 20, "the provider")
         d = tmp_path / "cfg"
         d.mkdir()
-        (d / "p.yaml").write_text(
-            "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: m}\nspec:\n  extensionProviders:\n"
-            f"  - {{name: slow, envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_port}, timeout: 10s}}}}\n---\n"
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\n"
-            "spec: {action: CUSTOM, provider: {name: slow}, rules: [{}]}\n"
-        )
+        (d / "p.yaml").write_text(authz_provider.custom_on_every_request(grpc_port, "slow"))
         x = ExtprocProcess([d], tmp_path, extra_args=["--drain-timeout", "10"])
         x.wait_ready()
         req = http_check(80, headers={"x-ext-authz": "allow", "x-ext-authz-delay": "1.5"})
