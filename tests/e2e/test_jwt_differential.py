@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from extproc.authn.envoy_jwt import jwt_authn_filter
 from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
 from tests.e2e.conftest import MODES, http_filters
@@ -53,7 +54,6 @@ from tests.fixtures.stack import ExtprocProcess, HttpClient, Response
 
 pytestmark = pytest.mark.e2e
 
-T = ec.T
 # Istio sorts jwtRules by issuer: A < B, so A's rule is origins-0 wherever both apply.
 ISS_A = "https://a.issuer.example"
 ISS_B = "https://b.issuer.example"
@@ -631,63 +631,13 @@ SCENARIOS = {
 }
 
 
-# --- Istio's translation, by hand (policy_applier.go convertToEnvoyJwtConfig) -----------------
-
-
-def istio_jwt_authn(request_authentications: list[dict[str, Any]]) -> dict[str, Any]:
-    rules = [r for ra in request_authentications for r in (ra["spec"].get("jwtRules") or [])]
-    rules = sorted(rules, key=lambda r: r["issuer"])  # stable, like Go's slices.SortBy
-    providers: dict[str, Any] = {}
-    inner_and: list[dict[str, Any]] = []
-    outer_or: list[dict[str, Any]] = []
-    for i, r in enumerate(rules):
-        p: dict[str, Any] = {
-            "issuer": r["issuer"],
-            "payload_in_metadata": "payload",
-            "normalize_payload_in_metadata": {
-                "space_delimited_claims": sorted({*(r.get("spaceDelimitedClaims") or []), "permission", "scope"})
-            },
-            "local_jwks": {"inline_string": r["jwks"]},
-        }
-        if r.get("audiences"):
-            p["audiences"] = r["audiences"]
-        if r.get("forwardOriginalToken"):
-            p["forward"] = True
-        if r.get("outputPayloadToHeader"):
-            p["forward_payload_header"] = r["outputPayloadToHeader"]
-        if r.get("outputClaimToHeaders"):
-            p["claim_to_headers"] = [
-                {"header_name": c["header"], "claim_name": c["claim"]} for c in r["outputClaimToHeaders"]
-            ]
-        if r.get("fromHeaders"):
-            p["from_headers"] = [{"name": h["name"], "value_prefix": h.get("prefix", "")} for h in r["fromHeaders"]]
-        if r.get("fromParams"):
-            p["from_params"] = r["fromParams"]
-        if r.get("fromCookies"):
-            p["from_cookies"] = r["fromCookies"]
-        name = f"origins-{i}"
-        providers[name] = p
-        inner_and.append({"requires_any": {"requirements": [{"provider_name": name}, {"allow_missing": {}}]}})
-        outer_or.append({"provider_name": name})
-    if len(inner_and) == 1:
-        requires = inner_and[0]
-    else:
-        requires = {"requires_any": {"requirements": [*outer_or, {"requires_all": {"requirements": inner_and}}]}}
-    return {
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": {
-            "@type": T + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            "providers": providers,
-            "rules": [{"match": {"prefix": "/"}, "requires": requires}],
-            "bypass_cors_preflight": True,
-        },
-    }
+# --- Istio's translation (extproc/authn/envoy_jwt.py, policy_applier.go convertToEnvoyJwtConfig) ----------
 
 
 def native_filters(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ras = [d for d in docs if d["kind"] == "RequestAuthentication"]
     aps = [AuthorizationPolicy.model_validate(d) for d in docs if d["kind"] == "AuthorizationPolicy"]
-    return [istio_jwt_authn(ras), *rbac_filters(aps, for_tcp=False)]
+    return [jwt_authn_filter(ras), *rbac_filters(aps, for_tcp=False)]
 
 
 # --- the harness -------------------------------------------------------------------------------
