@@ -3,6 +3,10 @@
 A change is loaded and compiled off the event loop's critical path, then swapped in
 with one assignment. A change that fails to load leaves the last good snapshot in
 place; the failure is logged and reported on /readyz until a later change fixes it.
+
+In central mode (`--central`) a load yields a `WorkloadSnapshots` (per-workload snapshots
+built on demand, see config/central.py) and `current` is its mesh-wide view; both are
+swapped together, without an await between them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import watchfiles
 
 from extproc.config import loader
+from extproc.config.central import CacheStats, WorkloadKey, WorkloadSnapshots, load_workloads
 from extproc.config.errors import ConfigError
 from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
 
@@ -52,25 +57,65 @@ class SnapshotHolder:
     counters: ReloadCounters = field(default_factory=ReloadCounters)
     # Called on the event loop after every swap, e.g. to start fetching a new jwksUri.
     on_swap: list[Callable[[Snapshot], None]] = field(default_factory=list)
+    # Central mode: the per-workload snapshots of the loaded config. `current` is then their
+    # mesh-wide view (every jwtRule, root-level Telemetry) and `workload` the template that
+    # each workload's identity is made from; see extproc/config/central.py.
+    workloads: WorkloadSnapshots | None = None
+    cache_stats: CacheStats = field(default_factory=CacheStats)
+    cache_size: int = 0
 
     @classmethod
-    def initial(cls, dirs: Sequence[str], workload: WorkloadIdentity, options: Options) -> SnapshotHolder:
-        """The first load: errors propagate so the process exits non-zero."""
-        snap = load_snapshot(dirs, workload, options, 1)
+    def initial(
+        cls, dirs: Sequence[str], workload: WorkloadIdentity, options: Options, *, central_cache_size: int = 0
+    ) -> SnapshotHolder:
+        """The first load: errors propagate so the process exits non-zero.
+
+        `central_cache_size` > 0 selects central mode, with that many workload snapshots kept.
+        """
+        stats = CacheStats()
+        workloads = None
+        if central_cache_size > 0:
+            workloads = load_workloads(dirs, workload, options, 1, size=central_cache_size, stats=stats)
+            snap = workloads.mesh
+        else:
+            snap = load_snapshot(dirs, workload, options, 1)
         warnings = tuple(w.render() for w in snap.warnings)
         for w in warnings:
             log.warning("%s", w)
-        holder = cls(tuple(dirs), workload, options, snap, ReloadStatus(True, time.time(), 1, (), warnings))
+        holder = cls(
+            tuple(dirs),
+            workload,
+            options,
+            snap,
+            ReloadStatus(True, time.time(), 1, (), warnings),
+            workloads=workloads,
+            cache_stats=stats,
+            cache_size=central_cache_size,
+        )
         holder.counters.success += 1
         return holder
+
+    @property
+    def central(self) -> bool:
+        return self.workloads is not None
 
     def get(self) -> Snapshot:
         return self.current
 
+    def _load(self, version: int, warm: list[WorkloadKey]) -> tuple[Snapshot, WorkloadSnapshots | None]:
+        """Runs in a worker thread: everything a reload builds, before anything is swapped."""
+        if self.workloads is None:
+            return load_snapshot(self.dirs, self.workload, self.options, version), None
+        workloads = load_workloads(
+            self.dirs, self.workload, self.options, version, size=self.cache_size, stats=self.cache_stats, warm=warm
+        )
+        return workloads.mesh, workloads
+
     async def reload(self, reason: str = "change") -> ReloadStatus:
         version = self.current.version + 1
+        warm: list[WorkloadKey] = self.workloads.keys() if self.workloads is not None else []
         try:
-            snap = await asyncio.to_thread(load_snapshot, self.dirs, self.workload, self.options, version)
+            snap, workloads = await asyncio.to_thread(self._load, version, warm)
         except ConfigError as e:
             self.counters.failure += 1
             errors = tuple(i.render() for i in e.issues if not i.warning)
@@ -82,7 +127,9 @@ class SnapshotHolder:
             log.exception("config %s failed unexpectedly, still serving snapshot %d", reason, self.current.version)
             self.last = ReloadStatus(False, time.time(), self.current.version, (f"internal error: {e}",))
             return self.last
-        self.current = snap  # the atomic swap
+        # The atomic swap: no await between these two, so no request sees one without the other.
+        self.workloads = workloads
+        self.current = snap
         self.counters.success += 1
         for listener in self.on_swap:
             try:
@@ -92,13 +139,24 @@ class SnapshotHolder:
         warnings = tuple(w.render() for w in snap.warnings)
         for w in warnings:
             log.warning("%s", w)
-        log.info(
-            "config %s loaded: snapshot %d, %d policies apply to this workload (%d ignored)",
-            reason,
-            snap.version,
-            len(snap.policies),
-            len(snap.ignored_policies),
-        )
+        if workloads is not None:
+            log.info(
+                "config %s loaded: snapshot %d, %d policies and %d jwtRules across the mesh (central mode); "
+                "%d workload snapshots cached",
+                reason,
+                snap.version,
+                len(snap.policies),
+                len(snap.authn.providers),
+                len(workloads),
+            )
+        else:
+            log.info(
+                "config %s loaded: snapshot %d, %d policies apply to this workload (%d ignored)",
+                reason,
+                snap.version,
+                len(snap.policies),
+                len(snap.ignored_policies),
+            )
         self.last = ReloadStatus(True, time.time(), snap.version, (), warnings)
         return self.last
 

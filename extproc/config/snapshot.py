@@ -138,7 +138,39 @@ def _program(
     )
 
 
-def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Options, version: int) -> Snapshot:
+@dataclass
+class BuildMemo:
+    """Compiled resources of one LoadedConfig, shared by the snapshots built from it.
+
+    Central mode builds one snapshot per workload from the same loaded config and trust
+    domains; a policy or jwtRule compiles to the same thing for each of them, so it is
+    compiled once. Keyed by the identity of the loaded resource: valid only while that
+    LoadedConfig lives and only for one trust-domain bundle.
+    """
+
+    policies: dict[int, CompiledPolicy] = field(default_factory=dict)
+    jwt_rules: dict[int, list[RuleInput]] = field(default_factory=dict)
+
+    def policy(self, lp: LoadedPolicy, bundle: TrustDomainBundle) -> CompiledPolicy:
+        compiled = self.policies.get(id(lp))
+        if compiled is None:
+            compiled = self.policies[id(lp)] = compile_policy(lp.policy, lp.origin, bundle)
+        return compiled
+
+    def rules(self, lp: LoadedPolicy, ident: str) -> list[RuleInput]:
+        out = self.jwt_rules.get(id(lp))
+        if out is None:
+            out = self.jwt_rules[id(lp)] = jwt_rule_inputs(lp.policy, ident)
+        return out
+
+
+def build_snapshot(
+    loaded: LoadedConfig,
+    workload: WorkloadIdentity,
+    options: Options,
+    version: int,
+    memo: BuildMemo | None = None,
+) -> Snapshot:
     applicable: list[CompiledPolicy] = []
     ignored: list[tuple[str, str]] = []
     bundle = workload.trust_domains
@@ -149,14 +181,14 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
         if why is not None:
             ignored.append((f"RequestAuthentication {ident}", why))
             continue
-        rules.extend(jwt_rule_inputs(lp.policy, ident))
+        rules.extend(memo.rules(lp, ident) if memo is not None else jwt_rule_inputs(lp.policy, ident))
     for lp in loaded.policies:
         why = applies_to(lp, workload)
         ident = f"{lp.policy.metadata.namespace}/{lp.policy.metadata.name}"
         if why is not None:
             ignored.append((ident, why))
             continue
-        applicable.append(compile_policy(lp.policy, lp.origin, bundle))
+        applicable.append(memo.policy(lp, bundle) if memo is not None else compile_policy(lp.policy, lp.origin, bundle))
     return Snapshot(
         version=version,
         workload=workload,
@@ -171,6 +203,44 @@ def build_snapshot(loaded: LoadedConfig, workload: WorkloadIdentity, options: Op
         warnings=tuple(loaded.warnings),
         loaded_at=time.time(),
         telemetry=compile_telemetry(loaded.telemetries, workload),
+    )
+
+
+def build_mesh_snapshot(
+    loaded: LoadedConfig, root: WorkloadIdentity, options: Options, version: int, memo: BuildMemo | None = None
+) -> Snapshot:
+    """What any workload of the mesh could use, for central mode's server-wide needs.
+
+    Every RequestAuthentication's jwtRules (so the JWKS of every `jwksUri` is fetched, and
+    /debug/jwks lists them all), every AuthorizationPolicy compiled (so a policy that does
+    not compile fails the reload, not a request), and the metric plans of the root
+    namespace's Telemetry resources (`root`: the root namespace, no labels).
+
+    Its authorization programs deny everything: policies of different workloads must never
+    be evaluated together, and central mode evaluates only per-workload snapshots, so a
+    mistaken use of this one fails closed.
+    """
+    memo = memo if memo is not None else BuildMemo()
+    bundle = root.trust_domains
+    rules: list[RuleInput] = []
+    for lp in loaded.request_authentications:
+        rules.extend(memo.rules(lp, f"{lp.policy.metadata.namespace}/{lp.policy.metadata.name}"))
+    policies = tuple(memo.policy(lp, bundle) for lp in loaded.policies)
+    deny_all = AuthzProgram(allow=RuleSet(has_enforced=True))
+    return Snapshot(
+        version=version,
+        workload=root,
+        options=options,
+        http=deny_all,
+        tcp=deny_all,
+        policies=policies,
+        authn=compile_rules(rules),
+        ignored_policies=(),
+        providers=dict(loaded.providers),
+        files=tuple(loaded.files),
+        warnings=tuple(loaded.warnings),
+        loaded_at=time.time(),
+        telemetry=compile_telemetry(loaded.telemetries, root),
     )
 
 

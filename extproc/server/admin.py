@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -23,11 +23,14 @@ from extproc import __version__
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authz import engine
+from extproc.config.central import workload_key
 from extproc.config.reload import SnapshotHolder
+from extproc.config.snapshot import Snapshot
 from extproc.debug import attributes_from_description
 from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
+from extproc.services.central import ContextWorkloads
 from extproc.telemetry.peer import PeerCache
-from extproc.telemetry.recorder import Telemetry
+from extproc.telemetry.recorder import Telemetry, WorkloadSinks
 from extproc.tracing.tracer import Tracing
 
 
@@ -57,7 +60,7 @@ class TelemetryCollector(Collector):
         yield GaugeMetricFamily(
             "extproc_telemetry_tcp_connections",
             "TCP connections whose byte totals are being tracked",
-            value=len(t.tcp.connections),
+            value=len(t.tcp.connections) + (t.workloads.connections if t.workloads is not None else 0),
         )
         series = GaugeMetricFamily(
             "extproc_telemetry_series", "Series held per standard metric (cardinality)", labels=["metric"]
@@ -87,6 +90,54 @@ class TelemetryCollector(Collector):
         for kind, n in sorted(self.sources().items()):
             src.add_metric([kind], n)
         yield src
+
+
+class CentralCollector(Collector):
+    """Central mode: the per-workload caches, and what could not be attributed to a workload."""
+
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        checks: ContextWorkloads,
+        sinks: WorkloadSinks,
+        unidentified_entries: Callable[[], int],
+    ) -> None:
+        self.holder = holder
+        self.checks = checks
+        self.sinks = sinks
+        self.unidentified_entries = unidentified_entries
+
+    def lookups(self) -> list[tuple[str, int, int]]:
+        """(cache, hits, misses) rows for extproc_cache_lookups_total: the snapshot of a Check's
+        workload, the parsed destination.* values of a Check, an access log stream's workload."""
+        st = self.holder.cache_stats
+        return [
+            ("workload_snapshot", st.hits, st.misses),
+            ("context_extensions", self.checks.hits, self.checks.misses),
+            ("node_workload", self.sinks.hits, self.sinks.misses),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        h = self.holder
+        st = h.cache_stats
+        cached = len(h.workloads) if h.workloads is not None else 0
+        yield GaugeMetricFamily(
+            "extproc_workload_snapshots", "Per-workload snapshots cached (central mode)", value=cached
+        )
+        yield GaugeMetricFamily(
+            "extproc_workload_snapshots_limit", "Most per-workload snapshots cached (central mode)", value=h.cache_size
+        )
+        evictions = CounterMetricFamily(
+            "extproc_cache_evictions", "Cache entries evicted to stay within bounds (LRU)", labels=["cache"]
+        )
+        evictions.add_metric(["workload_snapshot"], st.evictions)
+        evictions.add_metric(["node_workload"], self.sinks.evictions)
+        yield evictions
+        yield CounterMetricFamily(
+            "extproc_access_log_unidentified_entries",
+            "Access log entries dropped in central mode because their stream's Envoy node named no workload",
+            value=self.unidentified_entries(),
+        )
 
 
 class TracingCollector(Collector):
@@ -137,8 +188,10 @@ class ExtprocCollector(Collector):
         jwks: JwksRegistry | None = None,
         token_cache: TokenCache | None = None,
         peer_cache: PeerCache | None = None,
+        extra_caches: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
     ) -> None:
         self.peer_cache = peer_cache
+        self.extra_caches = extra_caches
         self.stats = stats
         self.holder = holder
         self.cert_cache_stats = cert_cache_stats
@@ -212,6 +265,9 @@ class ExtprocCollector(Collector):
         if self.peer_cache is not None:
             cache.add_metric(["peer_metadata", "hit"], self.peer_cache.hits)
             cache.add_metric(["peer_metadata", "miss"], self.peer_cache.misses)
+        for name, hits, misses in self.extra_caches() if self.extra_caches is not None else ():
+            cache.add_metric([name, "hit"], hits)
+            cache.add_metric([name, "miss"], misses)
         yield cache
         if self.token_cache is not None:
             yield GaugeMetricFamily(
@@ -329,9 +385,10 @@ class AdminApp:
     def _status(self) -> dict[str, Any]:
         snap = self.holder.current
         last = self.holder.last
-        return {
+        out: dict[str, Any] = {
             "ready": not self.draining,
             "draining": self.draining,
+            "mode": "central" if self.holder.central else "sidecar",
             "snapshot_version": snap.version,
             "policies": len(snap.policies),
             "last_reload": {
@@ -341,6 +398,9 @@ class AdminApp:
                 "warnings": list(last.warnings),
             },
         }
+        if self.holder.workloads is not None:
+            out["workload_snapshots"] = len(self.holder.workloads)
+        return out
 
     async def readyz(self, _: web.Request) -> web.Response:
         # A snapshot always exists once the server listens (the first load must succeed),
@@ -361,18 +421,42 @@ class AdminApp:
 
     async def debug_config(self, _: web.Request) -> web.Response:
         snap = self.holder.current
-        return _json(
+        workloads = self.holder.workloads
+        out: dict[str, Any] = {**self._status()}
+        if workloads is None:
+            out["workload"] = {
+                "namespace": snap.workload.namespace,
+                "name": snap.workload.name,
+                "labels": dict(snap.workload.labels),
+                "root_namespace": snap.workload.root_namespace,
+                "trust_domains": list(snap.workload.trust_domains.domains),
+            }
+        else:
+            st = self.holder.cache_stats
+            out["central"] = {
+                "root_namespace": snap.workload.root_namespace,
+                "trust_domains": list(snap.workload.trust_domains.domains),
+                "workload_snapshots": len(workloads),
+                "limit": workloads.size,
+                "hits": st.hits,
+                "misses": st.misses,
+                "evictions": st.evictions,
+                # Most recently used first: which policies apply to each workload served so far.
+                "workloads": [
+                    {
+                        "namespace": w.workload.namespace,
+                        "labels": dict(w.workload.labels),
+                        "applied": [f"{p.ref.namespace}/{p.ref.name}" for p in w.policies],
+                        "jwt_rules": len(w.authn.providers),
+                    }
+                    for w in reversed(workloads.snapshots())
+                ],
+            }
+        out.update(
             {
-                **self._status(),
-                "workload": {
-                    "namespace": snap.workload.namespace,
-                    "name": snap.workload.name,
-                    "labels": dict(snap.workload.labels),
-                    "root_namespace": snap.workload.root_namespace,
-                    "trust_domains": list(snap.workload.trust_domains.domains),
-                },
                 "options": asdict(snap.options),
                 "files": list(snap.files),
+                # Central mode: every policy loaded (each workload's share is under central.workloads).
                 "applied": [
                     {
                         "policy": f"{p.ref.namespace}/{p.ref.name}",
@@ -389,14 +473,31 @@ class AdminApp:
                 "providers": {name: type(s).__name__ for name, s in snap.providers.items()},
             }
         )
+        return _json(out)
+
+    def _explained_snapshot(self, desc: Any) -> Snapshot:
+        """The snapshot to explain against; central mode needs the request's `workload`."""
+        workloads = self.holder.workloads
+        if workloads is None:
+            return self.holder.current
+        w = desc.pop("workload", None) if isinstance(desc, dict) else None
+        if not isinstance(w, dict) or not isinstance(w.get("namespace"), str) or not w["namespace"]:
+            raise ValueError(
+                'central mode: describe the workload too, e.g. "workload": {"namespace": "shop", '
+                '"labels": {"app": "cart"}}'
+            )
+        labels = w.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise ValueError("workload.labels must be an object of strings")
+        return workloads.build(workload_key(w["namespace"], {str(k): str(v) for k, v in labels.items()}))
 
     async def debug_explain(self, request: web.Request) -> web.Response:
         try:
             desc = await request.json()
-            attrs = attributes_from_description(desc, self.holder.current.options.xff_num_trusted_hops)
+            snap = self._explained_snapshot(desc)
+            attrs = attributes_from_description(desc, snap.options.xff_num_trusted_hops)
         except (ValueError, TypeError) as e:
             return _json({"error": str(e)}, 400)
-        snap = self.holder.current
         program = snap.http if attrs.is_http else snap.tcp
         hits, bad = engine.custom_providers(program, attrs)
         decision = engine.bad_custom_decision(program, bad) if bad else engine.evaluate(program, attrs)

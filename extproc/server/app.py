@@ -24,19 +24,22 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.registry import Collector
 
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
+from extproc.config.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_identity
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
-from extproc.server.admin import AdminApp, ExtprocCollector, TelemetryCollector, TracingCollector
+from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService, AuthzStats
+from extproc.services.central import ContextWorkloads, NodeWorkloads
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
-from extproc.services.processor import ExternalProcessorService
+from extproc.services.processor import CentralModeProcessor, ExternalProcessorService
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, ServiceInfo
@@ -80,7 +83,13 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
+CENTRAL_WORKLOAD = "extproc-central"  # the central server's own name, for its spans
+
+
 def workload_of(settings: ServeSettings) -> WorkloadIdentity:
+    """The sidecar's workload; in central mode, the template each request's workload is made from."""
+    if settings.central:
+        return mesh_identity(settings.root_namespace, settings.trust_domain, settings.trust_domain_aliases)
     return WorkloadIdentity(
         namespace=settings.namespace,
         labels=dict(settings.labels),
@@ -92,6 +101,12 @@ def workload_of(settings: ServeSettings) -> WorkloadIdentity:
 
 
 def local_workload(settings: ServeSettings) -> Workload:
+    if settings.central:
+        # Metrics and the exchange use each request's workload; this one only names the
+        # server in its own spans.
+        return Workload.from_labels(
+            {}, workload_name=CENTRAL_WORKLOAD, namespace=settings.root_namespace, cluster=settings.cluster
+        )
     identity = (
         f"spiffe://{settings.trust_domain}/ns/{settings.namespace}/sa/{settings.service_account}"
         if settings.service_account
@@ -112,7 +127,9 @@ def telemetry_of(settings: ServeSettings) -> tuple[Telemetry, PeerExchange]:
     telemetry = Telemetry.create(
         local, service, max_series=settings.metrics_max_series, idle_expiry_s=settings.metrics_idle_expiry_s
     )
-    node_id = settings.node_id or f"sidecar~{settings.workload or 'unknown'}.{settings.namespace}"
+    node_id = settings.node_id or f"sidecar~{settings.workload or 'unknown'}.{local.namespace}"
+    if settings.central:
+        telemetry.per_workload(service)
     return telemetry, PeerExchange(local, node_id)
 
 
@@ -169,6 +186,16 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     except RuntimeError as e:
         log.error("cannot export spans to %s: %s", settings.otlp_endpoint, e)
         return 2
+    checks = nodes = None
+    if holder.central:
+
+        def generation() -> WorkloadSnapshots:
+            assert holder.workloads is not None
+            return holder.workloads
+
+        checks = ContextWorkloads(generation, trust_domain=settings.trust_domain, cluster=settings.cluster)
+        assert telemetry.workloads is not None
+        nodes = NodeWorkloads(telemetry.workloads, trust_domain=settings.trust_domain, cluster=settings.cluster)
     authz = AuthorizationService(
         holder.get,
         adapter,
@@ -179,11 +206,15 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         exchange=exchange,
         direction=direction,
         tracing=tracing,
+        central=checks,
     )
-    als = AccessLogService(telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing)
+    als = AccessLogService(
+        telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing, central=nodes
+    )
     processor = ExternalProcessorService(
         telemetry.recorder, telemetry.peers, exchange, direction, authz=authz, tracing=tracing
     )
+    refuser = CentralModeProcessor()
 
     server = grpc.aio.server(
         options=[
@@ -196,7 +227,9 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(als, server)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        refuser if holder.central else processor, server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -208,6 +241,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         log.error("cannot listen on %s", settings.listen.text)
         return 1
 
+    central: CentralCollector | None = None
+    if checks is not None:
+        assert telemetry.workloads is not None
+        central = CentralCollector(holder, checks, telemetry.workloads, lambda: als.unidentified_entries)
     collector = ExtprocCollector(
         stats,
         holder,
@@ -215,6 +252,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         jwks=jwks,
         token_cache=token_cache,
         peer_cache=telemetry.peers,
+        extra_caches=central.lookups if central is not None else None,
     )
     sources = lambda: {  # noqa: E731
         "access_log_streams": als.streams,
@@ -225,15 +263,12 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         "ext_proc_streams_ended_by_server": processor.ended_early,
         "ext_proc_bad_streams": processor.bad_streams,
         "ext_proc_denied": processor.denied,
+        "ext_proc_streams_refused": refuser.refused,
     }
-    admin = AdminApp(
-        holder,
-        stats,
-        collector,
-        jwks=jwks,
-        telemetry=telemetry,
-        extra_collectors=(TelemetryCollector(telemetry, sources), TracingCollector(tracing)),
-    )
+    extra: tuple[Collector, ...] = (TelemetryCollector(telemetry, sources), TracingCollector(tracing))
+    if central is not None:
+        extra += (central,)
+    admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
     runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = settings.admin.host_port()
@@ -246,23 +281,28 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         return 1
 
     await server.start()
-    for name in ("", AUTHZ_SERVICE_NAME, ALS_SERVICE_NAME, EXT_PROC_SERVICE_NAME):
+    served = (AUTHZ_SERVICE_NAME, ALS_SERVICE_NAME) + (() if holder.central else (EXT_PROC_SERVICE_NAME,))
+    for name in ("", *served):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.create_task(holder.watch(stop), name="config-watcher")
     upkeep = asyncio.create_task(_telemetry_upkeep(telemetry), name="telemetry-upkeep")
-    log.info(
-        "serving ext_authz, ext_proc and access logs on %s (%s), admin on %s; workload %s/%s labels=%s; "
-        "snapshot %d with %d policies, %d JWT rules",
-        settings.listen.text,
-        settings.direction,
-        settings.admin.text,
-        settings.namespace,
-        settings.workload or "-",
-        ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())) or "-",
-        holder.current.version,
-        len(holder.current.policies),
-        len(holder.current.authn.providers),
-    )
+    if holder.central:
+        assert holder.workloads is not None
+        log.info(
+            "serving ext_authz and access logs on %s (%s), admin on %s; central mode: each Check names its "
+            "workload in the context extensions, each log stream in its node metadata, ext_proc is refused; "
+            "snapshot %d with %d policies, %d JWT rules across the mesh; %d of at most %d workload snapshots cached",
+            settings.listen.text,
+            settings.direction,
+            settings.admin.text,
+            holder.current.version,
+            len(holder.current.policies),
+            len(holder.current.authn.providers),
+            len(holder.workloads),
+            holder.workloads.size,
+        )
+    else:
+        _log_sidecar_start(settings, holder)
 
     await stop.wait()
     log.info("shutting down: draining in-flight calls for up to %.1fs", settings.drain_timeout_s)
@@ -282,10 +322,31 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     return 0
 
 
+def _log_sidecar_start(settings: ServeSettings, holder: SnapshotHolder) -> None:
+    log.info(
+        "serving ext_authz, ext_proc and access logs on %s (%s), admin on %s; workload %s/%s labels=%s; "
+        "snapshot %d with %d policies, %d JWT rules",
+        settings.listen.text,
+        settings.direction,
+        settings.admin.text,
+        settings.namespace,
+        settings.workload or "-",
+        ",".join(f"{k}={v}" for k, v in sorted(settings.labels.items())) or "-",
+        holder.current.version,
+        len(holder.current.policies),
+        len(holder.current.authn.providers),
+    )
+
+
 def run(settings: ServeSettings) -> int:
     setup_logging(settings.log_level, settings.log_format)
     try:
-        holder = SnapshotHolder.initial(settings.config_dirs, workload_of(settings), options_of(settings))
+        holder = SnapshotHolder.initial(
+            settings.config_dirs,
+            workload_of(settings),
+            options_of(settings),
+            central_cache_size=DEFAULT_CACHE_SIZE if settings.central else 0,
+        )
     except ConfigError as e:
         log.error("%s", e)
         return 2

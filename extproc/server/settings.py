@@ -69,7 +69,7 @@ class ServeSettings:
     config_dirs: tuple[str, ...]
     listen: ListenAddress
     admin: ListenAddress
-    namespace: str
+    namespace: str  # "" in central mode: each request names its workload
     labels: Mapping[str, str] = field(default_factory=dict)
     workload: str = ""
     root_namespace: str = "istio-system"
@@ -96,6 +96,7 @@ class ServeSettings:
     drain_timeout_s: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+    central: bool = False
 
 
 # (flag, env var, help) for every serve option; the single place that names them.
@@ -103,6 +104,12 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--config-dir", "EXTPROC_CONFIG_DIR", "directory of policy YAML, repeatable (env: ':'-separated)"),
     ("--listen", "EXTPROC_LISTEN", "gRPC address for Envoy: HOST:PORT or unix:PATH"),
     ("--admin", "EXTPROC_ADMIN", "admin HTTP address (/healthz, /readyz, /metrics, /debug): HOST:PORT"),
+    (
+        "--central",
+        "EXTPROC_CENTRAL",
+        "one server for many sidecars (Mixer-style): each Check names its workload in the ext_authz context "
+        "extensions destination.*, each access log stream in its Envoy node metadata; ext_proc is not served",
+    ),
     ("--namespace", "EXTPROC_NAMESPACE", "namespace of the workload this sidecar serves"),
     ("--labels", "EXTPROC_LABELS", "workload labels k=v[,k=v...], matched by policy selectors"),
     ("--workload", "EXTPROC_WORKLOAD", "workload name (for logs and debug output)"),
@@ -176,11 +183,22 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Flags that describe the one workload of a sidecar's server: meaningless for a central one.
+CENTRAL_CONFLICTS: tuple[tuple[str, str, str], ...] = (
+    ("--namespace", "namespace", "EXTPROC_NAMESPACE"),
+    ("--labels", "labels", "EXTPROC_LABELS"),
+    ("--workload", "workload", "EXTPROC_WORKLOAD"),
+    ("--service-account", "service_account", "EXTPROC_SERVICE_ACCOUNT"),
+    ("--node-id", "node_id", "EXTPROC_NODE_ID"),
+)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     helps = {flag: f"{text} [env {env}]" for flag, env, text in SERVE_FLAGS}
     p.add_argument("--config-dir", action="append", dest="config_dirs", metavar="DIR", help=helps["--config-dir"])
     p.add_argument("--listen", metavar="HOST:PORT|unix:PATH", help=helps["--listen"] + " (default 127.0.0.1:9001)")
     p.add_argument("--admin", metavar="HOST:PORT", help=helps["--admin"] + " (default 127.0.0.1:9902)")
+    p.add_argument("--central", action="store_const", const="true", help=helps["--central"])
     p.add_argument("--namespace", metavar="NS", help=helps["--namespace"])
     p.add_argument("--labels", metavar="k=v[,k=v...]", help=helps["--labels"])
     p.add_argument("--workload", metavar="NAME", help=helps["--workload"])
@@ -271,9 +289,21 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
     config_dirs = ns.config_dirs or [d for d in env.get("EXTPROC_CONFIG_DIR", "").split(os.pathsep) if d]
     if not config_dirs:
         raise SettingsError("--config-dir is required (or EXTPROC_CONFIG_DIR)")
+    central = _bool(pick("central", "EXTPROC_CENTRAL", "false") or "false", "--central")
     namespace = pick("namespace", "EXTPROC_NAMESPACE")
-    if not namespace:
-        raise SettingsError("--namespace is required (or EXTPROC_NAMESPACE)")
+    if central:
+        per_workload = [
+            f"{flag} ({var})" if getattr(ns, attr, None) is None else flag
+            for flag, attr, var in CENTRAL_CONFLICTS
+            if pick(attr, var)
+        ]
+        if per_workload:
+            raise SettingsError(
+                f"--central cannot be combined with {', '.join(per_workload)}: in central mode each request names "
+                "its own workload (ext_authz context extensions destination.*, access log node metadata)"
+            )
+    elif not namespace:
+        raise SettingsError("--namespace is required (or EXTPROC_NAMESPACE), unless --central")
     aliases = ns.trust_domain_aliases or [
         a.strip() for a in env.get("EXTPROC_TRUST_DOMAIN_ALIAS", "").split(",") if a.strip()
     ]
@@ -324,7 +354,7 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
         config_dirs=tuple(config_dirs),
         listen=ListenAddress.parse(pick("listen", "EXTPROC_LISTEN", "127.0.0.1:9001") or "", "--listen"),
         admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),
-        namespace=namespace,
+        namespace=namespace or "",
         labels=parse_labels(pick("labels", "EXTPROC_LABELS", "") or ""),
         workload=pick("workload", "EXTPROC_WORKLOAD", "") or "",
         root_namespace=pick("root_namespace", "EXTPROC_ROOT_NAMESPACE", "istio-system") or "istio-system",
@@ -365,4 +395,5 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
         drain_timeout_s=drain_s,
         log_level=log_level,
         log_format=log_format,
+        central=central,
     )

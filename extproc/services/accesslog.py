@@ -17,10 +17,16 @@ Where the peer's identity comes from:
 
 The Envoy config names the direction in the gRPC initial metadata `x-extproc-direction`
 (or the log name `inbound`/`outbound`); otherwise the server's `--direction` applies.
+
+In central mode (`--central`) the local workload is not the server's: each stream's first
+message names its Envoy node, whose metadata (NAMESPACE, WORKLOAD_NAME, LABELS, ...) selects
+the recorder of that workload for every entry of the stream (see services/central.py).
+Entries of a stream whose node names no usable workload are dropped and counted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 
@@ -32,6 +38,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import struct_pb2
 
 from extproc.services.authz import LogOnce, direction_of
+from extproc.services.central import IdentityError, NodeWorkloads
 from extproc.telemetry.labels import RESPONSE_FLAG_CODES
 from extproc.telemetry.peer import METADATA_HEADER, PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
@@ -112,15 +119,18 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         peers: PeerCache,
         direction: Direction = Direction.INBOUND,
         tracing: Tracing | None = None,
+        central: NodeWorkloads | None = None,
     ) -> None:
         self.tracing = tracing if tracing is not None and tracing.exports else None
         self.recorder = recorder
         self.tcp = tcp
         self.peers = peers
         self.direction = direction
+        self.central = central
         self.streams = 0
         self.entries = {"http": 0, "tcp": 0}
         self.bad_entries = 0
+        self.unidentified_entries = 0  # central mode: dropped, their stream named no workload
         self._log_bad = LogOnce(log)
 
     async def StreamAccessLogs(
@@ -128,18 +138,48 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         self.streams += 1
         direction = direction_of(context, self.direction)
+        http_entry, tcp_entry = self.http_entry, self.tcp_entry
+        central = self.central
+        # Central mode: nothing is recorded until the stream names a usable node.
+        problem: IdentityError | None = (
+            IdentityError("workload_no_node", "the stream's first message carried no identifier.node")
+            if central is not None
+            else None
+        )
+        logged = False
         async for msg in request_iterator:
             if msg.HasField("identifier"):
-                name = msg.identifier.log_name
+                ident = msg.identifier
+                name = ident.log_name
                 if name in ("inbound", "outbound"):
                     direction = Direction(name)
+                if central is not None:
+                    found = central.for_node(ident.node)
+                    if isinstance(found, IdentityError):
+                        problem = found
+                    else:
+                        recorder, tcp = found
+                        http_entry = functools.partial(self.http_entry, recorder=recorder)
+                        tcp_entry = functools.partial(self.tcp_entry, tcp=tcp)
+                        problem = None
+            if problem is not None:
+                self.unidentified_entries += len(msg.http_logs.log_entry) + len(msg.tcp_logs.log_entry)
+                if not logged:
+                    logged = True
+                    log.warning(
+                        "central mode: dropping the entries of an access log stream that names no workload: %s "
+                        "(Envoy's bootstrap node.metadata needs NAMESPACE, and should have WORKLOAD_NAME, LABELS, "
+                        "SERVICE_ACCOUNT; counted in extproc_access_log_unidentified_entries_total)",
+                        problem.message,
+                    )
+                continue
             kind = msg.WhichOneof("log_entries")
             if kind == "http_logs":
                 for e in msg.http_logs.log_entry:
-                    self._guard(self.http_entry, e, direction)
+                    self._guard(http_entry, e, direction)
             elif kind == "tcp_logs":
                 for t in msg.tcp_logs.log_entry:
-                    self._guard(self.tcp_entry, t, direction)
+                    self._guard(tcp_entry, t, direction)
         return als_pb2.StreamAccessLogsResponse()
 
     def _guard(self, fn, entry, direction: Direction) -> None:  # type: ignore[no-untyped-def]
@@ -174,7 +214,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             route_name=c.route_name,
         )
 
-    def http_entry(self, e: accesslog_pb2.HTTPAccessLogEntry, direction: Direction) -> None:
+    def http_entry(
+        self, e: accesslog_pb2.HTTPAccessLogEntry, direction: Direction, recorder: Recorder | None = None
+    ) -> None:
         c = e.common_properties
         if c.access_log_type not in _HTTP_FINAL or c.intermediate_log_entry:
             return  # periodic entries of long streams; the final entry carries the totals
@@ -210,7 +252,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             if c.filter_state_objects[GRPC_STATS_STATE].Unpack(counts):
                 rec.request_messages = counts.request_message_count
                 rec.response_messages = counts.response_message_count
-        self.recorder.http(rec, "access_log")
+        (recorder if recorder is not None else self.recorder).http(rec, "access_log")
         if self.tracing is not None:
             self._span(c, rec)
 
@@ -237,7 +279,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         decision = {k: _string(md, k) for k in DECISION_KEYS}
         self.tracing.finish(ids, rec, start_ns, start_ns + elapsed, decision)
 
-    def tcp_entry(self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction) -> None:
+    def tcp_entry(
+        self, e: accesslog_pb2.TCPAccessLogEntry, direction: Direction, tcp: TcpTracker | None = None
+    ) -> None:
         c = e.common_properties
         t = c.access_log_type
         if t == accesslog_pb2.TcpUpstreamConnected:
@@ -248,7 +292,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             return
         self.entries["tcp"] += 1
         end = t == _TCP_END or (t == accesslog_pb2.NotSet and not c.intermediate_log_entry)
-        self.tcp.report(
+        (tcp if tcp is not None else self.tcp).report(
             c.stream_id,
             self._peer(c, direction, "", {}),
             e.connection_properties.sent_bytes,

@@ -6,6 +6,11 @@ snapshot once per call, so a concurrent reload never mixes configurations.
 Stages run in Istio's filter order: CUSTOM (ext_authz), then RequestAuthentication (what
 Envoy's jwt_authn would do), then DENY/ALLOW (what Envoy's RBAC would do).
 
+In central mode (`--central`) one server checks for many sidecars: each Check names its
+workload in the filter's context extensions (see services/central.py), and is checked
+against that workload's snapshot, taken from one configuration generation. A Check that
+names no usable workload is denied.
+
 Responses are what users of Istio's native filters expect:
   * JWT failure: 401 (403 for a disallowed audience) with jwt_authn's body and
     `WWW-Authenticate`, even where the policies would allow;
@@ -40,6 +45,7 @@ from extproc.authn.verifier import AuthnResult, authenticate, www_authenticate
 from extproc.authz import engine
 from extproc.authz.engine import Decision
 from extproc.config.snapshot import Snapshot
+from extproc.services.central import ContextWorkloads, IdentityError
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest
 from extproc.services.custom import CustomOutcome, ProviderPool
 from extproc.services.protoconv import struct_to_dict
@@ -134,9 +140,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         exchange: mx.PeerExchange | None = None,
         direction: Direction = Direction.INBOUND,
         tracing: Tracing | None = None,
+        central: ContextWorkloads | None = None,
     ) -> None:
         self._snapshot = snapshot
         self.exchange = exchange
+        self.central = central
         self.direction = direction
         self.tracing = tracing if tracing is not None and tracing.propagates else None
         self._adapter = adapter
@@ -151,12 +159,19 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
         try:
+            snap: Snapshot | None = None
+            exchange = self.exchange
+            if self.central is not None:
+                found = self.central.for_check(request.attributes)
+                if isinstance(found, IdentityError):
+                    return self._no_workload(request, found)
+                snap, exchange = found
             if direction_of(context, self.direction) is Direction.OUTBOUND:
-                resp = self._outbound(request)
+                resp = self._outbound(request, exchange)
             else:
-                resp = await self._check(request)
-                if self.exchange is not None and request.attributes.request.HasField("http"):
-                    self._inbound_exchange(request, resp)
+                resp = await self._check(request, snap)
+                if exchange is not None and request.attributes.request.HasField("http"):
+                    self._inbound_exchange(request, resp, exchange)
             if self.tracing is not None and request.attributes.request.HasField("http"):
                 self._trace(request, resp)
             return resp
@@ -177,6 +192,19 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             return self._internal_error(request)
         finally:
             self._observe(started)
+
+    def _no_workload(
+        self, request: external_auth_pb2.CheckRequest, problem: IdentityError
+    ) -> external_auth_pb2.CheckResponse:
+        """Central mode, a Check that names no usable workload: fail closed (logged once per problem)."""
+        is_http = self._adapter.is_http(request)
+        protocol = "http" if is_http else "tcp"
+        self.stats.checks[protocol] += 1
+        self.stats.count(self.stats.malformed, problem.kind)
+        self.stats.count(self.stats.decisions, (protocol, "denied", "malformed"))
+        resp = self._deny(is_http=is_http, reason=f"central mode: no workload identity: {problem.message}")
+        resp.status.message = f"{engine.DENIED_BODY}: no workload identity: {problem.message}"
+        return resp
 
     def _internal_error(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         self.stats.internal_errors += 1
@@ -211,15 +239,17 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         if self.tracing.wants_span(out):
             resp.dynamic_metadata.update(self.tracing.metadata(out))
 
-    def _outbound(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
+    def _outbound(
+        self, request: external_auth_pb2.CheckRequest, exchange: mx.PeerExchange | None
+    ) -> external_auth_pb2.CheckResponse:
         """A client-side check: policies apply only inbound, so this allows and adds our metadata."""
         is_http = request.attributes.request.HasField("http")
         protocol = "http" if is_http else "tcp"
         self.stats.checks[protocol] += 1
         self.stats.count(self.stats.decisions, (protocol, "allowed", "outbound"))
         resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK))
-        if is_http and self.exchange is not None:
-            for name, value in self.exchange.headers:
+        if is_http and exchange is not None:
+            for name, value in exchange.headers:
                 resp.ok_response.headers.append(
                     base_pb2.HeaderValueOption(
                         header=base_pb2.HeaderValue(key=name, value=value),
@@ -228,9 +258,13 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                 )
         return resp
 
-    def _inbound_exchange(self, request: external_auth_pb2.CheckRequest, resp: external_auth_pb2.CheckResponse) -> None:
+    def _inbound_exchange(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        resp: external_auth_pb2.CheckResponse,
+        exchange: mx.PeerExchange,
+    ) -> None:
         """Read and remove the client's metadata; hand it to the access log; answer with ours."""
-        assert self.exchange is not None
         got = mx.received(request.attributes.request.http.headers)
         if got is None:
             return
@@ -246,7 +280,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
             target = resp.denied_response.headers
         else:
             return
-        for name, own in self.exchange.headers:
+        for name, own in exchange.headers:
             target.append(
                 base_pb2.HeaderValueOption(
                     header=base_pb2.HeaderValue(key=name, value=own),
@@ -254,8 +288,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
                 )
             )
 
-    async def _check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
-        snap = self._snapshot()
+    async def _check(
+        self, request: external_auth_pb2.CheckRequest, snap: Snapshot | None = None
+    ) -> external_auth_pb2.CheckResponse:
+        if snap is None:
+            snap = self._snapshot()
         is_http = self._adapter.is_http(request)
         protocol = "http" if is_http else "tcp"
         self.stats.checks[protocol] += 1

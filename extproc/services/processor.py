@@ -352,3 +352,28 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
 
 
 _NO_CHANGE = external_auth_pb2.OkHttpResponse()
+
+
+CENTRAL_MODE_MESSAGE = (
+    "extproc runs in central mode (--central), which serves ext_authz and the access log service only; "
+    "point the ext_proc filter at a per-sidecar extproc"
+)
+
+
+class CentralModeProcessor(ep_grpc.ExternalProcessorServicer):
+    """ext_proc in central mode: every stream is refused with UNIMPLEMENTED.
+
+    A central server knows a workload only from ext_authz context extensions and access log
+    node metadata; ext_proc streams carry neither, so they cannot be enforced for the right
+    workload. Refusing them says so at once, where a silent fallback would not.
+    """
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        self.refused += 1
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CENTRAL_MODE_MESSAGE)
+        yield ep.ProcessingResponse()  # pragma: no cover - abort raises; this makes Process a generator

@@ -35,10 +35,10 @@ class RecorderStats:
 
 
 class Recorder:
-    def __init__(self, labeler: Labeler, store: MetricStore) -> None:
+    def __init__(self, labeler: Labeler, store: MetricStore, stats: RecorderStats | None = None) -> None:
         self.labeler = labeler
         self.store = store
-        self.stats = RecorderStats(http={"access_log": 0, "ext_proc": 0})
+        self.stats = stats if stats is not None else RecorderStats(http={"access_log": 0, "ext_proc": 0})
         self._claims: OrderedDict[str, int] = OrderedDict()
 
     def http(self, r: HttpRecord, source: str) -> None:
@@ -158,6 +158,52 @@ class TcpTracker:
         return len(stale)
 
 
+class WorkloadSinks:
+    """Central mode: a Recorder and a TcpTracker per local workload, all into one MetricStore.
+
+    A central server records for many sidecars, each access log stream for the workload its
+    Envoy node names. The local half of the labels is fixed per workload, so each workload
+    gets its own Labeler (with its own peer-label cache); they share the series store, the
+    recorder counters and the Telemetry plans. Bounded (LRU): a workload evicted while its
+    TCP connections are open loses their running totals, nothing else.
+    """
+
+    def __init__(self, store: MetricStore, service: ServiceInfo | None, stats: RecorderStats, size: int = 1024) -> None:
+        self.store = store
+        self.service = service
+        self.stats = stats
+        self.size = size
+        self._entries: OrderedDict[Workload, tuple[Recorder, TcpTracker]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, local: Workload) -> tuple[Recorder, TcpTracker]:
+        entries = self._entries
+        found = entries.get(local)
+        if found is not None:
+            self.hits += 1
+            entries.move_to_end(local)
+            return found
+        self.misses += 1
+        recorder = Recorder(Labeler(local, self.service), self.store, self.stats)
+        found = entries[local] = (recorder, TcpTracker(recorder))
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+            self.evictions += 1
+        return found
+
+    def sweep(self) -> int:
+        return sum(tcp.sweep() for _, tcp in list(self._entries.values()))
+
+    @property
+    def connections(self) -> int:
+        return sum(len(tcp.connections) for _, tcp in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class Telemetry:
     """Everything one workload's metrics need, built once at start-up."""
@@ -168,6 +214,8 @@ class Telemetry:
     recorder: Recorder
     tcp: TcpTracker
     peers: PeerCache
+    # Central mode: the recorders of the workloads that access log streams name.
+    workloads: WorkloadSinks | None = None
 
     @staticmethod
     def create(
@@ -184,6 +232,11 @@ class Telemetry:
         recorder = Recorder(labeler, store)
         return Telemetry(local, labeler, store, recorder, TcpTracker(recorder), PeerCache())
 
+    def per_workload(self, service: ServiceInfo | None = None, size: int = 1024) -> WorkloadSinks:
+        """Switch to central mode: recorders per local workload, sharing this store and counters."""
+        self.workloads = WorkloadSinks(self.store, service, self.recorder.stats, size)
+        return self.workloads
+
     def apply(self, plans: TelemetryPlans) -> None:
         """Install the label plans of the applicable Telemetry resources (a reload)."""
         self.store.set_plans(plans.inbound, plans.outbound)
@@ -192,3 +245,5 @@ class Telemetry:
         """Periodic upkeep: idle series and forgotten TCP connections."""
         self.store.tick()
         self.tcp.sweep()
+        if self.workloads is not None:
+            self.workloads.sweep()
