@@ -1,0 +1,99 @@
+"""The benchmark harness's smoke run: `python -m bench --quick`, every mode, real processes.
+
+Asserts only that each mode was set up as described and served its traffic with the
+right status codes: never a timing, since the machine running the tests is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import runner
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--mixer-check-cache", "50", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    dirs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(dirs) == 1, f"one results folder expected; stderr:\n{proc.stderr}"
+    return proc, dirs[0]
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_quick_run_succeeds_and_writes_the_report(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, run_dir = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (run_dir / "report.md").read_text()
+    for mode in runner.MODES:
+        assert f"`{mode}`" in report
+    for chart in ("latency.png", "cpu.png", "throughput.png"):
+        assert (run_dir / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_mode_served_its_load_with_200(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    results = _results(quick_run[1])
+    assert [m["mode"] for m in results["modes"]] == list(runner.MODES)
+    assert runner.problems(results) == []
+    for m in results["modes"]:
+        kinds = [r["kind"] for r in m["runs"]]
+        assert kinds == ["fixed", "saturation"], m["mode"]
+        for r in m["runs"]:
+            assert r["requests"] > 0 and set(r["status"]) == {"200"} and r["errors"] == 0, (m["mode"], r)
+
+
+def test_modes_that_enforce_deny_and_the_others_do_not(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """The probes show the policies are really applied in native, authz+als, extproc and mixer."""
+    by_mode = {m["mode"]: {p["name"]: p["got"] for p in m["probes"]} for m in _results(quick_run[1])["modes"]}
+    for mode in ("native", "authz+als", "extproc", "mixer"):
+        got = by_mode[mode]
+        assert (got["allowed"], got["no token"], got["bad signature"], got["no ALLOW matches"]) == (200, 403, 401, 403)
+        assert got["mesh-wide DENY"] == 403 and got["blocked user"] == 403
+    for mode in ("none", "noop"):
+        assert set(by_mode[mode].values()) == {200}
+    assert by_mode["mixer"]["allowed via sidecar-2"] == 200
+
+
+def test_each_mode_runs_the_processes_it_describes(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    results = _results(quick_run[1])
+    roles = {
+        m["mode"]: sorted(p["role"] for p in m["runs"][0]["processes"] if p["role"] not in ("upstream", "loadgen"))
+        for m in results["modes"]
+    }
+    assert roles == {
+        "none": ["envoy"],
+        "native": ["envoy"],
+        "noop": ["envoy", "extproc"],
+        "authz+als": ["envoy", "extproc"],
+        "extproc": ["envoy", "extproc"],
+        "mixer": ["central", "envoy", "envoy", "hop"],
+    }
+    mixer = next(m for m in results["modes"] if m["mode"] == "mixer")
+    central = next(p for p in mixer["processes"] if p["role"] == "central")
+    assert "--central" in central["argv"]
+    for m in results["modes"]:
+        for r in m["runs"]:
+            for p in r["processes"]:
+                if p["role"] in ("envoy", "extproc", "central", "hop"):
+                    assert p["cpu_s"] > 0 and p["peak_rss_mib"] > 0, (m["mode"], p)
+    assert results["scenario"]["mixer"]["delay_injection"] == [{"ms": 1, "percent_of_streams": 50.0}]
