@@ -115,6 +115,11 @@ def parser() -> argparse.ArgumentParser:
         help="batch the access-log Report (1 s flush, as mixerclient's default batching); "
         "default: one Report per request",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the Python servers with py-spy during each saturation run (profile-*.txt in the mode's logs)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
     return p
 
@@ -151,6 +156,7 @@ def options(argv: list[str]) -> runner.Options:
         ),
         out=ns.out,
         quick=ns.quick,
+        profile=ns.profile,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import load, procs, topology
+from bench.harness import profile as prof
 from bench.harness import scenario as sc
 from bench.harness.procs import Process
 
@@ -72,6 +73,7 @@ class Options:
     mixer: topology.MixerOptions = field(default_factory=topology.MixerOptions)
     out: Path = Path("bench/results")
     quick: bool = False
+    profile: bool = False  # py-spy on every Python server during the saturation run
     command: str = ""
 
     @property
@@ -302,13 +304,41 @@ def run_mode(
             entry["runs"].append(measure(stack, upstream, spec(rate, opts.duration_s), opts, workdir, f"fixed-{rate}"))
         if opts.saturation_duration_s > 0:
             _log(f"  {mode}: saturation for {opts.saturation_duration_s:g}s")
-            entry["runs"].append(
-                measure(stack, upstream, spec(None, opts.saturation_duration_s), opts, workdir, "saturation")
-            )
+            recordings = _start_profiles(stack, opts, workdir)
+            run = measure(stack, upstream, spec(None, opts.saturation_duration_s), opts, workdir, "saturation")
+            if recordings:
+                run["profiled"] = True
+                entry["profiles"] = _finish_profiles(recordings, opts)
+            entry["runs"].append(run)
     finally:
         stack.stop()
     entry["wall_s"] = round(time.monotonic() - started, 1)
     return entry
+
+
+PROFILED_ROLES = frozenset({"extproc", "central"})
+
+
+def _start_profiles(stack: Stack, opts: Options, workdir: Path) -> list[prof.Recording]:
+    if not opts.profile:
+        return []
+    exe = prof.available()
+    if exe is None:
+        raise ModeFailed("--profile needs py-spy (pip install -e '.[bench]')")
+    return [
+        prof.record(exe, p.pid, p.name, workdir, opts.saturation_duration_s)
+        for p in stack.processes
+        if p.role in PROFILED_ROLES
+    ]
+
+
+def _finish_profiles(recordings: list[prof.Recording], opts: Options) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for r in recordings:
+        summary = r.finish(opts.saturation_duration_s + 30)
+        out[r.name] = str(summary) if summary is not None else None
+        _log(f"    profile of {r.name}: {summary or 'py-spy failed, see its log'}")
+    return out
 
 
 # --- the whole run -------------------------------------------------------------------------

@@ -180,3 +180,26 @@ def test_cli_options() -> None:
         cli.options(["--connections", "15", "--mixer-sidecars", "2"])
     with pytest.raises(SystemExit):
         cli.options(["--mixer-check-cache", "101"])
+
+
+def test_profile_summary_ranks_functions_by_own_and_inclusive_samples() -> None:
+    from bench.harness import profile
+
+    collapsed = "\n".join(
+        [
+            "main (app.py:10);serve (app.py:20);Check (authz.py:5) 6",
+            "main (app.py:10);serve (app.py:21);Check (authz.py:9);evaluate (engine.py:3) 3",
+            "main (app.py:10);loop (app.py:30) 1",
+            "garbage line",
+        ]
+    )
+    text = profile.summarize(collapsed, top=3)
+    assert text.startswith("10 samples\n")
+    own, inclusive = text.split("by inclusive")
+    # Line numbers are merged per function: Check ran 6 of 10 samples itself, evaluate 3.
+    assert "60.0%  Check (authz.py)" in own
+    assert "30.0%  evaluate (engine.py)" in own
+    assert own.index("Check") < own.index("evaluate")
+    assert "100.0%  main (app.py)" in inclusive
+    assert "90.0%  Check (authz.py)" in inclusive
+    assert profile.summarize("") == "no samples\n"
