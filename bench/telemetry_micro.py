@@ -3,6 +3,10 @@
   * record: one finished HTTP request through `Recorder.http` (labels from the cached peer
             part, a counter and three histograms), in steady state over a realistic mix of
             peers x hosts x response codes; the same for TCP reports through `TcpTracker`;
+  * access log: one HTTP entry through `AccessLogService.http_entry` (what the `authz+als`
+            mode runs per request): an entry Envoy 1.40 sent in the benchmark (no peer, no
+            TLS), and the mix above as a sidecar in a mesh logs it (peer metadata from the
+            ext_authz dynamic metadata, mTLS URI SANs, content-type on some);
   * render: one `MetricStore.render()` (a scrape) at 10,000 series, either all in
             istio_requests_total or spread over the 4 HTTP metrics (2,500 requests' label
             sets; the 3 histograms render 22 lines per series);
@@ -18,6 +22,7 @@ header and every (peer, host, response code) is a series of its own.
 from __future__ import annotations
 
 import argparse
+import base64
 import gc
 import os
 import platform
@@ -28,12 +33,16 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 import prometheus_client
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from google.protobuf import wrappers_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from extproc.services.accesslog import AUTHZ_NAMESPACE, AccessLogService
 from extproc.telemetry import labels as L
 from extproc.telemetry.peer import PeerCache, Workload, decode, encode
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer
-from extproc.telemetry.recorder import Recorder, TcpTracker
+from extproc.telemetry.recorder import Recorder, TcpTracker, Telemetry
 from extproc.telemetry.store import MetricPlan, MetricStore
 
 CODES = (200, 201, 404, 503)
@@ -98,6 +107,58 @@ def http_mix(n_peers: int, n_hosts: int, codes: tuple[int, ...]) -> list[HttpRec
                     )
                 )
     return recs
+
+
+# One HTTPAccessLogEntry as Envoy 1.40 sent it in the benchmark's `authz+als` mode
+# (envoy/authz.yaml, GET /api/v1/products/3 over HTTP/1.1 without mTLS or peer metadata).
+CAPTURED_ENTRY = base64.b64decode(
+    "CucBEhEKDxIJMTI3LjAuMC4xGKSJAhoRCg8SCTEyNy4wLjAuMRjXigIqCwje1cvYBhDoqa5cMgQQsJoDOgUQx8b7AkIFELXH+wJK"
+    "BRDA/ZsDUgUQhMmfA1oFENr3ngNiBRDdw6EDahEKDxIJMTI3LjAuMC4xGKeCAnIRCg8SCTEyNy4wLjAuMRjS4gJ6A2FwcKIBEQoP"
+    "EgkxMjcuMC4wLjEYpIkCugEFEPiWogPAAQHSASQwNjg3MmEwOS1kOTU1LTQ4ZWYtYmU5MS1kZDYwNTY3NjcwYzjoAZkJ8AGFBvgB"
+    "+QaAAvcIiAIGEAIaXAgBEgRodHRwGg8xMjcuMC4wLjE6MzQxMzUqEi9hcGkvdjEvcHJvZHVjdHMvM0okMDY4NzJhMDktZDk1NS00"
+    "OGVmLWJlOTEtZGQ2MDU2NzY3MGM4WPAGcNYGeN8FIh0KAwjIARB8GIAIMgx2aWFfdXBzdHJlYW04YECGAQ=="
+)
+
+
+def captured_entry() -> accesslog_pb2.HTTPAccessLogEntry:
+    return accesslog_pb2.HTTPAccessLogEntry.FromString(CAPTURED_ENTRY)
+
+
+def mesh_entry(peer_value: str, peer_san: str, host: str, code: int, n: int) -> accesslog_pb2.HTTPAccessLogEntry:
+    """The captured entry as an inbound sidecar in a mesh logs it: the peer's metadata in the
+    ext_authz dynamic metadata (put there by extproc's Check), both URI SANs of the mTLS
+    session, and the request's own host, code, flags, duration, sizes and id."""
+    e = captured_entry()
+    c = e.common_properties
+    c.metadata.filter_metadata[AUTHZ_NAMESPACE].update({"x-envoy-peer-metadata": peer_value})
+    c.tls_properties.tls_version = accesslog_pb2.TLSProperties.TLSv1_3
+    c.tls_properties.peer_certificate_properties.subject_alt_name.add(uri=peer_san)
+    c.tls_properties.local_certificate_properties.subject_alt_name.add(uri=LOCAL.identity)
+    c.upstream_cluster = "inbound|9080||"
+    c.duration.FromNanoseconds(700_000 + (n * 7919) % 90_000_000)
+    c.downstream_wire_bytes_received = 200 + n % 300
+    c.downstream_wire_bytes_sent = 1000 + (n * 13) % 5000
+    if code >= 500:
+        c.response_flags.upstream_connection_failure = True
+    e.request.authority = host
+    e.request.request_method = base_pb2.RequestMethod.Value("GET" if n % 3 else "POST")
+    e.request.request_id = f"{n:08x}-d955-48ef-be91-dd60567670c8"
+    if n % 3 == 0:
+        e.request.request_headers["content-type"] = "application/json"
+    e.response.response_code.CopyFrom(wrappers_pb2.UInt32Value(value=code))
+    return e
+
+
+def entry_mix(n_peers: int, n_hosts: int, codes: tuple[int, ...]) -> list[accesslog_pb2.HTTPAccessLogEntry]:
+    """The record mix of `http_mix` as access log entries, one per (peer, host, code)."""
+    out = []
+    for i in range(n_peers):
+        w = client(i)
+        value = encode(w)
+        for h in range(n_hosts):
+            for c in codes:
+                out.append(mesh_entry(value, w.identity, f"reviews-{h}.bookinfo.svc.cluster.local:9080", c, len(out)))
+    return out
 
 
 def standard_store(**kw: object) -> MetricStore:
@@ -192,6 +253,38 @@ def bench_http(recs: list[HttpRecord], repeat: int, rounds: int) -> list[tuple[s
             decode(value)
 
     rows.append((f"  peer.decode, {len(value)} chars (a PeerCache miss)", per_item_us(decode_many, 200, repeat)))
+    return rows
+
+
+def access_log_service() -> AccessLogService:
+    t = Telemetry.create(LOCAL)
+    return AccessLogService(t.recorder, t.tcp, t.peers)
+
+
+def bench_access_log(
+    entries: list[accesslog_pb2.HTTPAccessLogEntry], repeat: int, rounds: int
+) -> list[tuple[str, float]]:
+    inbound = Direction.INBOUND
+    rows = []
+    for title, mix in (
+        ("http_entry: the captured Envoy entry (no peer, no TLS)", [captured_entry()]),
+        (f"http_entry: mTLS mix of {len(entries)} shapes, steady state", entries),
+    ):
+        entry = access_log_service().http_entry
+        for e in mix:  # warm: every peer decoded, every series exists
+            entry(e, inbound)
+        passes = rounds * max(1, len(entries) // len(mix))
+
+        def run(
+            mix: list[accesslog_pb2.HTTPAccessLogEntry] = mix,
+            passes: int = passes,
+            entry: Callable[[accesslog_pb2.HTTPAccessLogEntry, Direction], None] = entry,
+        ) -> None:
+            for _ in range(passes):
+                for e in mix:
+                    entry(e, inbound)
+
+        rows.append((title, per_item_us(run, len(mix) * passes, repeat)))
     return rows
 
 
@@ -380,6 +473,10 @@ def main() -> None:
         f"steady state, {args.rounds} passes per run"
     )
     for label, us in bench_http(recs, micro_repeat, args.rounds):
+        print(f"  {label:56} {us:9.2f} µs")
+    entries = entry_mix(args.peers, args.hosts, CODES[: args.codes])
+    print(f"Access log: AccessLogService.http_entry, inbound, {len(entries)} entries")
+    for label, us in bench_access_log(entries, micro_repeat, args.rounds):
         print(f"  {label:56} {us:9.2f} µs")
     tcp_conns = 20
     print(f"TCP: {args.peers} peers x {tcp_conns} connections")
