@@ -74,6 +74,9 @@ class JwksRegistry:
         self.kid_refresh_interval_s = kid_refresh_interval_s
         self._states: dict[str, SourceState] = {}
         self._session: aiohttp.ClientSession | None = None
+        # Bumped whenever the keys any request may be verified with change (a fetch brought
+        # new keys, a source was dropped): results computed with older keys are stale.
+        self.generation = 0
 
     @property
     def states(self) -> dict[str, SourceState]:
@@ -87,6 +90,7 @@ class JwksRegistry:
         wanted = {s.key: s for s in sources}
         for key in list(self._states):
             if key not in wanted:
+                self.generation += 1
                 st = self._states.pop(key)
                 for t in (st.loop_task, st.inflight):
                     if t is not None:
@@ -201,6 +205,7 @@ class JwksRegistry:
                 keys = parse_jwks(body)
                 had = st.keys is not None
                 st.keys, st.digest = keys, digest
+                self.generation += 1
                 log.info(
                     "%s keys for issuer %s from %s: %d key(s)",
                     "new" if had else "fetched",

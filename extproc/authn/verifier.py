@@ -43,6 +43,7 @@ from extproc.authn.status import Status
 from extproc.authn.token import Jwt, parse
 
 CLOCK_SKEW_S = 60
+FOREVER = 1 << 62  # a time no token reaches
 MAX_URI_LENGTH = 256
 _JWT_START = re.compile(r"[A-Za-z0-9_.-]")
 
@@ -112,6 +113,23 @@ class _Context:
     missing_keys: set[RemoteSource] = field(default_factory=set)
     unknown_kid: set[RemoteSource] = field(default_factory=set)
     removed_params: list[str] = field(default_factory=list)  # decoded names, in removal order
+    # The seconds around `now` in which every time check made gives the same answer.
+    valid_from: int = 0
+    valid_until: int = FOREVER
+
+    def time_checked(self, jwt: Jwt) -> None:
+        """Narrow the window to where this token's exp/nbf check keeps its current outcome."""
+        now = self.now
+        starts = jwt.nbf - CLOCK_SKEW_S  # valid from here (`now + skew >= nbf`)
+        ends = jwt.exp + CLOCK_SKEW_S if jwt.exp else FOREVER  # expired after here
+        if now < starts:
+            lo, hi = 0, starts - 1
+        elif now > ends:
+            lo, hi = ends + 1, FOREVER
+        else:
+            lo, hi = starts, ends
+        self.valid_from = max(self.valid_from, lo)
+        self.valid_until = min(self.valid_until, hi)
 
     def remove_param(self, name: str) -> None:
         """jwt_authn's JwtParamLocation::removeJwt: the path is rebuilt without it."""
@@ -133,6 +151,10 @@ class AuthnResult:
     cors_preflight: bool = False
     missing_keys: frozenset[RemoteSource] = frozenset()
     unknown_kid: frozenset[RemoteSource] = frozenset()
+    # Unix seconds between which the same request gets the same result: the exp/nbf checks
+    # of the tokens it carried do not change their outcome (what a decision cache may rely on).
+    valid_from: int = 0
+    valid_until: int = FOREVER
 
     @property
     def ok(self) -> bool:
@@ -200,6 +222,8 @@ def authenticate(
         failures=tuple(ctx.failures),
         missing_keys=frozenset(ctx.missing_keys),
         unknown_kid=frozenset(ctx.unknown_kid),
+        valid_from=ctx.valid_from,
+        valid_until=ctx.valid_until,
     )
 
 
@@ -253,6 +277,7 @@ def _verify(p: Provider, found: Found, ctx: _Context) -> Status:
     if not found.issuers.allows(jwt.iss):
         return Status.JWT_UNKNOWN_ISSUER
     s = jwt.time_status(ctx.now, CLOCK_SKEW_S)
+    ctx.time_checked(jwt)
     if s is not Status.OK:
         return s
     if not p.audiences.allows(jwt.audiences):

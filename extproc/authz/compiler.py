@@ -27,6 +27,14 @@ from extproc.config.models import Action, AuthorizationPolicy, Condition, Operat
 Test = Callable[[Attributes], bool]
 
 
+# What a check reads beyond the connection's addresses, principals, SNI and the request's
+# method, path and host (which every decision key holds): the values of these request
+# headers, the verified JWT, Envoy's filter metadata. The decision cache keys on them.
+READS_JWT = "jwt"
+READS_METADATA = "metadata"
+HEADER_READ = "header:"
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     """One field of a rule with its values (or notValues) compiled."""
@@ -35,6 +43,7 @@ class Check:
     test: Test
     http_only: bool = False
     negated: bool = False
+    reads: frozenset[str] = frozenset()
 
     def __call__(self, attrs: Attributes) -> bool:
         return self.test(attrs)
@@ -60,6 +69,15 @@ class CompiledRule:
     whens: tuple[Check, ...]
     never: bool = False  # Istio's rbacPolicyMatchNever, for a policy without rules
     matches: Test = field(default=lambda a: False, compare=False, repr=False)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """Everything any of this rule's checks reads (see `Check.reads`)."""
+        out: set[str] = set()
+        for group in (*self.froms, *self.tos, self.whens):
+            for c in group:
+                out |= c.reads
+        return frozenset(out)
 
     def first_failure(self, attrs: Attributes) -> str | None:
         """None if the rule matches, else the first condition that did not hold."""
@@ -317,16 +335,47 @@ def _negate(test: Test) -> Test:
     return lambda a: not test(a)
 
 
-def _pair(field_base: str, alias_pos: str, alias_neg: str, values: Any, not_values: Any, build: Any) -> list[Check]:
+def _pair(
+    field_base: str,
+    alias_pos: str,
+    alias_neg: str,
+    values: Any,
+    not_values: Any,
+    build: Any,
+    reads: frozenset[str] = frozenset(),
+) -> list[Check]:
     """Checks for `values` and `notValues` of one field; `build(values) -> (test, http_only)`."""
     checks: list[Check] = []
     if values:
         test, http_only = build(values)
-        checks.append(Check(f"{field_base}.{alias_pos}", test, http_only))
+        checks.append(Check(f"{field_base}.{alias_pos}", test, http_only, reads=reads))
     if not_values:
         test, http_only = build(not_values)
-        checks.append(Check(f"{field_base}.{alias_neg}", _negate(test), http_only, negated=True))
+        checks.append(Check(f"{field_base}.{alias_neg}", _negate(test), http_only, negated=True, reads=reads))
     return checks
+
+
+def _header(name: str) -> frozenset[str]:
+    return frozenset((HEADER_READ + name,))
+
+
+_XFF = _header("x-forwarded-for")  # remote.ip is derived from it
+_JWT = frozenset((READS_JWT,))
+_SOURCE_READS = {"remoteIpBlocks": _XFF, "requestPrincipals": _JWT}
+_OPERATION_READS = {"hosts": _header(":authority"), "methods": _header(":method"), "paths": _header(":path")}
+
+
+def _condition_reads(key: str) -> frozenset[str]:
+    if key == "remote.ip":
+        return _XFF
+    if key.startswith("request.auth."):
+        return _JWT
+    if key.startswith(v.HEADER_PREFIX):
+        name = v.parse_bracket_name(key[len(v.HEADER_PREFIX) :])
+        return _header(name.lower()) if name is not None else frozenset()
+    if key.startswith(v.ENVOY_FILTER_PREFIX):
+        return frozenset((READS_METADATA,))
+    return frozenset()
 
 
 def _source_checks(ctx: CompileContext, base: str, src: Source) -> list[Check]:
@@ -339,6 +388,7 @@ def _source_checks(ctx: CompileContext, base: str, src: Source) -> list[Check]:
             getattr(src, pos),
             getattr(src, neg),
             lambda vals, kind=kind: _source_tests(ctx, kind, vals),
+            _SOURCE_READS.get(kind, frozenset()),
         )
     return checks
 
@@ -360,7 +410,13 @@ def _operation_checks(base: str, op: Operation) -> list[Check]:
     checks: list[Check] = []
     for pos, neg, kind in _OPERATION_FIELDS:
         checks += _pair(
-            base, kind, "not" + kind[0].upper() + kind[1:], getattr(op, pos), getattr(op, neg), _operation_build(kind)
+            base,
+            kind,
+            "not" + kind[0].upper() + kind[1:],
+            getattr(op, pos),
+            getattr(op, neg),
+            _operation_build(kind),
+            _OPERATION_READS.get(kind, frozenset()),
         )
     return checks
 
@@ -410,7 +466,13 @@ def _condition_build(ctx: CompileContext, key: str) -> Any:
 
 def _condition_checks(ctx: CompileContext, base: str, cond: Condition) -> list[Check]:
     return _pair(
-        f"{base}({cond.key})", "values", "notValues", cond.values, cond.not_values, _condition_build(ctx, cond.key)
+        f"{base}({cond.key})",
+        "values",
+        "notValues",
+        cond.values,
+        cond.not_values,
+        _condition_build(ctx, cond.key),
+        _condition_reads(cond.key),
     )
 
 

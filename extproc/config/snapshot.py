@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from extproc.authn.keys import parse_jwks
 from extproc.authn.program import DEFAULT_JWKS_TIMEOUT_S, AuthnProgram, RuleInput, compile_rules
@@ -67,6 +68,9 @@ class Snapshot:
     loaded_at: float
     # Istio's standard metrics after the applicable Telemetry resources' spec.metrics.
     telemetry: TelemetryPlans = field(default_factory=TelemetryPlans.standard)
+    # What the request path derives from this snapshot and keeps with it (the decision cache),
+    # so it is dropped with the snapshot. Filled on first use, never by the build.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:

@@ -265,10 +265,28 @@ class ExtprocCollector(Collector):
         if self.peer_cache is not None:
             cache.add_metric(["peer_metadata", "hit"], self.peer_cache.hits)
             cache.add_metric(["peer_metadata", "miss"], self.peer_cache.misses)
+        cache.add_metric(["decision", "hit"], s.cache.hits)
+        cache.add_metric(["decision", "miss"], s.cache.misses)
         for name, hits, misses in self.extra_caches() if self.extra_caches is not None else ():
             cache.add_metric([name, "hit"], hits)
             cache.add_metric([name, "miss"], misses)
         yield cache
+        decisions = snap.memo.get("decisions")
+        yield GaugeMetricFamily(
+            "extproc_decision_cache_entries",
+            "HTTP decisions the serving snapshot's cache holds",
+            value=len(decisions) if decisions is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "extproc_decision_cache_evictions",
+            "Decisions evicted from the decision cache to stay within --decision-cache-size",
+            value=s.cache.evictions,
+        )
+        yield CounterMetricFamily(
+            "extproc_decision_cache_uncacheable",
+            "Decisions not cached: a CUSTOM provider was asked, keys were fetched, or the request had no usable key",
+            value=s.cache.uncacheable,
+        )
         if self.token_cache is not None:
             yield GaugeMetricFamily(
                 "extproc_jwt_cache_entries", "Tokens held by the JWT cache", value=len(self.token_cache)

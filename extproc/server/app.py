@@ -21,7 +21,7 @@ import time
 import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.registry import Collector
@@ -35,10 +35,11 @@ from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
-from extproc.services.authz import AuthorizationService, AuthzStats
+from extproc.services.authz import AuthorizationService
 from extproc.services.central import ContextWorkloads, NodeWorkloads
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
+from extproc.services.enforcer import AuthzStats, Enforcer
 from extproc.services.processor import CentralModeProcessor, ExternalProcessorService
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
@@ -151,6 +152,12 @@ async def _telemetry_upkeep(telemetry: Telemetry) -> None:
         telemetry.tick()
 
 
+def register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    """Serve `handlers` as `service`, the way generated code registers a servicer."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def options_of(settings: ServeSettings) -> Options:
     return Options(
         jwt_payload_key=settings.jwt_payload_key,
@@ -177,6 +184,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     jwks.sync(holder.current.authn.remote_sources)
     holder.on_swap.append(lambda snap: jwks.sync(snap.authn.remote_sources))
     token_cache = TokenCache(settings.jwt_cache_size)
+    enforcer = Enforcer(providers, jwks, token_cache, stats, cache_size=settings.decision_cache_size)
     direction = Direction(settings.direction)
     telemetry, exchange = telemetry_of(settings)
     telemetry.apply(holder.current.telemetry)
@@ -199,10 +207,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     authz = AuthorizationService(
         holder.get,
         adapter,
-        providers,
-        stats,
-        jwks,
-        token_cache,
+        enforcer,
         exchange=exchange,
         direction=direction,
         tracing=tracing,
@@ -212,7 +217,14 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing, central=nodes
     )
     processor = ExternalProcessorService(
-        telemetry.recorder, telemetry.peers, exchange, direction, authz=authz, tracing=tracing
+        telemetry.recorder,
+        telemetry.peers,
+        exchange,
+        direction,
+        enforcer=enforcer,
+        snapshot=holder.get,
+        adapter=adapter,
+        tracing=tracing,
     )
     refuser = CentralModeProcessor()
 
@@ -225,11 +237,12 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+    register(server, AUTHZ_SERVICE_NAME, authz.handlers())
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(als, server)
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        refuser if holder.central else processor, server
-    )
+    if holder.central:
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(refuser, server)
+    else:
+        register(server, EXT_PROC_SERVICE_NAME, processor.handlers())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -82,6 +82,7 @@ class ServeSettings:
     jwks_refresh_interval_s: float = 1200.0
     jwks_kid_refresh_interval_s: float = 30.0
     jwt_cache_size: int = 10_000
+    decision_cache_size: int = 4096
     direction: str = "inbound"
     cluster: str = "Kubernetes"
     service_account: str = ""
@@ -132,6 +133,11 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "least time between refetches triggered by tokens with an unknown kid, per key source",
     ),
     ("--jwt-cache-size", "EXTPROC_JWT_CACHE_SIZE", "verified tokens kept in memory (0 disables the cache)"),
+    (
+        "--decision-cache-size",
+        "EXTPROC_DECISION_CACHE_SIZE",
+        "HTTP decisions remembered by the values the policies read (0 disables the cache)",
+    ),
     (
         "--direction",
         "EXTPROC_DIRECTION",
@@ -230,6 +236,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help=helps["--jwks-kid-refresh-interval"] + " (default 30s)",
     )
     p.add_argument("--jwt-cache-size", type=int, metavar="N", help=helps["--jwt-cache-size"] + " (default 10000)")
+    p.add_argument(
+        "--decision-cache-size", type=int, metavar="N", help=helps["--decision-cache-size"] + " (default 4096)"
+    )
     p.add_argument("--direction", metavar="DIR", help=helps["--direction"] + " (default inbound)")
     p.add_argument("--cluster", metavar="ID", help=helps["--cluster"] + " (default Kubernetes)")
     p.add_argument("--service-account", metavar="SA", help=helps["--service-account"])
@@ -351,6 +360,9 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
             allow_zero=True,
         ),
         jwt_cache_size=_int(pick("jwt_cache_size", "EXTPROC_JWT_CACHE_SIZE", "10000") or "10000", "--jwt-cache-size"),
+        decision_cache_size=_int(
+            pick("decision_cache_size", "EXTPROC_DECISION_CACHE_SIZE", "4096") or "4096", "--decision-cache-size"
+        ),
         config_dirs=tuple(config_dirs),
         listen=ListenAddress.parse(pick("listen", "EXTPROC_LISTEN", "127.0.0.1:9001") or "", "--listen"),
         admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),

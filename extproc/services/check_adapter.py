@@ -16,6 +16,7 @@ What Envoy 1.40 actually sends, checked against a live Envoy:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -24,18 +25,25 @@ from cryptography.x509.oid import ExtensionOID
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.attributes import Attributes, HttpRequest, parse_ip, remote_ip_from_xff
+from extproc.services.headers import (
+    DEFAULT_MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MalformedRequest,
+    check_size,
+    decode_header_map,
+)
 from extproc.services.protoconv import struct_to_dict
 
 JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
 
-
-class MalformedRequest(Exception):
-    """A CheckRequest extproc refuses to evaluate; it is denied, never crashes the server."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
+__all__ = [
+    "JWT_AUTHN_FILTER",
+    "CheckAdapter",
+    "MalformedRequest",
+    "PeerCertificateCache",
+    "http_headers",
+    "http_request",
+]
 
 
 class PeerCertificateCache:
@@ -64,6 +72,20 @@ class PeerCertificateCache:
             self._items.popitem(last=False)
         return value
 
+    def principals_of_pem(self, pem: str) -> tuple[str, ...]:
+        """The same for a PEM that is not URL-encoded (ext_proc's `connection.peer_certificate`)."""
+        got = self._items.get(pem)
+        if got is not None:
+            self.hits += 1
+            self._items.move_to_end(pem)
+            return got
+        self.misses += 1
+        value = _principals_from_pem(pem)
+        self._items[pem] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
 
 def _principals_from_pem(pem: str) -> tuple[str, ...]:
     try:
@@ -88,8 +110,8 @@ class CheckAdapter:
         *,
         xff_num_trusted_hops: int = 0,
         jwt_payload_key: str = "payload",
-        max_header_bytes: int = 96 * 1024,
-        max_headers: int = 512,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_headers: int = MAX_HEADERS,
         cert_cache: PeerCertificateCache | None = None,
     ) -> None:
         self.xff_num_trusted_hops = xff_num_trusted_hops
@@ -101,94 +123,112 @@ class CheckAdapter:
     def is_http(self, req: external_auth_pb2.CheckRequest) -> bool:
         return req.attributes.HasField("request")
 
-    def attributes(self, req: external_auth_pb2.CheckRequest) -> Attributes:
+    def attributes(self, req: external_auth_pb2.CheckRequest, headers: Mapping[str, str] | None = None) -> Attributes:
+        """The request's Attributes; `headers`, when given, are its already decoded and checked
+        headers (from `http_headers`), so they are not read twice."""
         a = req.attributes
         src = a.source
         dst = a.destination
         if not src.address.HasField("socket_address") or not dst.address.HasField("socket_address"):
             raise MalformedRequest("missing-address", "source and destination socket addresses are required")
-        source_ip = parse_ip(src.address.socket_address.address)
-        destination_ip = parse_ip(dst.address.socket_address.address)
-        if source_ip is None or destination_ip is None:
-            raise MalformedRequest("bad-address", "source or destination is not an IP address")
-
         if src.certificate:
             principals = self.cert_cache.principals(src.certificate)
         elif src.principal:
             principals = (src.principal,)
         else:
             principals = ()
-
         filter_metadata: dict[str, Any] = {}
         if a.HasField("metadata_context"):
             for name, struct in a.metadata_context.filter_metadata.items():
                 filter_metadata[name] = struct_to_dict(struct)
+        http = None
+        if a.HasField("request"):
+            h = a.request.http
+            checked = dict(headers) if headers is not None else http_headers(h, self.max_headers, self.max_header_bytes)
+            http = http_request(checked, h.method, h.path, h.host, h.scheme, h.protocol, h.id)
+        return self.build(
+            source=src.address.socket_address.address,
+            source_port=src.address.socket_address.port_value,
+            destination=dst.address.socket_address.address,
+            destination_port=dst.address.socket_address.port_value,
+            principals=principals,
+            sni=a.tls_session.sni,
+            http=http,
+            filter_metadata=filter_metadata,
+        )
+
+    def build(
+        self,
+        *,
+        source: str,
+        source_port: int,
+        destination: str,
+        destination_port: int,
+        principals: tuple[str, ...],
+        sni: str,
+        http: HttpRequest | None,
+        filter_metadata: dict[str, Any],
+    ) -> Attributes:
+        """Attributes from the values any transport delivers; what both ext_authz and ext_proc
+        requests become, so the engines see the same thing for the same request."""
+        source_ip = parse_ip(source)
+        destination_ip = parse_ip(destination)
+        if source_ip is None or destination_ip is None:
+            raise MalformedRequest("bad-address", "source or destination is not an IP address")
         jwt_ns = filter_metadata.get(JWT_AUTHN_FILTER)
         payload = jwt_ns.get(self.jwt_payload_key) if jwt_ns else None
         if payload is not None and not isinstance(payload, dict):
             payload = None
-
-        http = None
         remote_ip = source_ip
-        if a.HasField("request"):
-            http = self._http(a.request.http)
+        if http is not None:
             remote_ip = remote_ip_from_xff(http.headers.get("x-forwarded-for"), source_ip, self.xff_num_trusted_hops)
-
         return Attributes(
             source_ip=source_ip,
-            source_port=src.address.socket_address.port_value,
+            source_port=source_port,
             remote_ip=remote_ip,
             destination_ip=destination_ip,
-            destination_port=dst.address.socket_address.port_value,
+            destination_port=destination_port,
             source_principals=principals,
-            sni=a.tls_session.sni,
+            sni=sni,
             http=http,
             jwt_payload=payload,
             filter_metadata=filter_metadata,
         )
 
-    def _http(self, h: Any) -> HttpRequest:
-        headers: dict[str, str] = {}
-        size = 0
-        if h.HasField("header_map") and len(h.header_map.headers) > 0:
-            if len(h.header_map.headers) > self.max_headers:
-                raise MalformedRequest("too-many-headers", f"{len(h.header_map.headers)} headers")
-            for hv in h.header_map.headers:
-                try:
-                    value = hv.raw_value.decode() if hv.raw_value else hv.value
-                except UnicodeDecodeError:
-                    raise MalformedRequest("bad-header-encoding", f"header {hv.key!r} is not UTF-8") from None
-                key = hv.key.lower()
-                size += len(key) + len(value)
-                headers[key] = f"{headers[key]},{value}" if key in headers else value
-        else:
-            if len(h.headers) > self.max_headers:
-                raise MalformedRequest("too-many-headers", f"{len(h.headers)} headers")
-            for k, value in h.headers.items():
-                size += len(k) + len(value)
-                headers[k.lower()] = value
-        if size > self.max_header_bytes:
-            raise MalformedRequest("headers-too-large", f"{size} bytes of headers (limit {self.max_header_bytes})")
 
-        method = h.method or headers.get(":method", "")
-        path = h.path or headers.get(":path", "")
-        host = h.host or headers.get(":authority", "")
-        if not method:
-            raise MalformedRequest("missing-method", "the HTTP request has no method")
-        if not path and method != "CONNECT":
-            raise MalformedRequest("missing-path", "the HTTP request has no path")
-        # Matchers read pseudo-headers from the map, as Envoy's RBAC does from its header map.
-        headers.setdefault(":method", method)
-        if path:
-            headers.setdefault(":path", path)
-        if host:
-            headers.setdefault(":authority", host)
-        return HttpRequest(
-            method=method,
-            path=path,
-            host=host,
-            headers=headers,
-            scheme=h.scheme,
-            protocol=h.protocol,
-            id=h.id,
-        )
+def http_request(
+    headers: dict[str, str], method: str, path: str, host: str, scheme: str = "", protocol: str = "", id: str = ""
+) -> HttpRequest:
+    """The HTTP part of Attributes. `method`, `path` and `host` are what the transport names
+    apart from the headers (ext_authz's fields), if anything; the pseudo-headers stand in."""
+    method = method or headers.get(":method", "")
+    path = path or headers.get(":path", "")
+    host = host or headers.get(":authority", "")
+    if not method:
+        raise MalformedRequest("missing-method", "the HTTP request has no method")
+    if not path and method != "CONNECT":
+        raise MalformedRequest("missing-path", "the HTTP request has no path")
+    # Matchers read pseudo-headers from the map, as Envoy's RBAC does from its header map.
+    headers.setdefault(":method", method)
+    if path:
+        headers.setdefault(":path", path)
+    if host:
+        headers.setdefault(":authority", host)
+    return HttpRequest(method=method, path=path, host=host, headers=headers, scheme=scheme, protocol=protocol, id=id)
+
+
+def http_headers(
+    h: external_auth_pb2.AttributeContext.HttpRequest,
+    max_headers: int = MAX_HEADERS,
+    max_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> dict[str, str]:
+    """A CheckRequest's request headers, lower-case names, from whichever shape Envoy used;
+    raises MalformedRequest for too many, too large or undecodable headers."""
+    if h.HasField("header_map") and len(h.header_map.headers) > 0:
+        headers = decode_header_map(h.header_map, max_headers)
+    else:
+        if len(h.headers) > max_headers:
+            raise MalformedRequest("too-many-headers", f"{len(h.headers)} headers")
+        headers = {k.lower(): v for k, v in h.headers.items()}
+    check_size(headers, max_bytes)
+    return headers

@@ -22,18 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from envoy.type.v3 import http_status_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 
 from extproc.attributes import Attributes
 from extproc.config.providers import GrpcProviderSettings, HeaderPattern, HttpProviderSettings
 from extproc.config.snapshot import Snapshot
+from extproc.decision.decide import GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, Changes, CustomDenial, header_op
+from extproc.services.protoconv import struct_to_dict
+from extproc.verdict import HeaderOp
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("extproc.custom")
 
@@ -49,24 +55,58 @@ class CustomOutcome:
     allowed: bool
     kind: str  # allowed | denied | error_allowed | error_denied
     reason: str
-    ok_response: external_auth_pb2.OkHttpResponse | None = None
-    response: external_auth_pb2.CheckResponse | None = None  # the deny to return
+    changes: Changes | None = None  # an allowing provider's request changes
+    denial: CustomDenial | None = None  # what a denying (or failed, fail-closed) provider answers
 
 
 def _error(settings: GrpcProviderSettings | HttpProviderSettings, is_http: bool, why: str) -> CustomOutcome:
     if settings.fail_open:
         return CustomOutcome(True, "error_allowed", f"provider {settings.name} failed ({why}); failOpen allows")
-    resp = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=why))
-    if is_http:
-        resp.denied_response.status.code = settings.status_on_error
-    return CustomOutcome(False, "error_denied", f"provider {settings.name} failed ({why})", response=resp)
+    denial = CustomDenial(GRPC_UNAVAILABLE, why, settings.status_on_error if is_http else 0)
+    return CustomOutcome(False, "error_denied", f"provider {settings.name} failed ({why})", denial=denial)
 
 
-def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, value=value),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+def _value(h: base_pb2.HeaderValue) -> str:
+    return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+
+
+def header_ops(options: Iterable[base_pb2.HeaderValueOption]) -> tuple[HeaderOp, ...]:
+    """Envoy HeaderValueOptions as data, with ext_authz's append semantics."""
+    return tuple(
+        header_op(o.header.key, _value(o.header), o.append.value if o.HasField("append") else None, o.append_action)
+        for o in options
     )
+
+
+def ok_changes(resp: external_auth_pb2.CheckResponse) -> Changes:
+    """An allowing gRPC provider's OkHttpResponse (and metadata) as request changes."""
+    ok = resp.ok_response
+    metadata = {**struct_to_dict(ok.dynamic_metadata), **struct_to_dict(resp.dynamic_metadata)}
+    return Changes(
+        headers=header_ops(ok.headers),
+        remove_headers=tuple(ok.headers_to_remove),
+        remove_query=tuple(ok.query_parameters_to_remove),
+        set_query=tuple((q.key, q.value) for q in ok.query_parameters_to_set),
+        response_headers=header_ops(ok.response_headers_to_add),
+        metadata=metadata,
+    )
+
+
+def denial_of(resp: external_auth_pb2.CheckResponse) -> CustomDenial:
+    """A denying gRPC provider's CheckResponse as data: its status, reply and metadata."""
+    d = resp.denied_response
+    return CustomDenial(
+        grpc_code=resp.status.code,
+        message=resp.status.message,
+        status=d.status.code,
+        body=d.body,
+        headers=header_ops(d.headers),
+        metadata=struct_to_dict(resp.dynamic_metadata),
+    )
+
+
+def _set_header(key: str, value: str) -> HeaderOp:
+    return HeaderOp(key, value)
 
 
 def _matches(patterns: tuple[HeaderPattern, ...] | None, name: str) -> bool:
@@ -78,7 +118,7 @@ class ProviderPool:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # made when an HTTP provider is first asked
 
     async def close(self) -> None:
         for ch in self._channels.values():
@@ -119,16 +159,14 @@ class ProviderPool:
         if resp.HasField("error_response"):
             return _error(s, is_http, "the provider returned an error_response")
         if resp.status.code == code_pb2.OK:
-            ok = resp.ok_response if resp.HasField("ok_response") else None
-            if resp.HasField("dynamic_metadata"):
-                ok = ok or external_auth_pb2.OkHttpResponse()
-                ok.dynamic_metadata.MergeFrom(resp.dynamic_metadata)
-            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", ok_response=ok)
-        return CustomOutcome(False, "denied", f"provider {s.name} denied", response=resp)
+            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", changes=ok_changes(resp))
+        return CustomOutcome(False, "denied", f"provider {s.name} denied", denial=denial_of(resp))
 
     # --- HTTP ----------------------------------------------------------------
 
     def _http_session(self) -> aiohttp.ClientSession:
+        import aiohttp  # only servers with an HTTP provider pay for the client
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -155,6 +193,8 @@ class ProviderPool:
             body = h.raw_body or h.body.encode()
         headers["content-length"] = str(len(body))
         url = s.base_url + s.path_prefix + http.path
+        import aiohttp
+
         try:
             async with self._http_session().request(
                 http.method,
@@ -173,23 +213,23 @@ class ProviderPool:
         if status >= 500:
             return _error(s, True, f"HTTP {status}")
         if status == 200:
-            ok = external_auth_pb2.OkHttpResponse()
-            for k, v in resp_headers:
-                if _matches(s.headers_to_upstream_on_allow, k):
-                    ok.headers.append(_set_header(k, v))
-                if _matches(s.headers_to_downstream_on_allow, k):
-                    ok.response_headers_to_add.append(_set_header(k, v))
-            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", ok_response=ok)
+            upstream, downstream = s.headers_to_upstream_on_allow, s.headers_to_downstream_on_allow
+            changes = Changes(
+                headers=tuple(_set_header(k, v) for k, v in resp_headers if _matches(upstream, k)),
+                response_headers=tuple(_set_header(k, v) for k, v in resp_headers if _matches(downstream, k)),
+            )
+            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", changes=changes)
 
-        denied = external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
-            denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=status), body=body.decode("utf-8", "replace")
+        denial = CustomDenial(
+            grpc_code=GRPC_PERMISSION_DENIED,
+            status=status,
+            body=body.decode("utf-8", "replace"),
+            headers=tuple(
+                _set_header(k, v)
+                for k, v in resp_headers
+                if k not in _HOP_BY_HOP
+                and k not in ("content-length", "host")
+                and (s.headers_to_downstream_on_deny is None or _matches(s.headers_to_downstream_on_deny, k))
             ),
         )
-        for k, v in resp_headers:
-            if k in _HOP_BY_HOP or k in ("content-length", "host"):
-                continue
-            if s.headers_to_downstream_on_deny is None or _matches(s.headers_to_downstream_on_deny, k):
-                denied.denied_response.headers.append(_set_header(k, v))
-        return CustomOutcome(False, "denied", f"provider {s.name} denied with HTTP {status}", response=denied)
+        return CustomOutcome(False, "denied", f"provider {s.name} denied with HTTP {status}", denial=denial)

@@ -1,11 +1,11 @@
-"""ext_proc <-> ext_authz: one enforcement pipeline for both filters.
+"""ext_proc's request-headers message as the pipeline's input: Attributes and a decision key.
 
-In the `extproc` mode the ext_proc filter's request-headers message is turned into the
-CheckRequest that Envoy's ext_authz filter would have sent for the same request, and the
-CheckResponse the pipeline produces is turned back into what ext_proc expects: header
-mutations when allowed, an ImmediateResponse when denied. So JWT verification,
-AuthorizationPolicy, CUSTOM providers (which forward exactly this CheckRequest) and the
-decision metadata behave the same in both modes, and are tested once.
+In the `extproc` mode the ext_proc filter's request-headers message is read into the same
+Attributes the ext_authz adapter builds for the same request (`attributes`, through the one
+`CheckAdapter.build`), and keyed for the decision cache the same way (`decision_key`), so JWT
+verification, AuthorizationPolicy and the decision metadata behave the same in both modes and
+are tested once. The CheckRequest Envoy's ext_authz filter would have sent (`check_request`)
+is built only when a CUSTOM provider must receive one.
 
 What ext_proc does not send by default must be asked for with the filter's
 `request_attributes` (see envoy/extproc.yaml), or policies on peers cannot be evaluated:
@@ -30,13 +30,17 @@ them: the server fails closed rather than evaluating `ipBlocks` against nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote
 
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+
+from extproc.attributes import Attributes
+from extproc.decision.cache import KeyPlan
+from extproc.services.check_adapter import CheckAdapter, http_request
+from extproc.services.headers import MalformedRequest
+from extproc.services.protoconv import struct_to_dict
 
 EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 # The physical peer, recorded by set_filter_state before ext_proc (see the module docstring).
@@ -47,6 +51,17 @@ PEER_ADDRESS_ATTRIBUTE = f'filter_state["{PEER_ADDRESS_STATE}"]'
 METADATA_NAMESPACE = "extproc"
 
 _HEADER_FIELDS = {":method": "method", ":path": "path", ":authority": "host", ":scheme": "scheme"}
+
+
+# The attributes read per request (see the module docstring and envoy/extproc.yaml).
+SOURCE_ADDRESS = "source.address"
+DESTINATION_ADDRESS = "destination.address"
+PEER_CERTIFICATE = "connection.peer_certificate"
+PEER_URI_SAN = "connection.uri_san_peer_certificate"
+LOCAL_URI_SAN = "connection.uri_san_local_certificate"
+SNI = "connection.requested_server_name"
+PROTOCOL = "request.protocol"
+REQUEST_ID = "request.id"
 
 
 def attribute_strings(req: ep.ProcessingRequest) -> dict[str, str]:
@@ -80,6 +95,70 @@ def _split_host_port(value: str) -> tuple[str, int] | None:
     if not port.isdigit() or not host:
         return None
     return host, int(port)
+
+
+def attributes(
+    adapter: CheckAdapter, headers: dict[str, str], attrs: Mapping[str, str], req: ep.ProcessingRequest | None = None
+) -> Attributes:
+    """The Attributes ext_authz's adapter gives for the same request (`headers` decoded and
+    checked by `headers.decode_header_map`); MalformedRequest when they cannot be built."""
+    peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
+    local = _split_host_port(attrs.get(DESTINATION_ADDRESS, ""))
+    if peer is None or local is None:
+        raise MalformedRequest("missing-address", "source and destination socket addresses are required")
+    pem = attrs.get(PEER_CERTIFICATE, "")
+    if pem:
+        principals = adapter.cert_cache.principals_of_pem(pem)
+    else:
+        uri_san = attrs.get(PEER_URI_SAN, "")
+        principals = (uri_san,) if uri_san else ()
+    filter_metadata: dict[str, Any] = {}
+    if req is not None and req.HasField("metadata_context"):
+        for name, struct in req.metadata_context.filter_metadata.items():
+            filter_metadata[name] = struct_to_dict(struct)
+    http = http_request(
+        dict(headers),
+        "",
+        "",
+        "",
+        headers.get(":scheme", ""),
+        attrs.get(PROTOCOL, ""),
+        attrs.get(REQUEST_ID, ""),
+    )
+    return adapter.build(
+        source=peer[0],
+        source_port=peer[1],
+        destination=local[0],
+        destination_port=local[1],
+        principals=principals,
+        sni=attrs.get(SNI, ""),
+        http=http,
+        filter_metadata=filter_metadata,
+    )
+
+
+def decision_key(
+    plan: KeyPlan, headers: Mapping[str, str], attrs: Mapping[str, str], req: ep.ProcessingRequest
+) -> tuple[object, ...] | None:
+    """What the decision of this request can depend on (see extproc/decision/cache.py): the
+    peer's address without its port, our address, the client certificate or its URI SAN, the
+    SNI, the filter metadata when policies read it, and the headers the plan names. None when
+    the addresses cannot be read (the request is then decided, and denied, the slow way)."""
+    peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
+    if peer is None:
+        return None
+    key: tuple[object, ...] = (
+        "ext_proc",
+        peer[0],
+        attrs.get(DESTINATION_ADDRESS, ""),
+        attrs.get(PEER_CERTIFICATE, ""),
+        attrs.get(PEER_URI_SAN, ""),
+        attrs.get(SNI, ""),
+    )
+    if plan.metadata:
+        key += (req.metadata_context.SerializeToString(deterministic=True),)
+    get = headers.get
+    return key + tuple([get(name) for name in plan.headers])
 
 
 def check_request(
@@ -118,33 +197,6 @@ def check_request(
     return req
 
 
-def set_header(name: str, value: str) -> base_pb2.HeaderValueOption:
-    """Set (overwrite) one header, value in raw_value as ext_proc expects."""
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-
-
-def _value(hvo: base_pb2.HeaderValueOption) -> str:
-    h = hvo.header
-    return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-
-
-def _append(hvo: base_pb2.HeaderValueOption) -> base_pb2.HeaderValueOption:
-    """ext_authz's append semantics carried over (the deprecated `append` flag included)."""
-    out = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=hvo.header.key, raw_value=_value(hvo).encode()))
-    if hvo.HasField("append"):
-        out.append_action = (
-            base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-            if hvo.append.value
-            else base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-        )
-    else:
-        out.append_action = hvo.append_action
-    return out
-
-
 def rewrite_query(path: str, remove: set[str], overwrite: list[tuple[str, str]]) -> bytes:
     """`path` with query parameters removed or set, exactly as Envoy's ext_authz filter does it.
 
@@ -168,69 +220,3 @@ def rewrite_query(path: str, remove: set[str], overwrite: list[tuple[str, str]])
     if not params:
         return base
     return base + b"?" + b"&".join(k + b"=" + v for k in sorted(params) for v in params[k])
-
-
-def request_mutation(
-    ok: external_auth_pb2.OkHttpResponse,
-    path: str,
-    extra: tuple[tuple[str, str], ...] = (),
-    remove: tuple[str, ...] = (),
-) -> ep.HeadersResponse:
-    """An ext_authz OK response as ext_proc request-header changes.
-
-    Query parameters (jwt_authn strips `access_token`) are removed by rewriting `:path`,
-    which ext_proc may change (only `:authority`, `:scheme`, `:method`, `host` and
-    `x-envoy-*` are protected by default).
-    """
-    resp = ep.HeadersResponse()
-    mut = resp.response.header_mutation
-    for hvo in ok.headers:
-        mut.set_headers.append(_append(hvo))
-    for name, value in extra:
-        mut.set_headers.append(set_header(name, value))
-    removed = [*ok.headers_to_remove, *remove]
-    if removed:
-        mut.remove_headers.extend(removed)
-    if ok.query_parameters_to_remove or ok.query_parameters_to_set:
-        new_path = rewrite_query(
-            path, set(ok.query_parameters_to_remove), [(p.key, p.value) for p in ok.query_parameters_to_set]
-        )
-        mut.set_headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=":path", raw_value=new_path),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        )
-    return resp
-
-
-def response_headers_to_add(ok: external_auth_pb2.OkHttpResponse) -> tuple[base_pb2.HeaderValueOption, ...]:
-    """What the OK response asks Envoy to put on the response, applied at response headers."""
-    return tuple(_append(h) for h in ok.response_headers_to_add)
-
-
-def immediate_response(resp: external_auth_pb2.CheckResponse, details: str) -> ep.ImmediateResponse:
-    """A denial as ext_proc's local reply: the same status, body and headers ext_authz would send.
-
-    `details` becomes Envoy's %RESPONSE_CODE_DETAILS%, named like the native filters'
-    (`rbac_access_denied_matched_policy[...]`, `jwt_authn_access_denied{...}`), so access
-    logs read the same as with Istio's filters.
-    """
-    denied = resp.denied_response
-    code = denied.status.code if resp.HasField("denied_response") and denied.status.code else 403
-    out = ep.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=code),
-        body=denied.body.encode(),
-        details=details,
-    )
-    for hvo in denied.headers:
-        out.headers.set_headers.append(_append(hvo))
-    return out
-
-
-def namespaced(md: struct_pb2.Struct) -> struct_pb2.Struct:
-    """ext_proc dynamic metadata is keyed by namespace; ours lives in METADATA_NAMESPACE."""
-    out = struct_pb2.Struct()
-    if md.fields:
-        out.fields[METADATA_NAMESPACE].struct_value.CopyFrom(md)
-    return out

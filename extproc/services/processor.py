@@ -32,37 +32,39 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2
 
+from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
+from extproc.services import processor_render as render
 from extproc.services.accesslog import grpc_status
-from extproc.services.authz import AuthorizationService, LogOnce, direction_of
-from extproc.services.protoconv import struct_to_dict
+from extproc.services.authz import LogOnce, direction_of
+from extproc.services.check_adapter import CheckAdapter
+from extproc.services.enforcer import Enforcer
+from extproc.services.headers import MAX_HEADERS, MalformedRequest, check_size, decode_header_map
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.telemetry.recorder import Recorder
 from extproc.tracing.context import Outgoing
 from extproc.tracing.tracer import SpanIds, Tracing
+from extproc.verdict import Stage, Verdict
 
 log = logging.getLogger("extproc.processor")
 
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EXT_PROC_ATTRIBUTES = pa.EXT_PROC_ATTRIBUTES
-MAX_HEADERS = 512
 
 
-def header_map(h: base_pb2.HeaderMap, limit: int | None = MAX_HEADERS) -> dict[str, str]:
-    """Lower-case names; Envoy sends values in raw_value; repeated names joined with ","."""
+def header_map(h: base_pb2.HeaderMap) -> dict[str, str]:
+    """Headers for telemetry and tracing, never for a decision: the first MAX_HEADERS entries,
+    decoded leniently (the decision uses `headers.decode_header_map`, which refuses bad bytes)."""
     out: dict[str, str] = {}
-    for hv in h.headers[:limit]:
+    for hv in h.headers[:MAX_HEADERS]:
         value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
         key = hv.key.lower()
         out[key] = f"{out[key]},{value}" if key in out else value
@@ -86,28 +88,10 @@ def _number(attrs: ep.ProcessingRequest, name: str) -> float | None:
     return v.number_value
 
 
-def _mutation(set_headers: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> ep.HeadersResponse:
-    resp = ep.HeadersResponse()
-    mut = resp.response.header_mutation
-    mut.set_headers.extend(pa.set_header(name, value) for name, value in set_headers)
-    mut.remove_headers.extend(remove)
-    return resp
-
-
 class _Stream:
     """What one HTTP request's side stream has told us so far."""
 
-    __slots__ = (
-        "decision",
-        "grpc",
-        "outgoing",
-        "peer",
-        "record",
-        "request_headers",
-        "response_headers_to_add",
-        "started",
-        "started_ns",
-    )
+    __slots__ = ("grpc", "outgoing", "peer", "record", "request_headers", "started", "started_ns", "verdict")
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -117,8 +101,7 @@ class _Stream:
         self.grpc = False
         self.record: HttpRecord | None = None
         self.outgoing: Outgoing | None = None
-        self.decision: dict[str, Any] | None = None
-        self.response_headers_to_add: tuple[base_pb2.HeaderValueOption, ...] = ()
+        self.verdict: Verdict | None = None
 
 
 def _record(st: _Stream, peer: Peer, code: int, request_bytes: int, response_bytes: int) -> HttpRecord:
@@ -139,65 +122,65 @@ def _record(st: _Stream, peer: Peer, code: int, request_bytes: int, response_byt
     )
 
 
-def _details(decision: Mapping[str, Any], status: str) -> str:
-    """%RESPONSE_CODE_DETAILS% of a denial, as the native filter that would have denied names it."""
-    stage = decision.get("extproc_stage", "")
-    if stage in ("deny", "allow", "no-match"):
-        return f"rbac_access_denied_matched_policy[{decision.get('enforced_effective_policy_id', 'none')}]"
-    if stage == "jwt":
-        return "jwt_authn_access_denied{" + status.replace(" ", "_") + "}"
-    if stage == "custom":
-        return "ext_authz_denied"
-    return "extproc_denied"
+def _stream_of(raw: bytes) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest.FromString(raw)
 
 
-class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
+class ExternalProcessorService:
     def __init__(
         self,
         recorder: Recorder,
         peers: PeerCache,
         exchange: mx.PeerExchange | None,
         direction: Direction = Direction.INBOUND,
-        authz: AuthorizationService | None = None,
+        enforcer: Enforcer | None = None,
+        snapshot=None,  # type: ignore[no-untyped-def]
+        adapter: CheckAdapter | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.recorder = recorder
         self.peers = peers
         self.exchange = exchange
         self.direction = direction
-        self.authz = authz
+        self.enforcer = enforcer
+        self._snapshot = snapshot
+        self.adapter = adapter if adapter is not None else CheckAdapter()
         self.tracing = tracing
+        self._parts = render.ExchangeParts(exchange) if exchange is not None else None
         self.streams = 0
         self.ended_early = 0  # streams the server ended after the last expected message
         self.bad_streams = 0
         self.denied = 0
         self._log_bad = LogOnce(log)
 
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The Process method, yielding replies it encoded itself (see processor_render)."""
+        return {"Process": grpc.stream_stream_rpc_method_handler(self.Process, request_deserializer=_stream_of)}
+
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[ep.ProcessingResponse]:
+    ) -> AsyncIterator[bytes]:
         self.streams += 1
-        direction = direction_of(context, self.direction)
+        direction = direction_of(context, self.direction) if context is not None else self.direction
         st = _Stream()
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
-                reply: ep.ProcessingResponse | None
+                reply: bytes | None
                 done = False
                 if kind == "request_headers":
                     reply, done = await self._request_headers(st, req, direction)
                 elif kind == "response_headers":
-                    hr, done = self._response_headers(st, req, direction)
-                    reply = ep.ProcessingResponse(response_headers=hr)
+                    reply, done = self._response_headers(st, req, direction)
                 elif kind == "response_trailers":
                     self._finish(st, trailers=header_map(req.response_trailers.trailers))
-                    reply, done = ep.ProcessingResponse(response_trailers=ep.TrailersResponse()), True
+                    reply, done = _CONTINUE_TRAILERS, True
                 elif kind == "request_trailers":
-                    reply = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+                    reply = _CONTINUE_REQUEST_TRAILERS
                 elif kind == "request_body":
-                    reply = ep.ProcessingResponse(request_body=ep.BodyResponse())
+                    reply = _CONTINUE_REQUEST_BODY
                 elif kind == "response_body":
-                    reply = ep.ProcessingResponse(response_body=ep.BodyResponse())
+                    reply = _CONTINUE_RESPONSE_BODY
                 else:
                     reply = None
                 if done:
@@ -218,13 +201,20 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
 
     async def _request_headers(
         self, st: _Stream, req: ep.ProcessingRequest, direction: Direction
-    ) -> tuple[ep.ProcessingResponse, bool]:
-        headers = header_map(req.request_headers.headers)
+    ) -> tuple[bytes, bool]:
+        hm = req.request_headers.headers
+        try:
+            decided = decode_header_map(hm)
+            check_size(decided, self.adapter.max_header_bytes)
+            problem = None
+        except MalformedRequest as e:
+            decided, problem = None, e
+        headers = decided if decided is not None else header_map(hm)
         st.request_headers = headers
         st.grpc = headers.get("content-type", "").startswith("application/grpc")
         got = mx.received(headers) if direction is Direction.INBOUND else None
         value = got[0] if got else ""
-        st.peer = Peer(
+        st.peer = peer = Peer(
             direction=direction,
             workload=self.peers.get(value) if value else None,
             peer_key=value,
@@ -232,91 +222,119 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         )
         attrs = pa.attribute_strings(req)
         if attrs and direction is Direction.INBOUND:
-            st.peer.peer_principal = attrs.get("connection.uri_san_peer_certificate", "")
-            st.peer.local_principal = attrs.get("connection.uri_san_local_certificate", "")
+            peer.peer_principal = attrs.get(pa.PEER_URI_SAN, "")
+            peer.local_principal = attrs.get(pa.LOCAL_URI_SAN, "")
         # In observability mode Envoy applies no reply: nothing can be enforced or propagated.
         acting = not req.observability_mode
         tracing = self.tracing
-        st.outgoing = tracing.begin(headers) if tracing is not None else None
+        st.outgoing = out = tracing.begin(headers) if tracing is not None else None
+        if not acting:
+            return render.CONTINUE_REQUEST, False
 
-        ok: external_auth_pb2.OkHttpResponse | None = None
-        metadata: struct_pb2.Struct | None = None
-        if direction is Direction.INBOUND and self.authz is not None and acting:
-            if "source.address" not in attrs:
+        parts = self._parts
+        if direction is Direction.OUTBOUND:
+            reply = [render.CONTINUE_REQUEST]
+            if parts is not None:
+                reply.append(parts.outbound_request)
+        elif self.enforcer is None:  # metrics and tracing only: nothing is enforced
+            reply = [render.CONTINUE_REQUEST]
+            if parts is not None and got is not None:
+                reply.append(parts.inbound_request)
+        else:
+            verdict = await self._decide(req, decided, problem, attrs)
+            st.verdict = verdict
+            if not verdict.allowed:
+                return self._denied(st, verdict, got is not None), True
+            reply = [render.encoded_request_reply(verdict)]
+            if parts is not None and got is not None:
+                reply.append(parts.inbound_request)
+        if out is not None:
+            reply.append(render.trace_part(out.headers, out.remove))
+        if st.verdict is not None and (st.verdict.remove_query or st.verdict.set_query):
+            reply.append(render.path_part(st.verdict, headers.get(":path", "")))
+        return b"".join(reply), False
+
+    async def _decide(
+        self,
+        req: ep.ProcessingRequest,
+        headers: dict[str, str] | None,
+        problem: MalformedRequest | None,
+        attrs: dict[str, str],
+    ) -> Verdict:
+        """Inbound enforcement, through the decision cache and the same Enforcer as ext_authz."""
+        enforcer = self.enforcer
+        assert enforcer is not None
+        started = time.perf_counter()
+        try:
+            snap = self._snapshot()
+            if headers is None:
+                assert problem is not None
+                raise problem
+            if pa.SOURCE_ADDRESS not in attrs:
                 self._log_bad(
                     "ext-proc-without-addresses",
                     "ext_proc sent no source.address/destination.address: add them to the filter's "
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
-            hv = req.request_headers.headers
-            # Enforcement sees every header: too many is a malformed request, denied as with ext_authz.
-            checked = headers if len(hv.headers) <= MAX_HEADERS else header_map(hv, limit=None)
-            resp = await self.authz.decide(pa.check_request(checked, attrs, req))
-            metadata = resp.dynamic_metadata
-            st.decision = struct_to_dict(metadata)
-            if resp.status.code != code_pb2.OK:
-                return self._denied(st, resp, got is not None), True
-            ok = resp.ok_response
-            st.response_headers_to_add = pa.response_headers_to_add(ok)
+            cache = enforcer.cache(snap)
+            now = int(time.time())
+            key = pa.decision_key(cache.plan, headers, attrs, req) if cache is not None else None
+            if key is not None and cache is not None:
+                verdict = enforcer.cached(cache, key, now)
+                if verdict is not None:
+                    return verdict
+            a = pa.attributes(self.adapter, headers, attrs, req)
+            return await enforcer.decide(
+                snap,
+                a,
+                now=now,
+                cache=cache,
+                key=key,
+                custom_request=lambda: pa.check_request(a.http.headers if a.http else headers, attrs, req),
+            )
+        except MalformedRequest as e:
+            stats = enforcer.stats
+            stats.checks["http"] += 1
+            stats.count(stats.malformed, e.kind)
+            stats.count(stats.decisions, ("http", "denied", Stage.MALFORMED.value))
+            self._log_bad(e.kind, f"denied a malformed ext_proc request: {e}")
+            return malformed(e.kind, http=True)
+        except Exception:  # a bug must deny, not crash the stream
+            enforcer.stats.internal_errors += 1
+            log.exception("internal error while deciding an ext_proc request; denying it")
+            return error("internal error", http=True)
+        finally:
+            enforcer.stats.observe(started)
 
-        out = ep.ProcessingResponse()
-        if not acting:
-            return out, False
-        extra: list[tuple[str, str]] = []
-        remove: list[str] = []
-        if self.exchange is not None:
-            if direction is Direction.OUTBOUND:
-                extra.extend(self.exchange.headers)
-            elif got is not None:
-                remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
-        if st.outgoing is not None:
-            extra.extend(st.outgoing.headers)
-            remove.extend(st.outgoing.remove)
-        out.request_headers.CopyFrom(
-            pa.request_mutation(ok or _NO_CHANGE, headers.get(":path", ""), extra=tuple(extra), remove=tuple(remove))
-        )
-        if metadata is not None and metadata.fields:
-            out.dynamic_metadata.CopyFrom(pa.namespaced(metadata))
-        return out, False
-
-    def _denied(
-        self, st: _Stream, resp: external_auth_pb2.CheckResponse, peer_sent_metadata: bool
-    ) -> ep.ProcessingResponse:
+    def _denied(self, st: _Stream, verdict: Verdict, peer_sent_metadata: bool) -> bytes:
         """The local reply for a denial; the request is over, so its metrics and span are too."""
         self.denied += 1
-        decision = st.decision or {}
-        imm = pa.immediate_response(resp, _details(decision, resp.status.message))
-        if self.exchange is not None and peer_sent_metadata:
+        reply = render.encoded_request_reply(verdict)
+        if self._parts is not None and peer_sent_metadata:
             # Our pair on the denial too, so the client labels its 403s with our workload.
-            imm.headers.set_headers.extend(pa.set_header(name, value) for name, value in self.exchange.headers)
+            reply += self._parts.denied
         peer = st.peer
         assert peer is not None
-        st.record = _record(st, peer, imm.status.code, _size(st.request_headers), len(imm.body))
-        st.record.grpc_status = grpc_status(st.grpc, imm.status.code, {}, {})
+        code = verdict.status or 403
+        st.record = _record(st, peer, code, _size(st.request_headers), len(verdict.body.encode()))
+        st.record.grpc_status = grpc_status(st.grpc, code, {}, {})
         self._finish(st, trailers=None)
-        out = ep.ProcessingResponse(immediate_response=imm)
-        if resp.dynamic_metadata.fields:
-            out.dynamic_metadata.CopyFrom(pa.namespaced(resp.dynamic_metadata))
-        return out
+        return reply
 
-    def _response_headers(
-        self, st: _Stream, req: ep.ProcessingRequest, direction: Direction
-    ) -> tuple[ep.HeadersResponse, bool]:
+    def _response_headers(self, st: _Stream, req: ep.ProcessingRequest, direction: Direction) -> tuple[bytes, bool]:
         headers = header_map(req.response_headers.headers)
         peer = st.peer or Peer(direction=direction)
-        set_headers: list[tuple[str, str]] = []
-        remove: list[str] = []
+        parts = self._parts
+        reply = [render.response_part(st.verdict) if st.verdict is not None else render.CONTINUE_RESPONSE]
         if direction is Direction.OUTBOUND:
             got = mx.received(headers)
             if got is not None:
                 peer.workload = self.peers.get(got[0])
                 peer.peer_key = got[0]
-                remove.extend((mx.METADATA_HEADER, mx.METADATA_ID_HEADER))
-        elif self.exchange is not None and peer.peer_key:
-            set_headers.extend(self.exchange.headers)
-        reply = _mutation(set_headers=tuple(set_headers), remove=tuple(remove))
-        if st.response_headers_to_add:
-            reply.response.header_mutation.set_headers.extend(st.response_headers_to_add)
+                if parts is not None:
+                    reply.append(parts.outbound_response)
+        elif parts is not None and peer.peer_key:
+            reply.append(parts.inbound_response)
         status = headers.get(":status", "")
         total = _number(req, "request.total_size")
         st.record = _record(
@@ -327,10 +345,11 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
             _size(headers),
         )
         st.record.grpc_status = grpc_status(st.grpc, st.record.response_code, {}, headers)
+        data = b"".join(reply)
         if st.grpc and not req.response_headers.end_of_stream and "grpc-status" not in headers:
-            return reply, False  # the status comes in the trailers
+            return data, False  # the status comes in the trailers
         self._finish(st, trailers=None)
-        return reply, True
+        return data, True
 
     def _finish(self, st: _Stream, trailers: Mapping[str, str] | None) -> None:
         rec = st.record
@@ -348,10 +367,15 @@ class ExternalProcessorService(ep_grpc.ExternalProcessorServicer):
         out = st.outgoing
         if self.tracing is not None and self.tracing.wants_span(out):
             assert out is not None
-            self.tracing.finish(SpanIds.of(out), rec, st.started_ns, st.started_ns + int(elapsed_s * 1e9), st.decision)
+            v = st.verdict
+            decision = v.metadata if v is not None else None
+            self.tracing.finish(SpanIds.of(out), rec, st.started_ns, st.started_ns + int(elapsed_s * 1e9), decision)
 
 
-_NO_CHANGE = external_auth_pb2.OkHttpResponse()
+_CONTINUE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse()).SerializeToString()
+_CONTINUE_REQUEST_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse()).SerializeToString()
+_CONTINUE_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse()).SerializeToString()
+_CONTINUE_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse()).SerializeToString()
 
 
 CENTRAL_MODE_MESSAGE = (

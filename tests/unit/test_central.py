@@ -39,7 +39,6 @@ from extproc.services.central import (
     node_workload,
 )
 from extproc.services.check_adapter import CheckAdapter
-from extproc.services.custom import ProviderPool
 from extproc.services.processor import CENTRAL_MODE_MESSAGE, CentralModeProcessor
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.peer import Workload, decode
@@ -234,11 +233,11 @@ def check_request(path: str, **extensions: str) -> external_auth_pb2.CheckReques
 
 def central_service(ws: WorkloadSnapshots) -> AuthorizationService:
     checks = ContextWorkloads(lambda: ws)
-    return AuthorizationService(lambda: ws.mesh, CheckAdapter(), ProviderPool(), central=checks)
+    return AuthorizationService(lambda: ws.mesh, CheckAdapter(), central=checks)
 
 
 def decide(svc: AuthorizationService, req: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
-    return asyncio.run(svc.Check(req, FakeContext()))  # type: ignore[arg-type]
+    return external_auth_pb2.CheckResponse.FromString(asyncio.run(svc.Check(req, FakeContext())))  # type: ignore[arg-type]
 
 
 def test_a_check_is_decided_by_the_policies_of_the_workload_it_names(tmp_path: Path) -> None:
@@ -309,7 +308,7 @@ def test_outside_central_mode_context_extensions_do_not_change_the_workload(tmp_
     from extproc.config.snapshot import WorkloadIdentity, build_snapshot
 
     snap = build_snapshot(loaded, WorkloadIdentity("shop", {"app": "b"}), Options(), 1)
-    svc = AuthorizationService(lambda: snap, CheckAdapter(), ProviderPool())
+    svc = AuthorizationService(lambda: snap, CheckAdapter())
     naming_a = {"destination_namespace": "shop", "destination_labels": "app=a"}
     assert decide(svc, check_request("/a-private", **naming_a)).status.code == code_pb2.OK
     assert decide(svc, check_request("/shop-private", **naming_a)).status.code == code_pb2.PERMISSION_DENIED

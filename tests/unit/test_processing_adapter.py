@@ -7,9 +7,8 @@ from urllib.parse import unquote
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -95,6 +94,50 @@ def test_without_a_certificate_the_first_uri_san_is_the_principal() -> None:
     assert got.source_principals == ("spiffe://cluster.local/ns/a/sa/b",)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {pa.PEER_ADDRESS_ATTRIBUTE: "10.9.9.9:1234", "source.address": "203.0.113.9:0"},
+        {"connection.uri_san_peer_certificate": "spiffe://cluster.local/ns/a/sa/b"},
+        {"connection.requested_server_name": "sni.example", "request.protocol": "HTTP/2", "request.id": "7"},
+        {"destination.address": "[2001:db8::1]:8443"},
+    ],
+)
+def test_ext_proc_builds_the_attributes_ext_authz_builds_for_the_same_request(extra: dict[str, str]) -> None:
+    attrs = {"source.address": "10.1.2.3:40000", "destination.address": "10.1.2.4:80", **extra}
+    msg = ep.ProcessingRequest()
+    msg.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update({"payload": {"sub": "alice"}})
+    adapter = CheckAdapter(xff_num_trusted_hops=0)
+    direct = pa.attributes(adapter, dict(HEADERS), attrs, msg)
+    via_ext_authz = adapter.attributes(pa.check_request(HEADERS, attrs, msg))
+    assert direct == via_ext_authz
+    assert direct.jwt_payload == {"sub": "alice"}
+
+
+def test_ext_proc_attributes_with_a_certificate_match_ext_authz(pki_pem: str) -> None:
+    attrs = {
+        "source.address": "10.1.2.3:40000",
+        "destination.address": "10.1.2.4:80",
+        "connection.peer_certificate": pki_pem,
+    }
+    adapter = CheckAdapter()
+    assert pa.attributes(adapter, dict(HEADERS), attrs) == adapter.attributes(pa.check_request(HEADERS, attrs))
+
+
+@pytest.mark.parametrize("address", ["", "10.0.0.1", "10.0.0.1:x", "[::1]8080", "[::1", ":80", "host:80"])
+def test_an_unusable_address_makes_the_request_malformed_in_both_modes(address: str) -> None:
+    from extproc.services.headers import MalformedRequest
+
+    attrs = {"source.address": address, "destination.address": "10.0.0.2:80"}
+    adapter = CheckAdapter()
+    with pytest.raises(MalformedRequest) as direct:
+        pa.attributes(adapter, dict(HEADERS), attrs)
+    with pytest.raises(MalformedRequest) as via_ext_authz:
+        adapter.attributes(pa.check_request(HEADERS, attrs))
+    assert direct.value.kind == via_ext_authz.value.kind
+
+
 @pytest.mark.parametrize("address", ["", "10.0.0.1", "10.0.0.1:x", "[::1]8080", "[::1", ":80"])
 def test_a_missing_or_malformed_address_leaves_the_check_request_without_one(address: str) -> None:
     req = pa.check_request(HEADERS, {"source.address": address, "destination.address": "10.0.0.2:80"})
@@ -135,55 +178,85 @@ def test_query_rewrite_never_raises_and_keeps_the_path(path: str) -> None:
     assert b"a" not in [p.partition(b"=")[0] for p in query.split(b"&")]
 
 
-def _header(name: str, value: str, action: int = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD):
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=action)
+def _parts(*parts: bytes) -> ep.ProcessingResponse:
+    """What Envoy reads from a reply sent as concatenated parts."""
+    return ep.ProcessingResponse.FromString(b"".join(parts))
 
 
-def test_an_ok_response_becomes_header_mutations() -> None:
-    ok = external_auth_pb2.OkHttpResponse()
-    ok.headers.append(_header("x-jwt-sub", "alice"))
-    ok.headers.append(_header("x-multi", "a", base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD))
-    legacy = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="x-legacy", value="1"))
-    legacy.append.CopyFrom(wrappers_pb2.BoolValue(value=True))
-    ok.headers.append(legacy)
-    ok.headers_to_remove.append("authorization")
-    ok.query_parameters_to_remove.append("access_token")
-    resp = pa.request_mutation(
-        ok, "/x?access_token=t&b=2", extra=(("traceparent", "00-ab-cd-01"),), remove=("x-b3-flags",)
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+
+def test_an_allowed_verdict_becomes_header_mutations_in_pipeline_order() -> None:
+    from extproc.services import processor_render as render
+    from extproc.telemetry.exchange import PeerExchange
+    from extproc.telemetry.peer import Workload
+    from extproc.verdict import Append, HeaderOp, Stage, Verdict
+
+    v = Verdict(
+        allowed=True,
+        stage=Stage.ALLOW,
+        headers=(HeaderOp("x-jwt-sub", "alice"), HeaderOp("x-multi", "a", Append.APPEND_IF_EXISTS_OR_ADD)),
+        remove_headers=("authorization",),
+        remove_query=("access_token",),
+        metadata={"enforced_engine_result": "allowed", "extproc_snapshot": 3},
     )
-    mut = resp.response.header_mutation
-    got = {h.header.key: (h.header.raw_value, h.append_action) for h in mut.set_headers}
-    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-    assert got == {
-        "x-jwt-sub": (b"alice", overwrite),
-        "x-multi": (b"a", base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD),
-        "x-legacy": (b"1", base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD),
-        "traceparent": (b"00-ab-cd-01", overwrite),
-        ":path": (b"/x?b=2", overwrite),
-    }
-    assert list(mut.remove_headers) == ["authorization", "x-b3-flags"]
+    parts = render.ExchangeParts(PeerExchange(Workload(workload_name="w", namespace="ns"), "node-1"))
+    resp = _parts(
+        render.encoded_request_reply(v),
+        parts.inbound_request,
+        render.trace_part((("traceparent", "00-ab-cd-01"),), ("x-b3-flags",)),
+        render.path_part(v, "/x?access_token=t&b=2"),
+    )
+    mut = resp.request_headers.response.header_mutation
+    assert [(h.header.key, h.header.raw_value, h.append_action) for h in mut.set_headers] == [
+        ("x-jwt-sub", b"alice", OVERWRITE),
+        ("x-multi", b"a", APPEND),
+        ("traceparent", b"00-ab-cd-01", OVERWRITE),
+        (":path", b"/x?b=2", OVERWRITE),
+    ]
+    assert list(mut.remove_headers) == [
+        "authorization",
+        "x-envoy-peer-metadata",
+        "x-envoy-peer-metadata-id",
+        "x-b3-flags",
+    ]
+    # The decision metadata lives under our namespace, in one part only.
+    assert resp.dynamic_metadata["extproc"]["enforced_engine_result"] == "allowed"
+    assert resp.dynamic_metadata["extproc"]["extproc_snapshot"] == 3
+    # Encoded once per verdict.
+    assert render.encoded_request_reply(v) is render.encoded_request_reply(v)
 
 
-def test_a_denial_becomes_the_same_local_reply() -> None:
-    resp = external_auth_pb2.CheckResponse()
-    resp.denied_response.status.code = 401
-    resp.denied_response.body = "Jwt is expired"
-    resp.denied_response.headers.append(_header("www-authenticate", 'Bearer realm="http://h/"'))
-    imm = pa.immediate_response(resp, "jwt_authn_access_denied{Jwt_is_expired}")
+def test_a_denial_becomes_the_local_reply_the_native_filter_sends() -> None:
+    from extproc.decision.decide import error
+    from extproc.services import processor_render as render
+    from extproc.telemetry.exchange import PeerExchange
+    from extproc.telemetry.peer import Workload
+    from extproc.verdict import HeaderOp, Stage, Verdict
+
+    v = Verdict(
+        allowed=False,
+        stage=Stage.JWT,
+        status=401,
+        body="Jwt is expired",
+        response_headers=(HeaderOp("www-authenticate", 'Bearer realm="http://h/"'),),
+        details="jwt_authn_access_denied{Jwt_is_expired}",
+        metadata={"extproc_stage": "jwt"},
+    )
+    parts = render.ExchangeParts(PeerExchange(Workload(workload_name="w", namespace="ns"), "node-1"))
+    imm = _parts(render.encoded_request_reply(v), parts.denied).immediate_response
     assert imm.status.code == 401 and imm.body == b"Jwt is expired"
     assert imm.details == "jwt_authn_access_denied{Jwt_is_expired}"
-    (h,) = imm.headers.set_headers
-    assert (h.header.key, h.header.raw_value) == ("www-authenticate", b'Bearer realm="http://h/"')
-    # No denied_response at all (a TCP-style denial): still a 403.
-    assert pa.immediate_response(external_auth_pb2.CheckResponse(), "x").status.code == 403
-
-
-def test_decision_metadata_is_namespaced_for_ext_proc() -> None:
-    md = struct_pb2.Struct()
-    md.update({"enforced_engine_result": "denied"})
-    out = pa.namespaced(md)
-    assert out["extproc"]["enforced_engine_result"] == "denied"
-    assert not pa.namespaced(struct_pb2.Struct()).fields
+    assert [h.header.key for h in imm.headers.set_headers] == [
+        "www-authenticate",
+        "x-envoy-peer-metadata",
+        "x-envoy-peer-metadata-id",
+    ]
+    assert imm.headers.set_headers[0].header.raw_value == b'Bearer realm="http://h/"'
+    # A denial without a status of its own is a 403, with RBAC's body.
+    plain = _parts(render.encoded_request_reply(error("internal error", http=True))).immediate_response
+    assert plain.status.code == 403 and plain.body == b"RBAC: access denied"
 
 
 @pytest.fixture(scope="module")
