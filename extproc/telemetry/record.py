@@ -156,13 +156,20 @@ class Labeler:
         return cached
 
     def http(self, r: HttpRecord) -> tuple[str, ...]:
-        peer, csp = self.peer_labels(r.peer)
+        return self.http_labels(r.peer, r.grpc, r.response_code, r.grpc_status, r.response_flags)
+
+    def http_labels(
+        self, peer: Peer, grpc: bool, response_code: int, grpc_status: str, response_flags: str
+    ) -> tuple[str, ...]:
+        """The 25-label tuple of an HTTP request from the only fields it depends on, so a
+        caller that has no `HttpRecord` (the access log's shape cache) gets the same labels."""
+        labels, csp = self.peer_labels(peer)
         return (
-            *peer,
-            "grpc" if r.grpc else "http",
-            str(r.response_code),
-            r.grpc_status if r.grpc else "",
-            r.response_flags or "-",
+            *labels,
+            "grpc" if grpc else "http",
+            str(response_code),
+            grpc_status if grpc else "",
+            response_flags or "-",
             csp,
         )
 

@@ -11,6 +11,10 @@ Bounds, which Istio's in-proxy telemetry lacked for years (istio/istio#21377):
   labels are all `overflow` except `reporter`, so totals stay exact
   (OpenTelemetry's cardinality-limit behaviour). `extproc_telemetry_series` and
   `extproc_telemetry_overflow_records_total` show both.
+
+Recorders may keep references to series cells between records (the per-shape cache in
+`recorder.py`). `MetricStore.generation` tells them when such references may have gone
+stale: it changes whenever a table is replaced or a series is removed.
 """
 
 from __future__ import annotations
@@ -104,6 +108,24 @@ class Table:
             return HistogramSeries(self._label_string(key), len(self.store.buckets))
         return Series(self._label_string(key))
 
+    def resolve(self, base: Key) -> Series | HistogramSeries | None:
+        """The series of `base` (a plan without projection), created if there is room; None when
+        it would overflow.
+
+        For callers that keep the cell: an overflow cell must not be kept, since each record
+        into it is counted in `overflow_records`; they record through `add`/`observe` instead.
+        Not stamped as touched: the caller stamps it with each record it adds."""
+        key = self.key(base, None)
+        s = self.series.get(key)
+        if s is None:
+            store = self.store
+            if store.count >= store.max_series:
+                return None
+            s = self._new(key)
+            self.series[key] = s
+            store.count += 1
+        return s
+
     def cell(self, base: Key, record: object) -> Series | HistogramSeries:
         key = self.key(base, record)
         s = self.series.get(key)
@@ -159,6 +181,9 @@ class MetricStore:
         self.clock = clock
         self.count = 0
         self.evicted = 0
+        # Changes whenever a table is replaced or a series removed: cells held outside the
+        # store (a recorder's shape cache) are valid only while it stays the same.
+        self.generation = 0
         # `epoch` is a coarse clock: records stamp series with it, `tick()` advances it.
         self.epoch = 0
         self._epoch_started: dict[int, float] = {0: clock()}
@@ -172,6 +197,7 @@ class MetricStore:
         self.inbound = self._tables(inbound, self.inbound)
         self.outbound = self._tables(outbound, self.outbound)
         self.count = sum(len(t.series) for t in self.all_tables())
+        self.generation += 1
 
     def _tables(self, plans: Iterable[MetricPlan], old: dict[str, Table]) -> dict[str, Table]:
         tables: dict[str, Table] = {}
@@ -211,6 +237,8 @@ class MetricStore:
             dropped += len(stale)
         self.count -= dropped
         self.evicted += dropped
+        if dropped:
+            self.generation += 1
         return dropped
 
     def series_counts(self) -> dict[str, int]:
