@@ -1,9 +1,11 @@
 """Envoy bootstraps for each mode, built from the configs users run.
 
-The sidecars of `authz+als`, `noop` and `mixer` are `envoy/authz.yaml`, and the sidecar of
-`extproc` is `envoy/extproc.yaml`, exactly as shipped except for what a benchmark has to
+The sidecars of `authz+als`, `noop` and `mixer` are `envoy/authz.yaml`, and the sidecars of
+`extproc` and `noop-extproc` are `envoy/extproc.yaml`, exactly as shipped except for what a benchmark has to
 change: addresses and ports, no TCP listener (the load is HTTP), and no stdout access log
 (Istio's default is off, and writing a line per request would be measured in every mode).
+The empty baselines keep only their transport's filters (`noop`: ext_authz; `noop-extproc`:
+set_filter_state and ext_proc) and no access log, so they cost the bare hop.
 `none` and `native` start from the same file with the extension filters removed; `native`
 then gets Envoy's jwt_authn and RBAC filters translated from the very policies extproc
 enforces (``extproc/authn/envoy_jwt.py``, ``extproc/authz/envoy_rbac.py``, both checked
@@ -36,6 +38,9 @@ T = "type.googleapis.com/"
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
+EXT_PROC = "envoy.filters.http.ext_proc"
+# Feeds the ext_proc filter's filter_state["extproc.peer_address"] request attribute.
+SET_FILTER_STATE = "envoy.filters.http.set_filter_state"
 ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
@@ -120,6 +125,20 @@ def noop_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_p
     cfg = _base("authz", admin_port=admin_port, listen_port=listen_port, upstream_port=upstream_port)
     hcm = _hcm(_listener(cfg, "http"))
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] in (EXT_AUTHZ, ROUTER["name"])]
+    hcm.pop("access_log", None)
+    _point(cfg, "extproc", ext_port)
+    return cfg
+
+
+def noop_extproc_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: int) -> dict[str, Any]:
+    """envoy/extproc.yaml's ext_proc filter as shipped, pointed at the empty server; no access log.
+
+    The set_filter_state filter stays: it feeds one of the filter's request_attributes, and
+    Envoy's work to build and send them is part of the hop's floor cost.
+    """
+    cfg = _base("extproc", admin_port=admin_port, listen_port=listen_port, upstream_port=upstream_port)
+    hcm = _hcm(_listener(cfg, "http"))
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] in (SET_FILTER_STATE, EXT_PROC, ROUTER["name"])]
     hcm.pop("access_log", None)
     _point(cfg, "extproc", ext_port)
     return cfg
