@@ -1,4 +1,4 @@
-"""Compare extproc's deployment modes with native Envoy, an empty Python hop and a Mixer-style
+"""Compare extproc's deployment modes with native Envoy, empty Python hops and a Mixer-style
 central check, under the same load on this machine, and write a report.
 
     .venv/bin/python -m bench                 # every mode, about 10 minutes on 2 cores
@@ -7,8 +7,9 @@ central check, under the same load on this machine, and write a report.
 
 Results go to bench/results/<UTC timestamp>/: results.json (every figure), report.md,
 latency.png, cpu.png, throughput.png, and logs/ (each process's log and config).
-The exit status is 1 if a mode failed, a probe got the wrong answer, or load requests
-got anything but 200.
+The exit status is 1 if a mode failed, a probe got the wrong answer, or the load got answers
+the request mix does not call for (anything but 200, and 403 in its share where the
+policies are enforced).
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@
 
 The report is built for someone who knows Istio's performance pages: every number is put
 next to the same number for the `none` baseline (Envoy alone: what the whole mesh layer
-costs) and for `noop` (Envoy calling an empty Python gRPC server: the floor of any Python
-hop), taken from the same run, the same run kind and the same offered load. Absolute numbers
-from a shared two-core machine move between runs; the ratios within one run hold.
+costs), for `noop` (Envoy's ext_authz calling an empty Python gRPC server), and for the
+mode's own floor: the empty server of the same transport (`noop` for `authz+als` and
+`mixer`, `noop-extproc` for `extproc`), so what a mode adds over its floor is extproc's own
+work. All are taken from the same run, the same run kind and the same offered load. Absolute
+numbers from a shared two-core machine move between runs; the ratios within one run hold.
 
 Everything except the chart drawing is a pure function of the results dict, so the tests
 need no matplotlib and importing this module stays cheap (matplotlib is imported inside the
@@ -48,11 +50,14 @@ MODE_COLOURS = {
     "none": "#7f7f7f",
     "native": "#009E73",
     "noop": "#56B4E9",
+    "noop-extproc": "#CC79A7",
     "authz+als": "#0072B2",
     "extproc": "#E69F00",
     "mixer": "#D55E00",
 }
-SPARE_COLOURS = ("#CC79A7", "#F0E442", "#000000", "#8c564b", "#17becf")
+SPARE_COLOURS = ("#F0E442", "#000000", "#8c564b", "#17becf", "#bcbd22")
+# Each mode that calls Python, and the empty server of its transport: the floor it is read against.
+FLOORS = {"authz+als": "noop", "mixer": "noop", "extproc": "noop-extproc"}
 ROLE_COLOURS = {"envoy": "#8da0cb", "extproc": "#fc8d62", "central": "#e78ac3", "hop": "#a6d854"}
 
 Results = Mapping[str, Any]
@@ -178,6 +183,36 @@ def ratios(
     return {m["mode"]: ratio(metric(find_run(m, kind, offered), name), base) for m in usable_modes(results)}
 
 
+def floor_of(mode: str) -> str | None:
+    """The baseline a mode's own cost is read against: the empty Python server of its transport."""
+    return FLOORS.get(mode)
+
+
+def floor_ratio(
+    results: Results, name: str, mode: str, *, kind: str = "saturation", offered: float | None = None
+) -> tuple[str | None, float | None]:
+    """(the mode's floor, its `name` metric divided by the floor's); (None, None) for a mode without one."""
+    floor = floor_of(mode)
+    if floor is None:
+        return None, None
+    value = metric(find_run(mode_by_name(results, mode), kind, offered), name)
+    return floor, ratio(value, metric(find_run(mode_by_name(results, floor), kind, offered), name))
+
+
+def expected_denied_share(mode: Mode) -> float:
+    """Share of the load this mode had to answer 403 (recorded by the runner; 0 in older results)."""
+    return float(mode.get("expected_denied_share") or 0.0)
+
+
+def denied_share(run: Run | None) -> float | None:
+    """Share of a run's answers that were 403."""
+    if run is None:
+        return None
+    status = run.get("status") or {}
+    answered = sum(int(n) for n in status.values())
+    return int(status.get("403", 0)) / answered if answered else None
+
+
 def shortfall(run: Run | None) -> bool:
     """A fixed-rate run whose achieved rate fell more than 5 % short of the offered rate."""
     if run is None or run.get("kind") != "fixed":
@@ -188,12 +223,18 @@ def shortfall(run: Run | None) -> bool:
     return float(achieved) < KEEP_UP_SHARE * float(offered)
 
 
-def failures(run: Run | None) -> tuple[int, int]:
-    """(transport errors, answers that were not 2xx) of a run."""
+def failures(run: Run | None, mode: Mode | None = None) -> tuple[int, int]:
+    """(transport errors, unexpected answers) of a run: answers that were not 2xx, except the 403s of the
+    request mix in a mode that enforces the policies (it is expected to deny them)."""
     if run is None:
         return 0, 0
-    non_2xx = sum(int(n) for code, n in (run.get("status") or {}).items() if not str(code).startswith("2"))
-    return int(run.get("errors") or 0), non_2xx
+    denials_expected = mode is not None and expected_denied_share(mode) > 0
+    unexpected = sum(
+        int(n)
+        for code, n in (run.get("status") or {}).items()
+        if not str(code).startswith("2") and not (denials_expected and str(code) == "403")
+    )
+    return int(run.get("errors") or 0), unexpected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +311,21 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{secs} s"
 
 
-def fmt_failures(run: Run | None) -> str:
+def fmt_share(value: float | None) -> str:
+    return DASH if value is None else f"{value * 100:.1f} %"
+
+
+def fmt_floor(floor: str | None, value: float | None) -> str:
+    """A ratio to the mode's floor, followed by the floor's name, so a column can mix floors."""
+    if floor is None or value is None:
+        return DASH
+    return f"{fmt_ratio(value)} {floor}"
+
+
+def fmt_failures(run: Run | None, mode: Mode | None = None) -> str:
     if run is None:
         return DASH
-    errors, non_2xx = failures(run)
+    errors, non_2xx = failures(run, mode)
     text = f"{fmt_int(errors)} / {fmt_int(non_2xx)}"
     requests = run.get("requests") or 0
     if (errors or non_2xx) and requests:
@@ -342,7 +394,8 @@ def summary(results: Results) -> str:
     load = middle_load(fixed_loads(results))
     if load is not None:
         parts.append(_latency_sentence(results, load))
-        parts += filter(None, [_noop_sentence(results, load), _cpu_sentence(results, load)])
+        parts += filter(None, [_hop_sentence(results, load), _cpu_sentence(results, load)])
+        parts += filter(None, [_floor_sentence(results, load)])
     parts += filter(None, [_saturation_sentence(results), _shortfall_sentence(results), _errors_sentence(results)])
     return " ".join(parts) + _failed_sentence(results)
 
@@ -370,26 +423,44 @@ def _latency_sentence(results: Results, load: float) -> str:
     return f"{head} Over that, at p90, {_join(items)}." if items else head
 
 
-def _noop_sentence(results: Results, load: float) -> str | None:
-    """Split extproc's added latency into the bare Python gRPC hop (noop) and extproc's own work."""
+def _hop_sentence(results: Results, load: float) -> str | None:
+    """What the bare Python hop of each transport adds to Envoy alone, at p90."""
     none_p90 = metric(find_run(mode_by_name(results, "none"), "fixed", load), "p90")
-    noop_p90 = metric(find_run(mode_by_name(results, "noop"), "fixed", load), "p90")
-    if noop_p90 is None:
+    if none_p90 is None:
         return None
-    own = []
+    hops = []
+    for floor, transport in (("noop", "ext_authz over gRPC"), ("noop-extproc", "ext_proc")):
+        p90 = metric(find_run(mode_by_name(results, floor), "fixed", load), "p90")
+        if p90 is not None:
+            hops.append(f"{fmt_ms(p90 - none_p90)} ms with {transport} ({_code(floor)})")
+    if not hops:
+        return None
+    return f"An empty Python hop alone accounts for {_join(hops)} of that."
+
+
+def _floor_sentence(results: Results, load: float) -> str | None:
+    """Each mode against its own floor: extproc's own work, the part optimisation in Python can shrink."""
+    items = []
     for m in usable_modes(results):
-        if m["mode"] in ("authz+als", "extproc"):
-            p90 = metric(find_run(m, "fixed", load), "p90")
-            if p90 is not None:
-                own.append(f"{fmt_ms(p90 - noop_p90)} ms in {_code(m['mode'])}")
-    if not own:
+        floor = floor_of(m["mode"])
+        if floor is None or mode_by_name(results, floor) is None:
+            continue
+        bits = []
+        p90 = metric(find_run(m, "fixed", load), "p90")
+        floor_p90 = metric(find_run(mode_by_name(results, floor), "fixed", load), "p90")
+        if p90 is not None and floor_p90 is not None:
+            bits.append(f"{fmt_ratio(ratio(p90, floor_p90))} at p90 ({_delta_phrase(p90 - floor_p90)})")
+        _, cpu = floor_ratio(results, "mesh_cpu", m["mode"], kind="fixed", offered=load)
+        if cpu is not None:
+            bits.append(f"{fmt_ratio(cpu)} in mesh CPU")
+        _, rps = floor_ratio(results, "achieved_rps", m["mode"])
+        if rps is not None:
+            bits.append(f"{fmt_ratio(rps)} in saturation throughput")
+        if bits:
+            items.append(f"{_code(m['mode'])} / {_code(floor)} is {_join(bits)}")
+    if not items:
         return None
-    hop = (
-        f"The empty Python gRPC hop (`noop`) accounts for {fmt_ms(noop_p90 - none_p90)} ms of that; "
-        if (none_p90 is not None)
-        else ""
-    )
-    return f"{hop}extproc's own work (JWT, policy, telemetry) costs {_join(own)} on top of the empty hop."
+    return f"Each mode against its floor, the empty server of its transport: {'; '.join(items)}."
 
 
 def _cpu_sentence(results: Results, load: float) -> str | None:
@@ -441,10 +512,10 @@ def _shortfall_sentence(results: Results) -> str | None:
 def _errors_sentence(results: Results) -> str | None:
     bad = []
     for m in usable_modes(results):
-        total = sum(sum(failures(run)) for run in m.get("runs") or ())
+        total = sum(sum(failures(run, m)) for run in m.get("runs") or ())
         if total:
             bad.append(f"{_code(m['mode'])} ({fmt_int(total)})")
-    return f"Requests that failed or were not answered 2xx: {_join(bad)}." if bad else None
+    return f"Requests that failed or got an answer the request mix does not call for: {_join(bad)}." if bad else None
 
 
 def _failed_sentence(results: Results) -> str:
@@ -512,6 +583,9 @@ def _run_section(results: Results) -> list[str]:
         f"- **Machine:** {_machine_line(results.get('machine') or {})}",
         f"- **Scenario:** {_scenario_line(scenario)}",
     ]
+    mix = _mix_line(scenario)
+    if mix:
+        lines.append(f"- **Load mix:** {mix}")
     mixer = _mixer_line(scenario.get("mixer"))
     if mixer:
         lines.append(f"- **Mixer baseline:** {mixer}")
@@ -583,6 +657,38 @@ def _scenario_line(s: Mapping[str, Any]) -> str:
     return line or DASH
 
 
+def _mix_line(s: Mapping[str, Any]) -> str:
+    """The request list the load cycles through, and the share of 403s the enforcing modes must answer."""
+    mix = s.get("mix") or {}
+    share = s.get("denied_share")
+    if share is None and not mix:
+        return ""
+    bits = []
+    http2 = s.get("protocol") == "http2"
+    shown = mix.get("http2") if http2 and mix.get("http2") else mix
+    if shown.get("tokens") is not None:
+        bits.append(f"{shown['tokens']} RS256 token{'s' if shown['tokens'] != 1 else ''}")
+    if mix.get("requests_per_cycle"):
+        bits.append(f"a list of {mix['requests_per_cycle']} requests each connection cycles through")
+    kinds = shown.get("kinds") or {}
+    denied = [f"{n} × {kind}" for kind, n in kinds.items() if kind != "allowed"]
+    line = ", ".join(bits)
+    if share is not None:
+        line += ("; " if line else "") + f"expected 403 share {fmt_share(share)} in the modes that enforce the policies"
+        if denied:
+            line += f" ({', '.join(denied)} per cycle)"
+        line += ", none elsewhere"
+        hit = (s.get("mixer") or {}).get("check_cache_hit_percent") or 0
+        if hit:
+            line += (
+                f" (`mixer`: {fmt_share(share * (1 - hit / 100))}, as its check-cache model lets the "
+                f"{hit:g} % of requests that skip the Check through)"
+            )
+    if http2:
+        line += " (HTTP/2: h2load sends one token with every request; the denials are paths no ALLOW matches)"
+    return line
+
+
 def _mixer_line(mixer: Mapping[str, Any] | None) -> str:
     if not mixer:
         return ""
@@ -603,10 +709,12 @@ def _chart(name: str | None, alt: str) -> list[str]:
 
 
 def _ratio_cells(results: Results, name: str, kind: str, offered: float | None, mode: str) -> list[str]:
-    return [
+    """The cells of one mode against none, noop and its own floor."""
+    cells = [
         fmt_ratio(ratios(results, name, kind=kind, offered=offered, baseline=base).get(mode))
         for base in ("none", "noop")
     ]
+    return [*cells, fmt_floor(*floor_ratio(results, name, mode, kind=kind, offered=offered))]
 
 
 def _throughput_section(results: Results, chart: str | None) -> list[str]:
@@ -629,10 +737,11 @@ def _throughput_section(results: Results, chart: str | None) -> list[str]:
                 m["mode"],
                 fmt_rate(metric(run, "achieved_rps")),
                 *_ratio_cells(results, "achieved_rps", "saturation", None, m["mode"]),
-                fmt_failures(run),
+                fmt_share(denied_share(run)),
+                fmt_failures(run, m),
             ]
         )
-    lines += _table(["mode", "req/s", "× none", "× noop", "errors / non-2xx"], rows)
+    lines += _table(["mode", "req/s", "× none", "× noop", "× floor", "403", "errors / unexpected"], rows)
     return [*lines, "", *_chart(chart, "Saturation throughput per mode, req/s, with the ratio to none")]
 
 
@@ -656,10 +765,18 @@ def _latency_section(results: Results, chart: str | None) -> list[str]:
                     fmt_achieved(run),
                     *latency,
                     *_ratio_cells(results, "p90", "fixed", load, m["mode"]),
-                    fmt_failures(run),
+                    fmt_failures(run, m),
                 ]
             )
-        header = ["mode", "achieved req/s", *PERCENTILES, "p90 × none", "p90 × noop", "errors / non-2xx"]
+        header = [
+            "mode",
+            "achieved req/s",
+            *PERCENTILES,
+            "p90 × none",
+            "p90 × noop",
+            "p90 × floor",
+            "errors / unexpected",
+        ]
         lines += [*_table(header, rows), ""]
     if any_short:
         lines += [
@@ -704,6 +821,7 @@ def _cpu_section(results: Results, chart: str | None) -> list[str]:
             "mesh CPU-s / 1000 req",
             "× none",
             "× noop",
+            "× floor",
             *mesh_roles,
             *[f"{r} (info)" for r in info_roles],
         ]
@@ -783,8 +901,16 @@ def _how_to_read(results: Results) -> list[str]:
         "- **× none** divides by the `none` mode (Envoy alone, no policy, no telemetry) at the same run kind and "
         "load: it is what the whole mesh layer costs, every proxy, hop and policy server together.",
         "- **× noop** divides by `noop` (Envoy's ext_authz calling a Python gRPC server that answers OK at once): "
-        "the floor of any Python hop. What `authz+als` and `extproc` add above `noop` is extproc's own work "
-        "(JWT, policy, telemetry, tracing), the part that optimisation in Python can shrink.",
+        "the floor of a Python ext_authz hop.",
+        "- **× floor** divides by the mode's own floor, named in the cell: the empty Python server of the same "
+        "transport, `noop` for `authz+als` and `mixer`, `noop-extproc` (Envoy's ext_proc filter as shipped, "
+        "each stream answered with empty replies and ended after the last message) for `extproc`. What a mode "
+        "adds over its floor is extproc's own work (JWT, policy, telemetry, tracing), the part that optimisation "
+        "in Python can shrink.",
+        "- **403s are expected.** The load cycles through a list in which one request in ten is denied (blocked "
+        "users' tokens, paths no ALLOW matches): the modes that enforce the policies answer those with a local "
+        "403 that never reaches the upstream, the others let everything through. *403* is the share a run got; "
+        "*unexpected* counts every other non-2xx answer.",
         f"- **Only ratios within one run hold.** Envoy, extproc, the upstream and the load generator all share "
         f"{shared} shared, noisy machine; absolute numbers move between runs by more than the differences "
         "of interest, and are not comparable with Istio's published figures, measured on dedicated nodes.",
@@ -861,6 +987,9 @@ def throughput_chart(results: Results, path: Path) -> Path | None:
             label = f"{fmt_int(value, ' ')} req/s"
             if to_none.get(name) is not None:
                 label += f"\n{fmt_ratio(to_none[name])} none"
+            floor, to_floor = floor_ratio(results, "achieved_rps", name)
+            if to_floor is not None:
+                label += f"\n{fmt_floor(floor, to_floor)}"
             ax.annotate(
                 label,
                 (bar.get_x() + bar.get_width() / 2, value),
@@ -874,7 +1003,9 @@ def throughput_chart(results: Results, path: Path) -> Path | None:
         ax.set_ylabel("requests per second")
         conns = (results.get("scenario") or {}).get("connections")
         extra = f", {conns} connections" if conns else ""
-        ax.set_title(f"Throughput at saturation (req/s, closed loop{extra}); label: ratio to Envoy alone")
+        ax.set_title(
+            f"Throughput at saturation (req/s, closed loop{extra}); labels: ratio to Envoy alone and to the floor"
+        )
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -14,6 +14,13 @@ the schedule is absolute, so the rate does not drift). Thread *i* sends to targe
 modulo the number of targets, which spreads the load over several sidecars while wrk
 still keeps one latency histogram for all of them. h2load paces each client with
 ``--rps``; several targets get one h2load each, and the per-request logs are merged.
+
+The requests are a fixed list (path and headers each), walked in order and round again.
+wrk formats every entry once per thread, in the script's ``init``, and ``request()`` hands
+out the next one, so a per-request token costs the load generator nothing; each thread starts
+at its own offset and hands out positions in order to its connections. h2load walks its
+URIs in order per client but sends the same headers with every request, so a list whose
+entries differ in headers cannot run over HTTP/2 (`run_h2load` refuses it).
 """
 
 from __future__ import annotations
@@ -22,11 +29,19 @@ import json
 import math
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One entry of the load list: a GET of `path` with these headers."""
+
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,8 +50,7 @@ class LoadSpec:
     connections: int
     duration_s: float
     rate: float | None  # total requests/s; None = closed loop
-    paths: Sequence[str]
-    headers: dict[str, str]
+    requests: Sequence[Request]  # walked in order by every wrk thread or h2load client
     threads: int = 1
     timeout_s: float = 5.0
 
@@ -73,8 +87,10 @@ local function now_ms()
 end
 
 local ports = {%(ports)s}
-local paths = {%(paths)s}
-local headers = {%(headers)s}
+-- The load list: {path, index into header_sets}; formatted once per thread in init().
+local header_sets = {%(header_sets)s}
+local plan = {%(plan)s}
+local formatted = {}
 local interval_ms = %(interval_ms)s
 local threads = {}
 local created = 0
@@ -91,9 +107,18 @@ local n = 0
 local next_at = nil
 counts = {}
 
+function init(args)
+  for i, entry in ipairs(plan) do
+    -- wrk.format adds Host and Content-Length to the table it is given: a fresh copy each time.
+    local h = {}
+    for k, v in pairs(header_sets[entry[2]]) do h[k] = v end
+    formatted[i] = wrk.format("GET", entry[1], h)
+  end
+end
+
 function request()
   n = n + 1
-  return wrk.format("GET", paths[(n + offset) %% #paths + 1], headers)
+  return formatted[(n + offset) %% #formatted + 1]
 end
 
 function response(status, hdrs, body)
@@ -132,12 +157,27 @@ end
 """
 
 
+def _header_sets(requests: Sequence[Request]) -> tuple[list[tuple[tuple[str, str], ...]], list[int]]:
+    """The distinct header sets of the list, and each request's index into them (from 1, as Lua counts)."""
+    sets: dict[tuple[tuple[str, str], ...], int] = {}
+    index = []
+    for r in requests:
+        key = tuple(r.headers.items())
+        index.append(sets.setdefault(key, len(sets) + 1))
+    return list(sets), index
+
+
 def wrk_script(spec: LoadSpec) -> str:
+    if not spec.requests:
+        raise ValueError("the load list is empty")
     interval = 0.0 if not spec.rate else 1000.0 * spec.threads / spec.rate
+    sets, index = _header_sets(spec.requests)
+    lua_sets = ["{" + ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers) + "}" for headers in sets]
+    plan = [f"{{{_lua_string(r.path)}, {i}}}" for r, i in zip(spec.requests, index, strict=True)]
     return _WRK_SCRIPT % {
         "ports": ", ".join(str(p) for p in spec.targets),
-        "paths": ", ".join(_lua_string(p) for p in spec.paths),
-        "headers": ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in spec.headers.items()),
+        "header_sets": ",\n  ".join(lua_sets),
+        "plan": ", ".join(plan),
         "interval_ms": f"{interval:.6f}",
         "delay": _WRK_DELAY if spec.rate else "",
     }
@@ -196,8 +236,17 @@ def summarize_latencies(latencies_ms: Sequence[float]) -> dict[str, float | None
     return out
 
 
+def uniform_headers(requests: Sequence[Request]) -> Mapping[str, str]:
+    """The one header set of a list h2load can send (it has no per-request headers)."""
+    sets, _ = _header_sets(requests)
+    if len(sets) != 1:
+        raise ValueError(f"h2load sends the same headers with every request; this load list has {len(sets)} sets")
+    return dict(sets[0])
+
+
 def run_h2load(spec: LoadSpec, workdir: Path, name: str) -> tuple[LoadResult, list[str]]:
     n = len(spec.targets)
+    headers = uniform_headers(spec.requests)
     if spec.connections % n:
         raise ValueError(f"connections ({spec.connections}) must be a multiple of the number of sidecars ({n})")
     per_target = spec.connections // n
@@ -216,12 +265,12 @@ def run_h2load(spec: LoadSpec, workdir: Path, name: str) -> tuple[LoadResult, li
         ]
         if spec.rate:
             argv.append(f"--rps={spec.rate / spec.connections:.4f}")
-        for k, v in spec.headers.items():
+        for k, v in headers.items():
             argv.append(f"--header={k}: {v}")
-        argv += [f"http://127.0.0.1:{port}{p}" for p in spec.paths]
+        argv += [f"http://127.0.0.1:{port}{r.path}" for r in spec.requests]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append((proc, log, argv))
-        argvs.append(" ".join(argv[:8]) + f" ... ({len(spec.paths)} URIs)")
+        argvs.append(" ".join(argv[:8]) + f" ... ({len(spec.requests)} URIs)")
     status: Counter[str] = Counter()
     latencies: list[float] = []
     errors = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,17 @@ from bench.harness import profile as prof
 from bench.harness import scenario as sc
 from bench.harness.procs import Process
 
-MODES = ("none", "native", "noop", "authz+als", "extproc", "mixer")
+MODES = ("none", "native", "noop", "noop-extproc", "authz+als", "extproc", "mixer")
 ENFORCING = frozenset({"native", "authz+als", "extproc", "mixer"})
+# The empty Python servers of the baselines: the module each mode runs.
+NOOP_SERVERS = {"noop": "bench.harness.noop_authz", "noop-extproc": "bench.harness.noop_extproc"}
 SCHEMA = "extproc-bench/1"
 
 TITLES = {
     "none": "Envoy only",
     "native": "Envoy jwt_authn + RBAC",
     "noop": "empty Python ext_authz",
+    "noop-extproc": "empty Python ext_proc",
     "authz+als": "extproc: ext_authz + access log",
     "extproc": "extproc: ext_proc",
     "mixer": "Mixer-style central check",
@@ -49,6 +53,9 @@ DESCRIPTIONS = {
     "AuthorizationPolicies as istiod would, plus Envoy's built-in stats. In-proxy enforcement, no external call.",
     "noop": "envoy/authz.yaml's ext_authz filter pointed at a Python server (grpc.aio on uvloop, like extproc) that "
     "allows everything: the floor cost of a Python gRPC hop on the request path.",
+    "noop-extproc": "envoy/extproc.yaml's ext_proc filter pointed at a Python server (grpc.aio on uvloop, like "
+    "extproc) that answers every message with an empty reply and ends the stream after the last one, as extproc "
+    "does: the floor cost of a Python ext_proc hop, against which `extproc` is read.",
     "authz+als": "envoy/authz.yaml with extproc next to it: JWT, policies and trace headers on the Check; Istio "
     "metrics from the batched gRPC access log.",
     "extproc": "envoy/extproc.yaml with extproc next to it: one ext_proc stream per request does JWT, policies, "
@@ -148,13 +155,14 @@ def start_stack(
             sidecar("sidecar", topology.none_sidecar)
         elif mode == "native":
             sidecar("sidecar", lambda **kw: topology.native_sidecar(scenario, **kw))
-        elif mode == "noop":
+        elif mode in NOOP_SERVERS:
             port = procs.free_port()
-            argv = [sys.executable, "-m", "bench.harness.noop_authz", "--listen", f"127.0.0.1:{port}"]
-            noop = Process("noop-authz", "extproc", argv, workdir, cwd=topology.REPO).start()
-            stack.processes.append(noop)
-            procs.wait_until("noop ext_authz", lambda: procs.tcp_open(port), stack.processes)
-            sidecar("sidecar", lambda **kw: topology.noop_sidecar(ext_port=port, **kw))
+            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
+            name = "noop-authz" if mode == "noop" else "noop-extproc"
+            stack.processes.append(Process(name, "extproc", argv, workdir, cwd=topology.REPO).start())
+            procs.wait_until(name, lambda: procs.tcp_open(port), stack.processes)
+            config = topology.noop_sidecar if mode == "noop" else topology.noop_extproc_sidecar
+            sidecar("sidecar", lambda **kw: config(ext_port=port, **kw))
         elif mode in ("authz+als", "extproc"):
             port = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False)
             sidecar("sidecar", lambda **kw: topology.extproc_sidecar(mode, ext_port=port, **kw))
@@ -282,19 +290,15 @@ def run_mode(
     stack = start_stack(mode, opts, scenario, policy_dir, workdir, upstream_port)
     try:
         entry["processes"] = [{"name": p.name, "role": p.role, "argv": shlex.join(p.argv)} for p in stack.processes]
+        entry["expected_denied_share"] = expected_denied_share(mode, scenario_record(opts, scenario))
         entry["probes"] = run_probes(stack, scenario)
         if mode == "mixer" and opts.mixer.check_cache_hit_percent:
             set_check_fraction(stack, 100 - opts.mixer.check_cache_hit_percent)
+        requests = [load.Request(r.path, scenario.headers(r)) for r in scenario.load_requests(opts.protocol)]
 
         def spec(rate: float | None, duration: float) -> load.LoadSpec:
             return load.LoadSpec(
-                stack.sidecar_ports,
-                opts.connections,
-                duration,
-                rate,
-                sc.LOAD_PATHS,
-                scenario.load_headers,
-                threads=opts.loadgen_threads,
+                stack.sidecar_ports, opts.connections, duration, rate, requests, threads=opts.loadgen_threads
             )
 
         if opts.warmup_s > 0:
@@ -390,24 +394,7 @@ def run(opts: Options) -> tuple[Path, dict[str, Any]]:
         "schema": SCHEMA,
         "run": {"started": started.isoformat(timespec="seconds"), "command": opts.command, "quick": opts.quick},
         "machine": machine(),
-        "scenario": {
-            "protocol": opts.protocol,
-            "connections": opts.connections,
-            "payload_bytes": opts.payload_bytes,
-            "policies": opts.policies,
-            "rates": list(opts.rates),
-            "duration_s": opts.duration_s,
-            "warmup_s": opts.warmup_s,
-            "saturation_duration_s": opts.saturation_duration_s,
-            "envoy_workers": opts.envoy_workers,
-            "loadgen_threads": opts.loadgen_threads,
-            "mixer": {
-                **asdict(opts.mixer),
-                "delay_injection": [
-                    {"ms": ms, "percent_of_streams": pct} for ms, pct in topology.fault_delays(opts.mixer.rtt_ms)
-                ],
-            },
-        },
+        "scenario": scenario_record(opts, scenario),
         "modes": [],
     }
     up_admin, up_port = procs.free_port(), procs.free_port()
@@ -442,8 +429,11 @@ def run(opts: Options) -> tuple[Path, dict[str, Any]]:
 
 
 def problems(results: dict[str, Any]) -> list[str]:
-    """What makes a run unusable: failed modes, wrong probe answers, non-200 load answers, lost requests."""
+    """What makes a run unusable: failed modes, wrong probe answers, load answers other than the mix
+    calls for (only 200, plus 403 in the expected share where policies are enforced), lost requests."""
     out = []
+    scenario = results.get("scenario") or {}
+    connections = int(scenario.get("connections") or 16)
     for m in results["modes"]:
         if m.get("error"):
             out.append(f"{m['mode']}: {m['error']}")
@@ -451,13 +441,86 @@ def problems(results: dict[str, Any]) -> list[str]:
         for p in m.get("probes", []):
             if p["got"] != p["expect"]:
                 out.append(f"{m['mode']}: probe {p['name']!r} got {p['got']}, expected {p['expect']}")
+        share = m.get("expected_denied_share")
+        if share is None:
+            share = expected_denied_share(m["mode"], scenario)
+        expected_codes = {"200", "403"} if share > 0 else {"200"}
         for r in m["runs"]:
             label = f"{m['mode']} {r['kind']}" + (f" {r['offered_rps']} req/s" if r["offered_rps"] else "")
-            bad = {code: n for code, n in r["status"].items() if code != "200"}
+            bad = {code: n for code, n in r["status"].items() if code not in expected_codes}
             if bad:
-                out.append(f"{label}: non-200 answers {bad}")
+                out.append(f"{label}: answers other than {' and '.join(sorted(expected_codes))}: {bad}")
+            answered = sum(r["status"].values())
+            denied = r["status"].get("403", 0)
+            if share > 0 and answered:
+                tolerance = denied_tolerance(answered, share, connections, _checked_fraction(m["mode"], scenario))
+                if abs(denied - share * answered) > tolerance:
+                    out.append(
+                        f"{label}: {denied} of {answered} answers were 403 ({denied / answered:.1%}); the mix "
+                        f"calls for {share:.1%}, {share * answered:.0f} ± {tolerance:.0f}"
+                    )
             if r["errors"]:
                 out.append(f"{label}: {r['errors']} requests without an answer")
             if not r["requests"]:
                 out.append(f"{label}: no requests completed")
     return out
+
+
+# --- what the load must be answered with -----------------------------------------------------
+
+
+def scenario_record(opts: Options, scenario: sc.Scenario) -> dict[str, Any]:
+    """results.json's "scenario": the options the load ran with and the request mix it sent."""
+    return {
+        "protocol": opts.protocol,
+        "connections": opts.connections,
+        "payload_bytes": opts.payload_bytes,
+        "policies": opts.policies,
+        "rates": list(opts.rates),
+        "duration_s": opts.duration_s,
+        "warmup_s": opts.warmup_s,
+        "saturation_duration_s": opts.saturation_duration_s,
+        "envoy_workers": opts.envoy_workers,
+        "loadgen_threads": opts.loadgen_threads,
+        "denied_share": scenario.denied_share,
+        "mix": scenario.mix(),
+        "mixer": {
+            **asdict(opts.mixer),
+            "delay_injection": [
+                {"ms": ms, "percent_of_streams": pct} for ms, pct in topology.fault_delays(opts.mixer.rtt_ms)
+            ],
+        },
+    }
+
+
+def _checked_fraction(mode: str, scenario: Mapping[str, Any]) -> float:
+    """Share of requests whose policies are checked at all: below 1 only in `mixer` with its check-cache model,
+    where a skipped Check lets the request through whatever the policies say."""
+    if mode != "mixer":
+        return 1.0
+    hit = float((scenario.get("mixer") or {}).get("check_cache_hit_percent") or 0)
+    return 1.0 - hit / 100.0
+
+
+def expected_denied_share(mode: str, scenario: Mapping[str, Any]) -> float:
+    """Share of the load a mode must answer 403: the mix's where policies are enforced, else none."""
+    if mode not in ENFORCING:
+        return 0.0
+    return float(scenario.get("denied_share") or 0.0) * _checked_fraction(mode, scenario)
+
+
+def denied_tolerance(answered: int, share: float, connections: int, checked: float = 1.0) -> float:
+    """How far, in requests, a run's count of 403s may be from ``share * answered``.
+
+    The list puts one denial in every ten, evenly, so any stretch of it holds its share of
+    denials to within one. Each wrk thread hands out list positions in order (an h2load
+    client walks the list itself), so its answers are one stretch, less the requests still
+    in flight when the run stops: at most one per connection. Hence ``connections + 2``.
+    The only randomness is the `mixer` check-cache model, where each request is checked
+    with probability ``checked``: five standard deviations of that binomial are added.
+    """
+    slack = connections + 2.0
+    if 0.0 < checked < 1.0:
+        denials_in_list = answered * share / checked
+        slack += 5.0 * math.sqrt(denials_in_list * checked * (1.0 - checked))
+    return slack

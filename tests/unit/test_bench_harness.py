@@ -1,14 +1,20 @@
-"""The benchmark harness's pure parts: scenario, Envoy configs, delay model, load scripts, checks."""
+"""The benchmark harness's pure parts: scenario and request mix, Envoy configs, the empty ext_proc
+server, delay model, load scripts, status checks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import jwt
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from bench import __main__ as cli
-from bench.harness import load, runner, topology
+from bench.harness import load, noop_extproc, runner, topology
 from bench.harness import scenario as sc
 from extproc.config import loader
 from tests.fixtures.envoy_config import validate
@@ -44,6 +50,73 @@ def test_scenario_needs_the_admitting_policy() -> None:
         sc.build(0)
 
 
+def _claims(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def test_load_mix_is_fifty_tokens_with_exactly_one_request_in_ten_denied() -> None:
+    s = sc.build(20)
+    assert len(s.tokens) == 50
+    subjects = [_claims(t)["sub"] for t in s.tokens]
+    assert subjects == list(sc.SUBJECTS) and len(set(subjects)) == 50
+    assert len(s.load) == 100
+    assert {r.token for r in s.load} == set(range(50))  # every token is sent
+    assert s.denied_share == 0.1
+    assert [r.expect for r in s.load].count(403) == 10
+    assert {r.expect for r in s.load} == {200, 403}  # every token is valid: no 401 in the load
+    kinds = {kind: [r for r in s.load if r.kind == kind] for kind in (sc.ALLOWED, sc.BLOCKED_USER, sc.NO_ALLOW)}
+    assert {k: len(v) for k, v in kinds.items()} == {sc.ALLOWED: 90, sc.BLOCKED_USER: 5, sc.NO_ALLOW: 5}
+    # Allowed: the 45 shoppers, twice each, on product pages.
+    assert sorted(subjects[r.token] for r in kinds[sc.ALLOWED]) == sorted(sc.SHOPPERS * 2)
+    assert all(r.path.startswith("/api/v1/products/") and r.expect == 200 for r in kinds[sc.ALLOWED])
+    # Denied by the DENY on `sub`: each blocked user once, on a product page the ALLOW would admit.
+    deny = next(d for d in s.authorization_policies() if d["metadata"]["name"] == "deny-blocked-users")
+    blocked = set(deny["spec"]["rules"][0]["when"][0]["values"])
+    assert sorted(subjects[r.token] for r in kinds[sc.BLOCKED_USER]) == sorted(blocked)
+    assert all(r.path.startswith("/api/v1/products/") for r in kinds[sc.BLOCKED_USER])
+    # Denied because no ALLOW matches: shoppers asking for order paths.
+    assert all(r.path.startswith(sc.UNMATCHED_PREFIX) and r.token < 45 for r in kinds[sc.NO_ALLOW])
+
+
+def test_load_mix_spreads_its_denials_so_every_stretch_holds_its_share() -> None:
+    """Any ten consecutive entries, round the end too, hold exactly one denial: partial cycles stay close."""
+    load_list = sc.build(20).load
+    for start in range(len(load_list)):
+        window = [load_list[(start + i) % len(load_list)] for i in range(10)]
+        assert sum(r.expect == 403 for r in window) == 1, start
+
+
+def test_admitting_allow_takes_every_principal_of_the_issuer_with_the_scope() -> None:
+    allow = next(
+        d for d in sc.build(20).authorization_policies() if d["metadata"]["name"] == "zz-allow-product-readers"
+    )
+    rule = allow["spec"]["rules"][0]
+    assert rule["from"] == [{"source": {"requestPrincipals": [f"{sc.ISSUER}/*"]}}]
+    assert rule["when"] == [{"key": "request.auth.claims[scope]", "values": ["products.read"]}]
+    assert all("products.read" in _claims(t)["scope"].split() for t in sc.build(1).tokens)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_without_the_deny_on_sub_the_blocked_tokens_ask_for_paths_no_allow_matches(n: int) -> None:
+    s = sc.build(n)
+    assert "deny-blocked-users" not in {d["metadata"]["name"] for d in s.authorization_policies()}
+    assert s.denied_share == 0.1 and {r.token for r in s.load} == set(range(50))
+    assert {r.kind for r in s.load if r.expect == 403} == {sc.NO_ALLOW}
+    assert all(r.path.startswith(sc.UNMATCHED_PREFIX) for r in s.load if r.token >= 45)
+    assert "blocked user" not in {p.name for p in s.probes}
+
+
+def test_http2_list_has_one_token_and_the_same_share_of_unmatched_paths() -> None:
+    s = sc.build(20)
+    assert s.load_requests("http1") is s.load and s.load_requests("http2") is s.load_h2
+    assert {r.token for r in s.load_h2} == {0}
+    assert sc.denied_share(s.load_h2) == s.denied_share
+    assert all(r.path.startswith(sc.UNMATCHED_PREFIX) for r in s.load_h2 if r.expect == 403)
+    mix = s.mix()
+    assert mix["tokens"] == 50 and mix["http2"]["tokens"] == 1
+    assert mix["kinds"] == {sc.ALLOWED: 90, sc.BLOCKED_USER: 5, sc.NO_ALLOW: 5}
+
+
 def _validate(cfg: dict, tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -59,6 +132,7 @@ def test_every_mode_config_is_valid_envoy(tmp_path: Path) -> None:
     _validate(topology.none_sidecar(**PORTS), tmp_path, "none")
     _validate(topology.native_sidecar(s, **PORTS), tmp_path, "native")
     _validate(topology.noop_sidecar(ext_port=19003, **PORTS), tmp_path, "noop")
+    _validate(topology.noop_extproc_sidecar(ext_port=19003, **PORTS), tmp_path, "noop-extproc")
     _validate(topology.extproc_sidecar("authz+als", ext_port=19003, **PORTS), tmp_path, "authz")
     _validate(topology.extproc_sidecar("extproc", ext_port=19003, **PORTS), tmp_path, "extproc")
     opts = topology.MixerOptions(rtt_ms=1.5, sidecars=2, check_cache_hit_percent=80)
@@ -83,6 +157,23 @@ def test_baselines_keep_the_shipped_connection_manager_without_extensions() -> N
     assert [a["name"] for a in authz["access_log"]] == ["envoy.access_loggers.http_grpc"]  # stdout log removed
     noop = topology.noop_sidecar(ext_port=1, **PORTS)
     assert [f["name"] for f in _hcm(noop)["http_filters"]] == [topology.EXT_AUTHZ, "envoy.filters.http.router"]
+
+
+def test_noop_extproc_sidecar_is_the_shipped_ext_proc_filter_without_access_log() -> None:
+    noop = topology.noop_extproc_sidecar(ext_port=19003, **PORTS)
+    shipped = topology.extproc_sidecar("extproc", ext_port=19003, **PORTS)
+    filters = _hcm(noop)["http_filters"]
+    assert [f["name"] for f in filters] == [topology.SET_FILTER_STATE, topology.EXT_PROC, "envoy.filters.http.router"]
+    # The same filters as the `extproc` mode, settings and all: processing_mode, request_attributes
+    # (one of them fed by set_filter_state), timeouts, failure mode.
+    assert filters == _hcm(shipped)["http_filters"]
+    ext_proc = filters[1]["typed_config"]
+    assert ext_proc["processing_mode"]["response_header_mode"] == "SEND"
+    assert 'filter_state["extproc.peer_address"]' in ext_proc["request_attributes"]
+    assert "access_log" not in _hcm(noop)
+    endpoint = topology._cluster(noop, "extproc")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 19003
+    assert [ln["name"] for ln in noop["static_resources"]["listeners"]] == ["http"]
 
 
 def test_mixer_sidecar_names_its_workload_and_reports_per_request() -> None:
@@ -126,14 +217,46 @@ def test_hop_injects_the_configured_delay() -> None:
 
 
 def test_wrk_script_paces_only_with_a_rate() -> None:
-    spec = load.LoadSpec([10000, 10001], 16, 5, 1000, ["/a", "/b"], {"authorization": "Bearer t"}, threads=2)
+    requests = [load.Request("/a", {"authorization": "Bearer t"}), load.Request("/b", {"authorization": "Bearer t"})]
+    spec = load.LoadSpec([10000, 10001], 16, 5, 1000, requests, threads=2)
     script = load.wrk_script(spec)
     assert "function delay()" in script
     assert "local interval_ms = 2.000000" in script  # 2 threads share 1000 req/s: a slot every 2 ms each
     assert "local ports = {10000, 10001}" in script
     assert '["authorization"] = "Bearer t"' in script
-    closed = load.wrk_script(load.LoadSpec([10000], 16, 5, None, ["/a"], {}, threads=1))
+    closed = load.wrk_script(load.LoadSpec([10000], 16, 5, None, [load.Request("/a")], threads=1))
     assert "function delay()" not in closed
+
+
+def test_wrk_script_formats_each_entry_once_with_its_own_path_and_token() -> None:
+    s = sc.build(20)
+    requests = [load.Request(r.path, s.headers(r)) for r in s.load]
+    script = load.wrk_script(load.LoadSpec([10000], 16, 5, None, requests))
+    # Each of the 50 tokens appears once, in the header sets; the plan names a set per entry.
+    for token in s.tokens:
+        assert script.count(token) == 1
+    plan = script[script.index("local plan = {") : script.index("local formatted")]
+    first_use = list(dict.fromkeys(r.token for r in s.load))  # header sets are numbered so, from 1
+    entries = [f'{{"{r.path}", {first_use.index(r.token) + 1}}}' for r in s.load]
+    assert plan == "local plan = {" + ", ".join(entries) + "}\n"
+    set_lines = script[script.index("local header_sets = {") : script.index("local plan")].splitlines()
+    assert len(set_lines) == 50
+    for line, token in zip(set_lines, first_use, strict=True):
+        assert f'{{["authorization"] = "Bearer {s.tokens[token]}"}}' in line
+    assert "function init(args)" in script
+    assert 'formatted[i] = wrk.format("GET", entry[1], h)' in script
+    assert "return formatted[(n + offset) % #formatted + 1]" in script
+    with pytest.raises(ValueError, match="empty"):
+        load.wrk_script(load.LoadSpec([10000], 16, 5, None, []))
+
+
+def test_h2load_needs_one_set_of_headers() -> None:
+    s = sc.build(20)
+    one = [load.Request(r.path, s.headers(r)) for r in s.load_h2]
+    assert load.uniform_headers(one) == {"authorization": f"Bearer {s.token}"}
+    per_request = [load.Request(r.path, s.headers(r)) for r in s.load]
+    with pytest.raises(ValueError, match="50 sets"):
+        load.uniform_headers(per_request)
 
 
 def test_latency_percentiles_are_nearest_rank() -> None:
@@ -148,16 +271,20 @@ def test_h2load_failure_line_is_counted() -> None:
     assert load._h2load_failed(out) == 3
 
 
-def _results(**run_overrides) -> dict:
-    run = {"kind": "fixed", "offered_rps": 500, "requests": 100, "status": {"200": 100}, "errors": 0}
+def _results(mode: str = "native", share: float | None = 0.1, **run_overrides) -> dict:
+    run = {"kind": "fixed", "offered_rps": 500, "requests": 1000, "status": {"200": 900, "403": 100}, "errors": 0}
     run.update(run_overrides)
-    return {"modes": [{"mode": "native", "probes": [{"name": "no token", "expect": 403, "got": 403}], "runs": [run]}]}
+    entry = {"mode": mode, "probes": [{"name": "no token", "expect": 403, "got": 403}], "runs": [run]}
+    if share is not None:
+        entry["expected_denied_share"] = share
+    scenario = {"connections": 16, "denied_share": 0.1, "mixer": {"check_cache_hit_percent": 0}}
+    return {"scenario": scenario, "modes": [entry]}
 
 
 def test_problems_flags_what_makes_a_run_unusable() -> None:
     assert runner.problems(_results()) == []
-    assert runner.problems(_results(status={"200": 90, "503": 10})) == [
-        "native fixed 500 req/s: non-200 answers {'503': 10}"
+    assert runner.problems(_results(status={"200": 890, "403": 100, "503": 10})) == [
+        "native fixed 500 req/s: answers other than 200 and 403: {'503': 10}"
     ]
     assert runner.problems(_results(errors=4)) == ["native fixed 500 req/s: 4 requests without an answer"]
     assert runner.problems(_results(requests=0, status={})) == ["native fixed 500 req/s: no requests completed"]
@@ -168,12 +295,111 @@ def test_problems_flags_what_makes_a_run_unusable() -> None:
     assert runner.problems(failed) == ["mixer: central exited"]
 
 
+def test_problems_check_the_share_of_403_against_the_mix() -> None:
+    # 1000 answers, 10 % expected: 100 ± (16 connections + 2).
+    assert runner.problems(_results(status={"200": 882, "403": 118})) == []
+    assert runner.problems(_results(status={"200": 918, "403": 82})) == []
+    assert runner.problems(_results(status={"200": 881, "403": 119})) == [
+        "native fixed 500 req/s: 119 of 1000 answers were 403 (11.9%); the mix calls for 10.0%, 100 ± 18"
+    ]
+    # An enforcing mode that let everything through is caught by its share.
+    assert runner.problems(_results(status={"200": 1000})) == [
+        "native fixed 500 req/s: 0 of 1000 answers were 403 (0.0%); the mix calls for 10.0%, 100 ± 18"
+    ]
+    # A mode that enforces nothing must answer only 200.
+    assert runner.problems(_results(mode="noop-extproc", share=0.0, status={"200": 1000})) == []
+    assert runner.problems(_results(mode="noop-extproc", share=0.0)) == [
+        "noop-extproc fixed 500 req/s: answers other than 200: {'403': 100}"
+    ]
+    # Without a recorded share (older results), the mode's kind and the scenario decide.
+    assert runner.problems(_results(mode="extproc", share=None)) == []
+    assert runner.problems(_results(mode="none", share=None, status={"200": 1000})) == []
+
+
+def test_expected_share_and_tolerance() -> None:
+    scenario = {"denied_share": 0.1, "mixer": {"check_cache_hit_percent": 50}}
+    assert [runner.expected_denied_share(m, scenario) for m in runner.MODES] == [
+        0.0,  # none
+        0.1,  # native
+        0.0,  # noop
+        0.0,  # noop-extproc
+        0.1,  # authz+als
+        0.1,  # extproc
+        0.05,  # mixer: half the Checks are skipped by the check-cache model, and let through
+    ]
+    assert runner.denied_tolerance(1000, 0.1, 16) == 18
+    # mixer with a 50 % check cache: 200 denials in the list's share, each checked with p = 0.5.
+    assert runner.denied_tolerance(2000, 0.05, 16, checked=0.5) == pytest.approx(18 + 5 * (200 * 0.25) ** 0.5)
+
+
+# --- the empty ext_proc server ---------------------------------------------------------------------
+
+
+def _headers(**values: str) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in values.items()]
+    )
+
+
+def _noop_stream(*messages: ep.ProcessingRequest) -> tuple[list[str], int]:
+    """Drive the servicer: the kinds it answered, and how many messages it read before ending the stream."""
+    read = 0
+
+    async def requests() -> AsyncIterator[ep.ProcessingRequest]:
+        nonlocal read
+        for m in messages:
+            read += 1
+            yield m
+
+    async def run() -> list[str]:
+        return [r.WhichOneof("response") async for r in noop_extproc.NoopProcessor().Process(requests(), None)]
+
+    return asyncio.run(run()), read
+
+
+REQUEST = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=_headers(**{":path": "/a"})))
+GRPC_REQUEST = ep.ProcessingRequest(
+    request_headers=ep.HttpHeaders(headers=_headers(content_type="application/grpc+proto"))
+)
+RESPONSE = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=_headers(**{":status": "200"})))
+TRAILERS = ep.ProcessingRequest(response_trailers=ep.HttpTrailers(trailers=_headers(grpc_status="0")))
+
+
+def test_noop_extproc_answers_each_message_with_its_empty_reply_and_ends_after_response_headers() -> None:
+    replies, read = _noop_stream(REQUEST, RESPONSE, TRAILERS)
+    assert replies == ["request_headers", "response_headers"]
+    assert read == 2  # ended itself: the trailers were never read
+    body = ep.ProcessingRequest(request_body=ep.HttpBody(body=b"x"))
+    assert _noop_stream(REQUEST, body, RESPONSE)[0] == ["request_headers", "request_body", "response_headers"]
+
+
+def test_noop_extproc_waits_for_the_trailers_of_a_grpc_response_as_extproc_does() -> None:
+    assert _noop_stream(GRPC_REQUEST, RESPONSE, TRAILERS) == (
+        ["request_headers", "response_headers", "response_trailers"],
+        3,
+    )
+    # A trailers-only answer (grpc-status in the headers) or a response that ends with its headers is over.
+    trailers_only = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=_headers(grpc_status="7")))
+    assert _noop_stream(GRPC_REQUEST, trailers_only, TRAILERS)[1] == 2
+    ended = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=_headers(), end_of_stream=True))
+    assert _noop_stream(GRPC_REQUEST, ended, TRAILERS)[1] == 2
+
+
+def test_noop_extproc_sends_nothing_in_observability_mode_but_still_ends_the_stream() -> None:
+    observed = [ep.ProcessingRequest(observability_mode=True) for _ in range(3)]
+    observed[0].request_headers.CopyFrom(REQUEST.request_headers)
+    observed[1].response_headers.CopyFrom(RESPONSE.response_headers)
+    observed[2].response_trailers.CopyFrom(TRAILERS.response_trailers)
+    assert _noop_stream(*observed) == ([], 2)
+
+
 def test_cli_options() -> None:
     o = cli.options(["--quick", "--modes", "none,mixer", "--http", "2", "--mixer-check-cache", "80"])
     assert o.modes == ["none", "mixer"] and o.protocol == "http2" and o.quick
     assert (o.rates, o.duration_s, o.saturation_duration_s) == ([200], 2.0, 2.0)
     assert o.mixer.check_cache_hit_percent == 80
     assert o.command.startswith("python -m bench --quick")
+    assert list(cli.options([]).modes) == ["none", "native", "noop", "noop-extproc", "authz+als", "extproc", "mixer"]
     with pytest.raises(SystemExit):
         cli.options(["--modes", "none,istio"])
     with pytest.raises(SystemExit):

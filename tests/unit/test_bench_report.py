@@ -29,6 +29,7 @@ def run(
     rss: dict[str, float] | None = None,
     errors: int = 0,
     non_2xx: int = 0,
+    denied: int = 0,
 ) -> dict[str, Any]:
     """One run; cpu maps role → CPU-s per 1000 requests, a list meaning several processes of that role."""
     requests = int(achieved * 10)
@@ -44,9 +45,11 @@ def run(
                     "peak_rss_mib": (rss or {}).get(role, 30.0),
                 }
             )
-    status = {"200": requests - non_2xx}
+    status = {"200": requests - non_2xx - denied}
     if non_2xx:
         status["503"] = non_2xx
+    if denied:
+        status["403"] = denied
     return {
         "kind": kind,
         "offered_rps": offered,
@@ -75,6 +78,7 @@ def mode(
     cpu: dict[str, float | list[float]] | None = None,
     probes: list[tuple[str, int, int | None]] = (),
     error: str | None = None,
+    share: float | None = None,
 ) -> dict[str, Any]:
     """A mode with a saturation run and fixed runs {offered: (achieved, p90)}."""
     runs = []
@@ -91,6 +95,8 @@ def mode(
     }
     if error:
         out["error"] = error
+    if share is not None:
+        out["expected_denied_share"] = share
     return out
 
 
@@ -124,6 +130,14 @@ def results(*modes: dict[str, Any], rates: tuple[float, ...] = (500, 1000, 2000)
             "saturation_duration_s": 15.0,
             "envoy_workers": 2,
             "mixer": {"rtt_ms": 0.5, "sidecars": 2, "check_cache_hit_percent": 0.0, "report_batching": False},
+            "denied_share": 0.1,
+            "mix": {
+                "tokens": 50,
+                "requests_per_cycle": 100,
+                "denied_share": 0.1,
+                "kinds": {"allowed": 90, "blocked user": 5, "no ALLOW matches": 5},
+                "http2": {"tokens": 1, "denied_share": 0.1, "kinds": {"allowed": 90, "no ALLOW matches": 10}},
+            },
         },
         "modes": list(modes),
     }
@@ -239,10 +253,10 @@ def test_cpu_table_shows_mesh_total_ratio_and_info_columns() -> None:
     )
     text = section(report.render_markdown(res), "CPU per 1000 requests")
     assert (
-        "| mode | mesh CPU-s / 1000 req | × none | × noop | envoy | central | hop | upstream (info) | loadgen (info) |"
+        "| mode | mesh CPU-s / 1000 req | × none | × noop | × floor | envoy | central | hop | upstream (info) | loadgen (info) |"
         in text
     )
-    assert table_rows(text)["mixer"][:6] == ["1.20", "12.0×", "—", "0.450", "0.600", "0.150"]
+    assert table_rows(text)["mixer"][:7] == ["1.20", "12.0×", "—", "—", "0.450", "0.600", "0.150"]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -254,8 +268,8 @@ def test_summary_states_the_p90_deltas_at_the_middle_load() -> None:
     assert "At 1\u202f000 req/s offered, Envoy alone (`none`) had a p90 latency of 2.00 ms." in text
     assert "`noop` added 1.00 ms (1.50×)" in text
     assert "`authz+als` added 1.75 ms (1.88×)" in text
-    assert "The empty Python gRPC hop (`noop`) accounts for 1.00 ms" in text
-    assert "0.75 ms in `authz+als`" in text
+    assert "An empty Python hop alone accounts for 1.00 ms with ext_authz over gRPC (`noop`) of that." in text
+    assert "`authz+als` / `noop` is 1.25× at p90 (added 0.75 ms), 1.40× in mesh CPU" in text
     # Mesh CPU at 1000: none 0.1, authz+als 0.7.
     assert (
         "0.100 CPU-s per 1000 requests (= vCPU per 1000 req/s) with Envoy alone; `noop` 0.500 (5.00×) and `authz+als` 0.700 (7.00×)"
@@ -265,6 +279,94 @@ def test_summary_states_the_p90_deltas_at_the_middle_load() -> None:
         "At saturation Envoy alone served 6\u202f000 req/s; relative to it, `noop` 0.50× and `authz+als` 0.33×" in text
     )
     assert "The `mixer` mode failed" in text
+
+
+def floor_results() -> dict[str, Any]:
+    """Every mode with a floor and both floors, at one load; extproc and authz+als deny 10 %."""
+    return results(
+        mode("none", 6000, {1000: (1000, 2.0)}, cpu={"envoy": 0.1}, share=0.0),
+        mode("noop", 3000, {1000: (1000, 3.0)}, cpu={"envoy": 0.2, "extproc": 0.3}, share=0.0),
+        mode("noop-extproc", 2500, {1000: (1000, 3.5)}, cpu={"envoy": 0.25, "extproc": 0.35}, share=0.0),
+        mode("authz+als", 2000, {1000: (1000, 3.75)}, cpu=MESH, share=0.1),
+        mode("extproc", 1500, {1000: (1000, 4.2)}, cpu={"envoy": 0.25, "extproc": 0.65}, share=0.1),
+        mode("mixer", 1200, {1000: (1000, 6.0)}, cpu=MIXER_CPU, share=0.1),
+        rates=(1000,),
+    )
+
+
+def test_floor_column_reads_each_mode_against_the_empty_server_of_its_transport() -> None:
+    res = floor_results()
+    markdown = report.render_markdown(res)
+    sat = table_rows(section(markdown, "Throughput at saturation"))
+    assert "| mode | req/s | × none | × noop | × floor | 403 | errors / unexpected |" in markdown
+    assert sat["authz+als"][3] == "0.67× noop"
+    assert sat["extproc"][3] == "0.60× noop-extproc"
+    assert sat["mixer"][3] == "0.40× noop"
+    for baseline in ("none", "noop", "noop-extproc"):
+        assert sat[baseline][3] == "—"
+    latency = table_rows(section(markdown, "Latency at fixed offered load"))
+    assert latency["extproc"][-2] == "1.20× noop-extproc"  # p90 4.2 / 3.5
+    assert latency["authz+als"][-2] == "1.25× noop"
+    cpu = table_rows(section(markdown, "CPU per 1000 requests"))
+    assert cpu["extproc"][:4] == ["0.900", "9.00×", "1.80×", "1.50× noop-extproc"]  # 0.9 / 0.6
+    assert report.floor_ratio(res, "achieved_rps", "native") == (None, None)
+    # Without its floor in the run, a mode's floor ratio is missing, not read against another floor.
+    no_floor = results(mode("noop", 3000), mode("extproc", 1500))
+    assert table_rows(section(report.render_markdown(no_floor), "Throughput at saturation"))["extproc"][3] == "—"
+
+
+def test_summary_reads_each_mode_against_its_floor() -> None:
+    text = report.summary(floor_results())
+    assert (
+        "An empty Python hop alone accounts for 1.00 ms with ext_authz over gRPC (`noop`) and 1.50 ms with "
+        "ext_proc (`noop-extproc`) of that." in text
+    )
+    assert "Each mode against its floor, the empty server of its transport: `authz+als` / `noop` is " in text
+    assert (
+        "; `extproc` / `noop-extproc` is 1.20× at p90 (added 0.70 ms), 1.50× in mesh CPU and 0.60× in "
+        "saturation throughput;" in text
+    )
+    assert "`mixer` / `noop` is 2.00× at p90 (added 3.00 ms)" in text
+
+
+def test_expected_403s_are_shown_as_a_share_and_are_not_failures() -> None:
+    res = floor_results()
+    res["modes"][4]["runs"][0] = run("saturation", 1500, None, denied=1500, non_2xx=3)  # extproc: 10 % denied
+    res["modes"][2]["runs"][0] = run("saturation", 2500, None, denied=25)  # noop-extproc must not deny
+    markdown = report.render_markdown(res)
+    sat = table_rows(section(markdown, "Throughput at saturation"))
+    assert sat["extproc"][-2:] == ["10.0 %", "0 / 3 (0.0 %)"]
+    assert sat["noop-extproc"][-2:] == ["0.1 %", "0 / 25 (0.1 %)"]
+    assert sat["none"][-2:] == ["0.0 %", "0 / 0"]
+    assert "`noop-extproc` (25)" in report.summary(res) and "`extproc` (3)" in report.summary(res)
+
+
+def test_run_section_shows_the_request_mix_and_the_expected_share() -> None:
+    run_section = section(report.render_markdown(full_results()), "Run")
+    assert (
+        "- **Load mix:** 50 RS256 tokens, a list of 100 requests each connection cycles through; expected 403 "
+        "share 10.0 % in the modes that enforce the policies (5 × blocked user, 5 × no ALLOW matches per cycle), "
+        "none elsewhere" in run_section
+    )
+    assert "`mixer`: " not in run_section
+    cached = full_results()
+    cached["scenario"]["mixer"]["check_cache_hit_percent"] = 50
+    assert "(`mixer`: 5.0 %, as its check-cache model lets the 50 % of requests that skip the Check through)" in (
+        section(report.render_markdown(cached), "Run")
+    )
+    h2 = full_results()
+    h2["scenario"]["protocol"] = "http2"
+    line = section(report.render_markdown(h2), "Run")
+    assert "1 RS256 token, " in line and "(10 × no ALLOW matches per cycle)" in line
+    assert "h2load sends one token with every request" in line
+
+
+def test_every_mode_has_its_own_colour() -> None:
+    res = floor_results()
+    colours = report.mode_colours(res)
+    assert colours["noop-extproc"] == report.MODE_COLOURS["noop-extproc"]
+    assert len(set(report.MODE_COLOURS.values())) == len(report.MODE_COLOURS)
+    assert not set(report.SPARE_COLOURS) & set(report.MODE_COLOURS.values())
 
 
 def test_summary_without_none_baseline_lists_absolute_p90() -> None:
