@@ -1,15 +1,16 @@
 """Compare extproc's deployment modes with native Envoy, empty Python hops and a Mixer-style
 central check, under the same load on this machine, and write a report.
 
-    .venv/bin/python -m bench                 # every mode, about 10 minutes on 2 cores
+    .venv/bin/python -m bench                 # every mode and the memory step, about 10 minutes on 2 cores
     .venv/bin/python -m bench --quick         # a smoke run: every mode serves, about 1 minute
+    .venv/bin/python -m bench.memory          # the memory step alone: extproc idle and with 10 000 series
     .venv/bin/python -m bench.report DIR      # re-render DIR/report.md and charts from DIR/results.json
 
 Results go to bench/results/<UTC timestamp>/: results.json (every figure), report.md,
 latency.png, cpu.png, throughput.png, and logs/ (each process's log and config).
-The exit status is 1 if a mode failed, a probe got the wrong answer, or the load got answers
+The exit status is 1 if a mode failed, a probe got the wrong answer, the load got answers
 the request mix does not call for (anything but 200, and 403 in its share where the
-policies are enforced).
+policies are enforced), or the memory step could not make its series.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 1 s warm-up, one 2 s run at 200 req/s and 2 s at saturation per mode",
+        help="smoke run: 1 s warm-up, one 2 s run at 200 req/s and 2 s at saturation per mode; "
+        "the memory step as in a full run",
     )
     p.add_argument(
         "--http",
@@ -121,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the Python servers with py-spy during each saturation run (profile-*.txt in the mode's logs)",
     )
+    p.add_argument(
+        "--memory-series",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="metric series the memory step makes extproc hold; 0 skips the step (default 10000)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
     return p
 
@@ -134,6 +143,8 @@ def options(argv: list[str]) -> runner.Options:
         p.error("--mixer-rtt-ms cannot be negative")
     if any(r <= 0 for r in ns.rates):
         p.error("--rates must be positive")
+    if ns.memory_series < 0:
+        p.error("--memory-series cannot be negative")
     if ns.connections % ns.mixer_sidecars:
         p.error("--connections must be a multiple of --mixer-sidecars (each sidecar gets the same share)")
     if ns.quick:
@@ -158,6 +169,7 @@ def options(argv: list[str]) -> runner.Options:
         out=ns.out,
         quick=ns.quick,
         profile=ns.profile,
+        memory_series=ns.memory_series,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
 

@@ -539,6 +539,7 @@ def render_markdown(results: Results, charts: Sequence[str] = ()) -> str:
     lines += _latency_section(results, _take(chart_names, LATENCY_CHART))
     lines += _cpu_section(results, _take(chart_names, CPU_CHART))
     lines += _rss_section(results)
+    lines += _memory_section(results)
     lines += _probes_section(results)
     lines += _how_to_read(results)
     if chart_names:
@@ -829,23 +830,95 @@ def _cpu_section(results: Results, chart: str | None) -> list[str]:
     return lines
 
 
+def idle_rss(mode: Mode) -> dict[str, float]:
+    """Per role, the summed resident set of the mode's processes once ready, before any request."""
+    sums: dict[str, float] = {}
+    for proc in mode.get("processes") or ():
+        if proc.get("idle_rss_mib") is not None:
+            role = proc.get("role") or "unknown"
+            sums[role] = sums.get(role, 0.0) + float(proc["idle_rss_mib"])
+    return sums
+
+
+def _idle_peak(idle: float | None, peak: float | None) -> str:
+    return f"{fmt_mib(idle)} / {fmt_mib(peak)}"
+
+
 def _rss_section(results: Results) -> list[str]:
-    lines = ["## Peak memory (RSS, MiB)", ""]
+    lines = ["## Memory per mode (RSS, MiB)", ""]
     peaks = {m["mode"]: peak_rss(m) for m in usable_modes(results)}
-    if not any(peaks.values()):
+    idles = {m["mode"]: idle_rss(m) for m in usable_modes(results)}
+    if not any(peaks.values()) and not any(idles.values()):
         return [*lines, "No memory measurements in this results file.", ""]
-    roles = [r for r in (*MESH_ROLES, *INFO_ROLES) if any(r in p for p in peaks.values())]
+    roles = [r for r in (*MESH_ROLES, *INFO_ROLES) if any(r in p for p in (*peaks.values(), *idles.values()))]
     rows = []
-    for mode, p in peaks.items():
-        mesh = [p[r] for r in MESH_ROLES if r in p]
-        rows.append([mode, fmt_mib(sum(mesh) if mesh else None), *[fmt_mib(p.get(r)) for r in roles]])
-    lines += _table(["mode", "mesh", *roles], rows)
+    for mode in peaks:
+        p, i = peaks[mode], idles[mode]
+        mesh_peak = [p[r] for r in MESH_ROLES if r in p]
+        mesh_idle = [i[r] for r in MESH_ROLES if r in i]
+        rows.append(
+            [
+                mode,
+                _idle_peak(sum(mesh_idle) if mesh_idle else None, sum(mesh_peak) if mesh_peak else None),
+                *[_idle_peak(i.get(r), p.get(r)) for r in roles],
+            ]
+        )
+    lines += _table(["mode", "mesh idle / peak", *[f"{r} idle / peak" for r in roles]], rows)
     lines += [
         "",
-        "Highest over the mode's runs; a role with several processes (mixer's sidecars) shows the sum of their peaks.",
+        "Idle: VmRSS once every process of the mode was ready, before the first request (the upstream is shared "
+        "by all modes and has no idle figure). Peak: VmHWM, the highest over the mode's runs. A role with several "
+        "processes (mixer's sidecars) shows their sum.",
         "",
     ]
     return lines
+
+
+def _memory_section(results: Results) -> list[str]:
+    """The memory step: `extproc serve` alone, idle and holding the issue's number of series."""
+    mem = results.get("memory")
+    if not mem:
+        return []
+    lines = ["## extproc memory: idle and with metric series", ""]
+    if mem.get("error"):
+        return [*lines, f"**Failed:** {_one_line(mem['error'])}", ""]
+    target = mem.get("series_target")
+    series = mem.get("series")
+    rows = [
+        ["idle, ready, before any request", fmt_mib(mem.get("idle_rss_mib")), _mb(mem.get("idle_rss_mib"))],
+        [
+            f"holding {fmt_int(series)} series, before a scrape",
+            fmt_mib(mem.get("series_rss_mib")),
+            _mb(mem.get("series_rss_mib")),
+        ],
+        [
+            f"after one /metrics scrape ({_scrape_size(mem.get('scrape_bytes'))})",
+            fmt_mib(mem.get("scraped_rss_mib")),
+            _mb(mem.get("scraped_rss_mib")),
+        ],
+        ["peak (VmHWM)", fmt_mib(mem.get("peak_rss_mib")), _mb(mem.get("peak_rss_mib"))],
+    ]
+    lines += _table(["`extproc serve`, default flags", "RSS MiB", "RSS MB"], rows)
+    lines += [
+        "",
+        f"Series: {fmt_int(series)} of {fmt_int(target)} asked for, as extproc counts them "
+        f"(`extproc_telemetry_series`: {fmt_int(mem.get('series_gauge'))}; label sets of the `istio_*` families "
+        f"on /metrics: {fmt_int(mem.get('series_counted'))}), made by access-log entries from "
+        f"{fmt_int(mem.get('peers'))} distinct client workloads ({mem.get('series_per_peer', DASH)} series each) "
+        "streamed over gRPC. A histogram counts once here; Prometheus stores each of its buckets as a series.",
+        "",
+    ]
+    return lines
+
+
+def _scrape_size(n: float | None) -> str:
+    """The /metrics body, whose rendering is what raises the resident set after a scrape."""
+    return "size unknown" if n is None else f"{fmt_mib(n / 2**20)} MiB of text"
+
+
+def _mb(mib: float | None) -> str:
+    """MiB as decimal megabytes, the unit the issue's limits are given in."""
+    return DASH if mib is None else fmt_mib(mib * 1.048576)
 
 
 def _probes_section(results: Results) -> list[str]:
@@ -923,7 +996,9 @@ def _how_to_read(results: Results) -> list[str]:
         "excluded), divided by the requests completed in it, × 1000. CPU-s per 1000 requests equals vCPU per "
         "1000 req/s, the unit of Istio's performance pages. Mesh CPU sums envoy (every sidecar), extproc, "
         "central and hop; upstream and loadgen are shown for scale only.",
-        "- **Peak RSS** is each process's high-water mark; per role the peaks are summed.",
+        "- **Memory**: idle is each process's resident set once ready and before any request, peak its high-water "
+        "mark; per role they are summed. The extproc memory step runs `extproc serve` alone with its defaults, "
+        "idle and then holding the asked-for number of metric series.",
         "- **`mixer`** reproduces Istio 1.0–1.4 Mixer: a synchronous Check to one central server through an extra "
         "Envoy hop with injected delay, plus a Report per request, with the settings in *Mixer baseline* above.",
         "",

@@ -2,7 +2,8 @@
 
 CPU is ``utime + stime`` of the process (all its threads) from ``/proc/<pid>/stat``;
 peak memory is ``VmHWM`` from ``/proc/<pid>/status``, the resident high-water mark since
-the process started.
+the process started, and the resident set at one moment (idle, once a server is ready and
+before any request) is ``VmRSS`` from the same file.
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15)
 
 
-def peak_rss_mib(pid: int) -> float:
+def _status_mib(pid: int, field: str) -> float:
+    """A memory line of /proc/<pid>/status (kB there), in MiB; 0 when the kernel does not report it."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return 0.0
+
+
+def peak_rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS")
 
 
 class ProcessFailed(RuntimeError):
@@ -93,6 +103,9 @@ class Process:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.pid)
 
     def usage_since(self, cpu_before: float) -> Usage:
         return Usage(self.name, self.role, self.cpu_seconds() - cpu_before, peak_rss_mib(self.pid))

@@ -1,9 +1,11 @@
 """Run every mode under the same load, one after another, and write the results.
 
-For each mode: start its processes, send the probes (does it enforce the policies?),
-warm up, offer each fixed rate in turn, then run closed-loop to saturation. Around each
-measured run the CPU time of every process is read from /proc, so CPU per request is
-the process's own, not the machine's. One upstream serves all modes.
+For each mode: start its processes, read each one's idle resident set, send the probes
+(does it enforce the policies?), warm up, offer each fixed rate in turn, then run
+closed-loop to saturation. Around each measured run the CPU time of every process is read
+from /proc, so CPU per request is the process's own, not the machine's. One upstream
+serves all modes. Last, the memory step: `extproc serve` alone, idle and then holding
+`--memory-series` metric series.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness import load, procs, topology
+import grpc
+
+from bench.harness import load, memory, procs, topology
 from bench.harness import profile as prof
 from bench.harness import scenario as sc
 from bench.harness.procs import Process
@@ -81,6 +85,7 @@ class Options:
     out: Path = Path("bench/results")
     quick: bool = False
     profile: bool = False  # py-spy on every Python server during the saturation run
+    memory_series: int = 10_000  # series the memory step makes extproc hold; 0 skips the step
     command: str = ""
 
     @property
@@ -121,8 +126,16 @@ def envoy_process(name: str, role: str, config: dict[str, Any], workdir: Path, w
     return Process(name, role, argv, workdir)
 
 
-def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> int:
-    """Start `extproc serve` as part of the stack, wait for /readyz; its gRPC port."""
+@dataclass(frozen=True)
+class Served:
+    """Where a started `extproc serve` listens."""
+
+    port: int  # gRPC
+    admin_port: int  # /metrics, /readyz
+
+
+def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> Served:
+    """Start `extproc serve` with its defaults for the scenario's workload, as part of the stack; wait for /readyz."""
     port, admin = procs.free_port(), procs.free_port()
     argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
     argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
@@ -134,7 +147,7 @@ def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir:
         argv += ["--service-account", sc.SERVICE_ACCOUNT]
     stack.processes.append(Process(name, role, argv, workdir, cwd=topology.REPO).start())
     procs.wait_until(name, lambda: procs.http_ok(f"http://127.0.0.1:{admin}/readyz"), stack.processes, timeout=60)
-    return port
+    return Served(port, admin)
 
 
 def start_stack(
@@ -164,10 +177,10 @@ def start_stack(
             config = topology.noop_sidecar if mode == "noop" else topology.noop_extproc_sidecar
             sidecar("sidecar", lambda **kw: config(ext_port=port, **kw))
         elif mode in ("authz+als", "extproc"):
-            port = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False)
+            port = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False).port
             sidecar("sidecar", lambda **kw: topology.extproc_sidecar(mode, ext_port=port, **kw))
         elif mode == "mixer":
-            port = start_extproc(stack, "central", "central", policy_dir, workdir, central=True)
+            port = start_extproc(stack, "central", "central", policy_dir, workdir, central=True).port
             hop_admin, hop_port = procs.free_port(), procs.free_port()
             hop_cfg = topology.hop(opts.mixer.rtt_ms, admin_port=hop_admin, listen_port=hop_port, central_port=port)
             hop = envoy_process("hop", "hop", hop_cfg, workdir, workers).start()
@@ -289,7 +302,11 @@ def run_mode(
     started = time.monotonic()
     stack = start_stack(mode, opts, scenario, policy_dir, workdir, upstream_port)
     try:
-        entry["processes"] = [{"name": p.name, "role": p.role, "argv": shlex.join(p.argv)} for p in stack.processes]
+        # Idle: every process is ready and nothing has been sent yet, not even a probe.
+        entry["processes"] = [
+            {"name": p.name, "role": p.role, "argv": shlex.join(p.argv), "idle_rss_mib": round(p.rss_mib(), 1)}
+            for p in stack.processes
+        ]
         entry["expected_denied_share"] = expected_denied_share(mode, scenario_record(opts, scenario))
         entry["probes"] = run_probes(stack, scenario)
         if mode == "mixer" and opts.mixer.check_cache_hit_percent:
@@ -421,6 +438,9 @@ def run(opts: Options) -> tuple[Path, dict[str, Any]]:
             time.sleep(0.5)
     finally:
         upstream.stop()
+    if opts.memory_series > 0:
+        _log(f"memory: extproc serve idle, then holding {opts.memory_series} series")
+        results["memory"] = memory_step(policy_dir, logs / "memory", opts.memory_series)
     finished = dt.datetime.now(dt.UTC)
     results["run"]["finished"] = finished.isoformat(timespec="seconds")
     results["run"]["duration_s"] = round(time.monotonic() - t0, 1)
@@ -430,7 +450,8 @@ def run(opts: Options) -> tuple[Path, dict[str, Any]]:
 
 def problems(results: dict[str, Any]) -> list[str]:
     """What makes a run unusable: failed modes, wrong probe answers, load answers other than the mix
-    calls for (only 200, plus 403 in the expected share where policies are enforced), lost requests."""
+    calls for (only 200, plus 403 in the expected share where policies are enforced), lost requests,
+    and a memory step that could not make its series."""
     out = []
     scenario = results.get("scenario") or {}
     connections = int(scenario.get("connections") or 16)
@@ -463,6 +484,14 @@ def problems(results: dict[str, Any]) -> list[str]:
                 out.append(f"{label}: {r['errors']} requests without an answer")
             if not r["requests"]:
                 out.append(f"{label}: no requests completed")
+    mem = results.get("memory")
+    if mem is not None:
+        if mem.get("error"):
+            out.append(f"memory: {mem['error']}")
+        elif (mem.get("series") or 0) < mem.get("series_target", 0):
+            out.append(
+                f"memory: extproc holds {mem.get('series')} metric series, {mem['series_target']} were asked for"
+            )
     return out
 
 
@@ -524,3 +553,45 @@ def denied_tolerance(answered: int, share: float, connections: int, checked: flo
         denials_in_list = answered * share / checked
         slack += 5.0 * math.sqrt(denials_in_list * checked * (1.0 - checked))
     return slack
+
+
+# --- the memory step -----------------------------------------------------------------------
+
+
+def memory_step(policy_dir: Path, workdir: Path, series: int) -> dict[str, Any]:
+    """`extproc serve` alone, with its default flags for the scenario's workload: resident set idle,
+    then holding `series` metric series made by access-log entries from distinct peers.
+
+    A failure is recorded as {"error": ...}, which problems() reports.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = Stack("memory")
+    out: dict[str, Any] = {"series_target": series}
+    started = time.monotonic()
+    try:
+        served = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False)
+        proc = stack.processes[0]
+        out["argv"] = shlex.join(proc.argv)
+        out["idle_rss_mib"] = round(proc.rss_mib(), 1)
+        filled = memory.fill(served.port, served.admin_port, series, proc.rss_mib)
+        proc.check_alive()
+        out.update(
+            {
+                "series": filled.count.series,
+                "series_gauge": filled.count.gauge,
+                "series_counted": filled.count.counted,
+                "peers": filled.peers,
+                "series_per_peer": round(filled.per_peer, 2),
+                "series_rss_mib": round(filled.rss_mib, 1),
+                "scraped_rss_mib": round(proc.rss_mib(), 1),
+                "scrape_bytes": filled.count.scrape_bytes,
+                "peak_rss_mib": round(procs.peak_rss_mib(proc.pid), 1),
+            }
+        )
+    except (procs.ProcessFailed, memory.SeriesNotCreated, grpc.RpcError, RuntimeError, OSError, ValueError) as e:
+        _log(f"  memory step failed: {e}")
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        stack.stop()
+    out["wall_s"] = round(time.monotonic() - started, 1)
+    return out

@@ -1,8 +1,9 @@
-"""The benchmark harness's smoke run: `python -m bench --quick`, every mode, real processes.
+"""The benchmark harness's smoke run: `python -m bench --quick`, every mode and the memory step, real processes.
 
 Asserts only that each mode was set up as described and served its traffic with the
 right status codes (the request mix's 403s where policies are enforced, only 200
-elsewhere): never a timing, since the machine running the tests is shared.
+elsewhere), and that the memory figures exist: never a timing or a size, since the
+machine running the tests is shared.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_quick_run_succeeds_and_writes_the_report(quick_run: tuple[subprocess.Co
         assert f"`{mode}`" in report
     for chart in ("latency.png", "cpu.png", "throughput.png"):
         assert (run_dir / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "\u00d7 floor" in report
+    assert "\u00d7 floor" in report and "## extproc memory: idle and with metric series" in report
 
 
 def test_every_mode_served_its_load_with_the_mix_statuses(
@@ -104,8 +105,22 @@ def test_each_mode_runs_the_processes_it_describes(quick_run: tuple[subprocess.C
     noop_extproc = next(m for m in results["modes"] if m["mode"] == "noop-extproc")
     assert any("bench.harness.noop_extproc" in p["argv"] for p in noop_extproc["processes"])
     for m in results["modes"]:
+        for p in m["processes"]:
+            assert p["idle_rss_mib"] > 0, (m["mode"], p)
         for r in m["runs"]:
             for p in r["processes"]:
                 if p["role"] in ("envoy", "extproc", "central", "hop"):
                     assert p["cpu_s"] > 0 and p["peak_rss_mib"] > 0, (m["mode"], p)
     assert results["scenario"]["mixer"]["delay_injection"] == [{"ms": 1, "percent_of_streams": 50.0}]
+
+
+def test_memory_step_made_the_series_and_read_the_resident_set(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    memory = _results(quick_run[1])["memory"]
+    assert "error" not in memory, memory
+    assert memory["series_target"] == 10_000 and memory["series"] >= 10_000
+    assert memory["series_counted"] >= 10_000  # the istio_* families on /metrics agree with extproc's gauge
+    assert " -m extproc serve " in memory["argv"] and "--metrics-max-series" not in memory["argv"]
+    for figure in ("idle_rss_mib", "series_rss_mib", "scraped_rss_mib", "peak_rss_mib"):
+        assert memory[figure] > 0, figure

@@ -1,5 +1,5 @@
 """The benchmark harness's pure parts: scenario and request mix, Envoy configs, the empty ext_proc
-server, delay model, load scripts, status checks."""
+server, delay model, load scripts, status checks, the memory step's entries and counts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from bench import __main__ as cli
-from bench.harness import load, noop_extproc, runner, topology
+from bench.harness import load, memory, noop_extproc, runner, topology
 from bench.harness import scenario as sc
 from extproc.config import loader
+from extproc.telemetry import peer
 from tests.fixtures.envoy_config import validate
 
 
@@ -332,6 +333,15 @@ def test_expected_share_and_tolerance() -> None:
     assert runner.denied_tolerance(2000, 0.05, 16, checked=0.5) == pytest.approx(18 + 5 * (200 * 0.25) ** 0.5)
 
 
+def test_problems_report_a_memory_step_that_did_not_make_its_series() -> None:
+    ok = {"modes": [], "memory": {"series_target": 10000, "series": 10000, "idle_rss_mib": 50.0}}
+    assert runner.problems(ok) == []
+    short = {"modes": [], "memory": {"series_target": 10000, "series": 9000}}
+    assert runner.problems(short) == ["memory: extproc holds 9000 metric series, 10000 were asked for"]
+    failed = {"modes": [], "memory": {"series_target": 10000, "error": "ProcessFailed: extproc exited"}}
+    assert runner.problems(failed) == ["memory: ProcessFailed: extproc exited"]
+
+
 # --- the empty ext_proc server ---------------------------------------------------------------------
 
 
@@ -393,12 +403,65 @@ def test_noop_extproc_sends_nothing_in_observability_mode_but_still_ends_the_str
     assert _noop_stream(*observed) == ([], 2)
 
 
+# --- the memory step's entries and counts -------------------------------------------------------------
+
+
+def test_memory_entries_come_from_distinct_peers_where_extproc_reads_them() -> None:
+    msgs = list(memory.messages(10, 250, batch=100))
+    assert [len(m.http_logs.log_entry) for m in msgs] == [100, 100, 50]
+    assert msgs[0].identifier.log_name == "inbound" and not msgs[1].HasField("identifier")
+    seen = set()
+    for m in msgs:
+        for e in m.http_logs.log_entry:
+            value = e.common_properties.metadata.filter_metadata[memory.AUTHZ_NAMESPACE].fields[peer.METADATA_HEADER]
+            workload = peer.decode(value.string_value)
+            assert workload is not None and workload.namespace == memory.CLIENT_NAMESPACE
+            seen.add(workload.workload_name)
+            assert e.response.response_code.value == 200
+    assert seen == {memory.client(i).workload_name for i in range(10, 260)}
+
+
+METRICS = """\
+# HELP istio_requests_total Total requests.
+# TYPE istio_requests_total counter
+istio_requests_total{reporter="destination",source_workload="a b"} 3
+istio_requests_total{reporter="destination",source_workload="c"} 1
+# HELP istio_request_bytes Request sizes.
+# TYPE istio_request_bytes histogram
+istio_request_bytes_bucket{reporter="destination",source_workload="c",le="1"} 0
+istio_request_bytes_bucket{reporter="destination",source_workload="c",le="+Inf"} 1
+istio_request_bytes_sum{reporter="destination",source_workload="c"} 180
+istio_request_bytes_count{reporter="destination",source_workload="c"} 1
+istio_build{component="proxy",tag="1.0"} 1
+# TYPE extproc_telemetry_series gauge
+extproc_telemetry_series{metric="istio_requests_total"} 2.0
+extproc_telemetry_series{metric="istio_request_bytes"} 1.0
+extproc_telemetry_series_limit 50000.0
+"""
+
+
+def test_series_are_read_from_the_gauge_and_counted_in_the_standard_families() -> None:
+    count = memory.count_series(METRICS)
+    assert (count.gauge, count.counted, count.series) == (3, 3, 3)
+    without_gauge = memory.count_series("\n".join(ln for ln in METRICS.splitlines() if "extproc_" not in ln))
+    assert (without_gauge.gauge, without_gauge.series) == (None, 3)
+
+
+def test_peers_needed_to_reach_the_target() -> None:
+    assert memory.peers_needed(10_000, 40, 4.0) == 2490
+    assert memory.peers_needed(10_000, 10_001, 4.0) == 0
+    assert memory.peers_needed(10, 0, 3.0) == 4
+    with pytest.raises(memory.SeriesNotCreated):
+        memory.peers_needed(10_000, 0, 0.0)
+
+
 def test_cli_options() -> None:
     o = cli.options(["--quick", "--modes", "none,mixer", "--http", "2", "--mixer-check-cache", "80"])
     assert o.modes == ["none", "mixer"] and o.protocol == "http2" and o.quick
     assert (o.rates, o.duration_s, o.saturation_duration_s) == ([200], 2.0, 2.0)
     assert o.mixer.check_cache_hit_percent == 80
     assert o.command.startswith("python -m bench --quick")
+    assert o.memory_series == 10_000 and cli.options(["--memory-series", "0"]).memory_series == 0
     assert list(cli.options([]).modes) == ["none", "native", "noop", "noop-extproc", "authz+als", "extproc", "mixer"]
     with pytest.raises(SystemExit):
         cli.options(["--modes", "none,istio"])
@@ -406,6 +469,8 @@ def test_cli_options() -> None:
         cli.options(["--connections", "15", "--mixer-sidecars", "2"])
     with pytest.raises(SystemExit):
         cli.options(["--mixer-check-cache", "101"])
+    with pytest.raises(SystemExit):
+        cli.options(["--memory-series", "-1"])
 
 
 def test_profile_summary_ranks_functions_by_own_and_inclusive_samples() -> None:

@@ -79,6 +79,7 @@ def mode(
     probes: list[tuple[str, int, int | None]] = (),
     error: str | None = None,
     share: float | None = None,
+    idle: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """A mode with a saturation run and fixed runs {offered: (achieved, p90)}."""
     runs = []
@@ -97,6 +98,10 @@ def mode(
         out["error"] = error
     if share is not None:
         out["expected_denied_share"] = share
+    if idle is not None:
+        out["processes"] = [
+            {"name": f"{role}-0", "role": role, "argv": role, "idle_rss_mib": mib} for role, mib in idle.items()
+        ]
     return out
 
 
@@ -359,6 +364,53 @@ def test_run_section_shows_the_request_mix_and_the_expected_share() -> None:
     line = section(report.render_markdown(h2), "Run")
     assert "1 RS256 token, " in line and "(10 × no ALLOW matches per cycle)" in line
     assert "h2load sends one token with every request" in line
+
+
+def test_memory_per_mode_shows_idle_and_peak_by_role() -> None:
+    res = floor_results()
+    res["modes"][5] = mode(
+        "extproc",
+        1500,
+        {1000: (1000, 4.2)},
+        cpu={"envoy": 0.25, "extproc": 0.65},
+        idle={"envoy": 20.0, "extproc": 52.5},
+    )
+    rows = table_rows(section(report.render_markdown(res), "Memory per mode (RSS, MiB)"))
+    # idle / peak; the helper's runs peak at 30 MiB per process.
+    assert rows["extproc"][:3] == ["72.5 / 60.0", "20.0 / 30.0", "52.5 / 30.0"]
+    assert rows["none"][0] == "— / 30.0"
+    assert report.idle_rss(res["modes"][5]) == {"envoy": 20.0, "extproc": 52.5}
+
+
+MEMORY = {
+    "series_target": 10000,
+    "argv": "python -m extproc serve ...",
+    "idle_rss_mib": 55.0,
+    "series": 10000,
+    "series_gauge": 10000,
+    "series_counted": 10000,
+    "peers": 2500,
+    "series_per_peer": 4.0,
+    "series_rss_mib": 70.0,
+    "scraped_rss_mib": 150.0,
+    "scrape_bytes": 144_855_864,
+    "peak_rss_mib": 400.0,
+    "wall_s": 3.0,
+}
+
+
+def test_memory_step_has_its_own_section() -> None:
+    res = full_results()
+    res["memory"] = MEMORY
+    text = section(report.render_markdown(res), "extproc memory: idle and with metric series")
+    rows = table_rows(text)
+    assert rows["idle, ready, before any request"] == ["55.0", "57.7"]  # MiB, and MB as the issue counts
+    assert rows["holding 10 000 series, before a scrape"] == ["70.0", "73.4"]
+    assert rows["after one /metrics scrape (138 MiB of text)"][0] == "150"
+    assert "from 2 500 distinct client workloads (4.0 series each)" in text
+    res["memory"] = {"series_target": 10000, "error": "ProcessFailed: extproc exited"}
+    assert "**Failed:** ProcessFailed: extproc exited" in report.render_markdown(res)
+    assert "## extproc memory" not in report.render_markdown(full_results())
 
 
 def test_every_mode_has_its_own_colour() -> None:
