@@ -23,13 +23,13 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 
+from extproc.services import wire
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import METADATA_HEADER, METADATA_ID_HEADER
-from extproc.verdict import Append, HeaderOp, Verdict
+from extproc.verdict import HeaderOp, Verdict
 
 MEMO_KEY = "ext_authz"
 PEER_FRAGMENTS = 1024  # distinct peer metadata values whose metadata part is kept encoded
-_OVERWRITE = Append.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def _options(ops: Iterable[HeaderOp]) -> list[base_pb2.HeaderValueOption]:
@@ -77,24 +77,27 @@ def encoded(v: Verdict) -> bytes:
     return data  # type: ignore[no-any-return]
 
 
+_OK = wire.tag_of(external_auth_pb2.CheckResponse, "ok_response")
+_OK_HEADERS = wire.tag_of(external_auth_pb2.OkHttpResponse, "headers")
+_OK_REMOVE = wire.tag_of(external_auth_pb2.OkHttpResponse, "headers_to_remove")
+
+
 def trace_part(
     headers: tuple[tuple[str, str], ...], remove: tuple[str, ...], allowed: bool, metadata: Mapping[str, Any] | None
 ) -> bytes:
-    """The trace context: headers for the upstream (an allowed request only), span ids for the log."""
-    resp = external_auth_pb2.CheckResponse()
+    """The trace context: headers for the upstream (an allowed request only), span ids for the log.
+
+    The headers are written in wire format directly (extproc/services/wire.py explains why); the
+    span ids, needed only for the sampled requests whose span is exported, go through protobuf.
+    """
+    out = b""
     if allowed and (headers or remove):
-        ok = resp.ok_response
-        add = ok.headers.add
-        for name, value in headers:
-            o = add()
-            o.header.key = name
-            o.header.value = value
-            o.append_action = _OVERWRITE  # type: ignore[assignment]
-        if remove:
-            ok.headers_to_remove.extend(remove)
+        out = wire.set_headers((_OK,), _OK_HEADERS, headers, False, _OK_REMOVE, remove)
     if metadata:
+        resp = external_auth_pb2.CheckResponse()
         resp.dynamic_metadata.update(metadata)
-    return resp.SerializeToString()
+        out += resp.SerializeToString()
+    return out
 
 
 class ExchangeParts:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from extproc.services import wire
 from extproc.services.processing_adapter import METADATA_NAMESPACE, rewrite_query
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import METADATA_HEADER, METADATA_ID_HEADER
@@ -99,18 +100,16 @@ def path_part(v: Verdict, path: str) -> bytes:
     return resp.SerializeToString()
 
 
+_REQUEST_HEADERS = wire.tag_of(ep.ProcessingResponse, "request_headers")
+_RESPONSE = wire.tag_of(ep.HeadersResponse, "response")
+_MUTATION = wire.tag_of(ep.CommonResponse, "header_mutation")
+_SET = wire.tag_of(ep.HeaderMutation, "set_headers")
+_REMOVE = wire.tag_of(ep.HeaderMutation, "remove_headers")
+
+
 def trace_part(headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> bytes:
-    resp = ep.ProcessingResponse()
-    mut = resp.request_headers.response.header_mutation
-    add = mut.set_headers.add
-    for name, value in headers:
-        o = add()
-        o.header.key = name
-        o.header.raw_value = value.encode()
-        o.append_action = _OVERWRITE  # type: ignore[assignment]
-    if remove:
-        mut.remove_headers.extend(remove)
-    return resp.SerializeToString()
+    """The trace headers for the upstream, in wire format directly (see extproc/services/wire.py)."""
+    return wire.set_headers((_REQUEST_HEADERS, _RESPONSE, _MUTATION), _SET, headers, True, _REMOVE, remove)
 
 
 # What an outbound request needs when nothing else changes it: an empty reply (continue).

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from random import getrandbits
+from typing import NamedTuple
 
 
 class Format(StrEnum):
@@ -132,9 +133,11 @@ class Extracted:
     present: frozenset[Format]
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """The context sent on to the upstream, and the facts the span of this hop needs."""
+class Outgoing(NamedTuple):
+    """The context sent on to the upstream, and the facts the span of this hop needs.
+
+    A NamedTuple, not a frozen dataclass: one is made per request, and a tuple is built in a
+    third of the time."""
 
     trace_id: int
     span_id: int  # new: our span (server span inbound, client span outbound)

@@ -21,16 +21,25 @@ from typing import Any
 
 from opentelemetry.trace import SpanKind
 
+from extproc import verdict
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, HttpRecord
 from extproc.tracing.context import Format, Outgoing, Propagator, Sampler
 from extproc.tracing.spans import ExportSettings, SpanRecord, SpanSink
 
-# Dynamic metadata keys (next to the decision metadata) carrying the ids from Check to the log.
-TRACE_KEY = "extproc_trace"  # "<trace 32 hex>-<span 16 hex>-<parent 16 hex>"
-TRACESTATE_KEY = "extproc_tracestate"
-# The decision metadata (see services/authz.py) a span reports.
-DECISION_KEYS = ("enforced_engine_result", "extproc_stage", "enforced_effective_policy_id")
+# Dynamic metadata keys (next to the decision metadata, all named in extproc/verdict.py)
+# carrying the ids from Check to the log, and the decision metadata a span reports.
+TRACE_KEY = verdict.TRACE
+TRACESTATE_KEY = verdict.TRACESTATE
+DECISION_KEYS = verdict.SPAN_DECISION_KEYS
+
+
+# extproc_trace_contexts_total labels by (new trace, sampled), built once.
+_CONTEXT_KEYS = {
+    (new, sampled): ("started" if new else "continued", "true" if sampled else "false")
+    for new in (False, True)
+    for sampled in (False, True)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +115,7 @@ class Tracing:
         if self.propagator is None:
             return None
         out = self.propagator.begin(headers)
-        key = ("started" if out.new_trace else "continued", "true" if out.sampled else "false")
+        key = _CONTEXT_KEYS[out.new_trace, out.sampled]
         self.contexts[key] = self.contexts.get(key, 0) + 1
         return out
 
@@ -187,13 +196,13 @@ class Tracing:
         if rec.peer.peer_principal:
             attrs[f"istio.{side}_principal"] = rec.peer.peer_principal
         if decision:
-            result = decision.get("enforced_engine_result")
+            result = decision.get(verdict.ENGINE_RESULT)
             if result:
                 attrs["istio.authorization.decision"] = str(result)
-            stage = decision.get("extproc_stage")
+            stage = decision.get(verdict.STAGE)
             if stage:
                 attrs["istio.authorization.stage"] = str(stage)
-            policy = decision.get("enforced_effective_policy_id")
+            policy = decision.get(verdict.EFFECTIVE_POLICY)
             if policy:
                 attrs["istio.authorization.policy"] = str(policy)
         return SpanRecord(
