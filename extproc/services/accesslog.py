@@ -62,6 +62,7 @@ _METHODS = {
 _TCP_END = accesslog_pb2.TcpConnectionEnd
 _TCP_LOG_TYPES = frozenset({accesslog_pb2.TcpPeriodic, accesslog_pb2.TcpConnectionEnd})
 _HTTP_FINAL = frozenset({accesslog_pb2.NotSet, accesslog_pb2.DownstreamEnd})
+_INBOUND = Direction.INBOUND
 
 # Bound of the memos of principals and response flags by their submessage's bytes.
 MEMO_SIZE = 1024
@@ -289,12 +290,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             flags = self._flags.get(raw) or self._flags.miss(raw, msg)
         else:
             flags = "-"
-        inbound = direction is Direction.INBOUND
+        inbound = direction is _INBOUND
         fm = c.metadata.filter_metadata
         value = ""
         if fm:
             if inbound and AUTHZ_NAMESPACE in fm:
-                value = _string(fm[AUTHZ_NAMESPACE], METADATA_HEADER)
+                fields = fm[AUTHZ_NAMESPACE].fields
+                if METADATA_HEADER in fields:
+                    value = fields[METADATA_HEADER].string_value
             if not value and PEER_NAMESPACE in fm:
                 value = _string(fm[PEER_NAMESPACE], METADATA_HEADER)
         if not value:
@@ -308,11 +311,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         else:
             peer_san = local_san = ""
         workload = self.peers.get(value) if value else None
-        if c.HasField("duration"):
-            d = c.duration
-            duration_ms: float | None = (d.seconds * 1_000_000_000 + d.nanos) / 1e6
-        else:
-            duration_ms = None
+        d = c.duration  # an absent Duration reads as zero: HasField only tells 0 from absent
+        nanos = d.seconds * 1_000_000_000 + d.nanos
+        duration_ms = nanos / 1e6 if nanos or c.HasField("duration") else None
         request_messages = response_messages = None
         if stats_state and is_grpc:
             counts = grpc_stats_pb2.FilterObject()

@@ -251,8 +251,10 @@ class Recorder:
             return False
         if request_id and (source == "ext_proc" or self.claims) and self._duplicate(request_id, source):
             return True
-        stats = self.stats.http
-        stats[source] = stats.get(source, 0) + 1
+        try:
+            self.stats.http[source] += 1
+        except KeyError:
+            self.stats.http[source] = 1
         found = self._shapes.get(shape)
         if found is None:
             found = self._new_shape(shape, workload, peer)
