@@ -1,12 +1,14 @@
 """Micro-benchmark of Istio's standard metrics in-process (no Envoy, no gRPC):
 
-  * record: one finished HTTP request through `Recorder.http` (labels from the cached peer
-            part, a counter and three histograms), in steady state over a realistic mix of
-            peers x hosts x response codes; the same for TCP reports through `TcpTracker`;
+  * record: one finished HTTP request through `Recorder.http` (a counter and three
+            histograms, through the shape cache or without it), in steady state over a
+            realistic mix of peers x hosts x response codes; the same for TCP reports through
+            `TcpTracker`;
   * access log: one HTTP entry through `AccessLogService.http_entry` (what the `authz+als`
             mode runs per request): an entry Envoy 1.40 sent in the benchmark (no peer, no
             TLS), and the mix above as a sidecar in a mesh logs it (peer metadata from the
-            ext_authz dynamic metadata, mTLS URI SANs, content-type on some);
+            ext_authz dynamic metadata, mTLS URI SANs, content-type on some), with the
+            cost of a shape the cache has not seen and of the path without the cache;
   * render: one `MetricStore.render()` (a scrape) at 10,000 series, either all in
             istio_requests_total or spread over the 4 HTTP metrics (2,500 requests' label
             sets; the 3 histograms render 22 lines per series);
@@ -42,7 +44,7 @@ from extproc.services.accesslog import AUTHZ_NAMESPACE, AccessLogService
 from extproc.telemetry import labels as L
 from extproc.telemetry.peer import PeerCache, Workload, decode, encode
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer
-from extproc.telemetry.recorder import Recorder, TcpTracker, Telemetry
+from extproc.telemetry.recorder import SHAPE_CACHE_SIZE, Recorder, TcpTracker
 from extproc.telemetry.store import MetricPlan, MetricStore
 
 CODES = (200, 201, 404, 503)
@@ -203,6 +205,17 @@ def bench_http(recs: list[HttpRecord], repeat: int, rounds: int) -> list[tuple[s
 
     rows.append(("Recorder.http (counter only)", per_item_us(record_bare, n, repeat)))
 
+    uncached = Recorder(Labeler(LOCAL), standard_store(), shape_cache_size=0).http
+    for r in recs:
+        uncached(r, "access_log")
+
+    def record_uncached() -> None:
+        for _ in range(rounds):
+            for r in recs:
+                uncached(r, "access_log")
+
+    rows.append(("Recorder.http, shape cache off", per_item_us(record_uncached, n, repeat)))
+
     # Both sources on, as with ext_proc and the access log: ext_proc claims, the log entry is skipped.
     pairs = []
     for i, r in enumerate(recs):
@@ -256,35 +269,63 @@ def bench_http(recs: list[HttpRecord], repeat: int, rounds: int) -> list[tuple[s
     return rows
 
 
-def access_log_service() -> AccessLogService:
-    t = Telemetry.create(LOCAL)
-    return AccessLogService(t.recorder, t.tcp, t.peers)
+def access_log_service(shape_cache_size: int = SHAPE_CACHE_SIZE) -> AccessLogService:
+    recorder = Recorder(Labeler(LOCAL), standard_store(), shape_cache_size=shape_cache_size)
+    return AccessLogService(recorder, TcpTracker(recorder), PeerCache())
 
 
 def bench_access_log(
     entries: list[accesslog_pb2.HTTPAccessLogEntry], repeat: int, rounds: int
 ) -> list[tuple[str, float]]:
+    """Per entry, steady state: every peer decoded and every series there after a warm pass.
+
+    The mix holds a thousand parsed entries of a few KB each, more than the CPU's caches; in
+    the server each entry was parsed just before it is handled. So the mix is also timed
+    parsing each entry first, less the parse alone."""
     inbound = Direction.INBOUND
     rows = []
-    for title, mix in (
-        ("http_entry: the captured Envoy entry (no peer, no TLS)", [captured_entry()]),
-        (f"http_entry: mTLS mix of {len(entries)} shapes, steady state", entries),
-    ):
-        entry = access_log_service().http_entry
-        for e in mix:  # warm: every peer decoded, every series exists
+
+    def timed(title: str, mix: list[accesslog_pb2.HTTPAccessLogEntry], size: int = SHAPE_CACHE_SIZE) -> float:
+        entry = access_log_service(size).http_entry
+        for e in mix:
             entry(e, inbound)
         passes = rounds * max(1, len(entries) // len(mix))
 
-        def run(
-            mix: list[accesslog_pb2.HTTPAccessLogEntry] = mix,
-            passes: int = passes,
-            entry: Callable[[accesslog_pb2.HTTPAccessLogEntry, Direction], None] = entry,
-        ) -> None:
+        def run() -> None:
             for _ in range(passes):
                 for e in mix:
                     entry(e, inbound)
 
-        rows.append((title, per_item_us(run, len(mix) * passes, repeat)))
+        us = per_item_us(run, len(mix) * passes, repeat)
+        rows.append((title, us))
+        return us
+
+    timed("http_entry: the captured Envoy entry (no peer, no TLS)", [captured_entry()])
+    timed(f"http_entry: mTLS mix of {len(entries)} shapes, steady state", entries)
+
+    raw = [e.SerializeToString() for e in entries]
+    parse = accesslog_pb2.HTTPAccessLogEntry.FromString
+    entry = access_log_service().http_entry
+    for e in entries:
+        entry(e, inbound)
+
+    def parse_only() -> None:
+        for _ in range(rounds):
+            for b in raw:
+                parse(b)
+
+    def parse_and_handle() -> None:
+        for _ in range(rounds):
+            for b in raw:
+                entry(parse(b), inbound)
+
+    n = len(raw) * rounds
+    both, alone = per_item_us(parse_and_handle, n, repeat), per_item_us(parse_only, n, repeat)
+    rows.append(("  the same, each entry just parsed (parse time taken off)", both - alone))
+    # A cache of one shape over a mix of a thousand: every entry misses (its peer labels are
+    # cached in the Labeler, its series exist).
+    timed("  shape-cache miss (a shape not seen lately)", entries, size=1)
+    timed("  shape cache off (the HttpRecord path)", entries, size=0)
     return rows
 
 
