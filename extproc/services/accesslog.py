@@ -22,6 +22,12 @@ In central mode (`--central`) the local workload is not the server's: each strea
 message names its Envoy node, whose metadata (NAMESPACE, WORKLOAD_NAME, LABELS, ...) selects
 the recorder of that workload for every entry of the stream (see services/central.py).
 Entries of a stream whose node names no usable workload are dropped and counted.
+
+`http_entry` runs once per request in the `authz+als` mode, so it reads each field it needs
+once, straight from the message (a upb field read costs ~0.1 µs, a nested one more), copies
+no header map, and hands the recorder the request's shape and values (`Recorder.http_shape`),
+whose cache turns a repeat shape into a few integer updates. An `HttpRecord` is built only
+when something reads it: a tag override that projects labels from the request, or a span.
 """
 
 from __future__ import annotations
