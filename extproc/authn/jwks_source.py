@@ -22,13 +22,14 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from extproc.authn.keys import KeySet, parse_jwks
 from extproc.authn.program import Provider, RemoteSource
 from extproc.authn.status import JwksError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("extproc.jwks")
 
@@ -66,6 +67,12 @@ class SourceState:
             "fetches": dict(self.fetches),
             "kidRefreshes": self.kid_refreshes,
         }
+
+
+def _client_error() -> type[Exception]:
+    import aiohttp
+
+    return aiohttp.ClientError
 
 
 class JwksRegistry:
@@ -178,11 +185,15 @@ class JwksRegistry:
             await asyncio.sleep(delay)
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp  # only servers with a remote key source pay for the HTTP client
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers={"Accept": "application/json"})
         return self._session
 
     async def _get(self, url: str, timeout_s: float) -> bytes:
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with self._client().get(url, timeout=timeout, allow_redirects=True) as resp:
             if resp.status != 200:
@@ -220,7 +231,7 @@ class JwksRegistry:
             return True
         except asyncio.CancelledError:
             raise
-        except (OSError, aiohttp.ClientError, TimeoutError, JwksError, ValueError) as e:
+        except (OSError, _client_error(), TimeoutError, JwksError, ValueError) as e:
             msg = str(e) or type(e).__name__
             if msg != st.last_error:
                 log.warning(

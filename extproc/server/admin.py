@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -27,6 +26,7 @@ from extproc.config.central import workload_key
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Snapshot
 from extproc.debug import attributes_from_description
+from extproc.server.http import Request, Response, Routes
 from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
 from extproc.services.central import ContextWorkloads
 from extproc.telemetry.peer import PeerCache
@@ -344,10 +344,8 @@ def istio_build() -> bytes:
     ).encode()
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        text=json.dumps(data, indent=2, default=str) + "\n", status=status, content_type="application/json"
-    )
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(status, (json.dumps(data, indent=2, default=str) + "\n").encode(), "application/json")
 
 
 class AdminApp:
@@ -369,19 +367,18 @@ class AdminApp:
         self.registry.register(collector)
         for c in extra_collectors:
             self.registry.register(c)
-        self.app = web.Application()
-        self.app.add_routes(
-            [
-                web.get("/healthz", self.healthz),
-                web.get("/readyz", self.readyz),
-                web.get("/metrics", self.metrics),
-                web.get("/debug/config", self.debug_config),
-                web.get("/debug/jwks", self.debug_jwks),
-                web.post("/debug/explain", self.debug_explain),
-            ]
-        )
+        self.routes = Routes()
+        for path, handler in (
+            ("/healthz", self.healthz),
+            ("/readyz", self.readyz),
+            ("/metrics", self.metrics),
+            ("/debug/config", self.debug_config),
+            ("/debug/jwks", self.debug_jwks),
+        ):
+            self.routes.add("GET", path, handler)
+        self.routes.add("POST", "/debug/explain", self.debug_explain)
 
-    async def debug_jwks(self, _: web.Request) -> web.Response:
+    async def debug_jwks(self, _: Request) -> Response:
         """The applied jwtRules and, for remote key sources, fetch status and key age."""
         snap = self.holder.current
         states = self.jwks.states if self.jwks is not None else {}
@@ -397,8 +394,8 @@ class AdminApp:
             rules.append(entry)
         return _json({"snapshot_version": snap.version, "jwtRules": rules})
 
-    async def healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    async def healthz(self, _: Request) -> Response:
+        return Response(200, b"ok\n")
 
     def _status(self) -> dict[str, Any]:
         snap = self.holder.current
@@ -420,7 +417,7 @@ class AdminApp:
             out["workload_snapshots"] = len(self.holder.workloads)
         return out
 
-    async def readyz(self, _: web.Request) -> web.Response:
+    async def readyz(self, _: Request) -> Response:
         # A snapshot always exists once the server listens (the first load must succeed),
         # so readiness only ends when draining; a failed reload is reported, not fatal.
         return _json(self._status(), 503 if self.draining else 200)
@@ -431,13 +428,13 @@ class AdminApp:
             return own
         return self.telemetry.store.render().encode() + istio_build() + own
 
-    async def metrics(self, _: web.Request) -> web.Response:
+    async def metrics(self, _: Request) -> Response:
         # Rendering runs in a worker thread so a large scrape never stalls the gRPC loop for
         # its whole duration; the recording side never waits for it.
         body = await asyncio.to_thread(self.render_metrics)
-        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
-    async def debug_config(self, _: web.Request) -> web.Response:
+    async def debug_config(self, _: Request) -> Response:
         snap = self.holder.current
         workloads = self.holder.workloads
         out: dict[str, Any] = {**self._status()}
@@ -509,9 +506,9 @@ class AdminApp:
             raise ValueError("workload.labels must be an object of strings")
         return workloads.build(workload_key(w["namespace"], {str(k): str(v) for k, v in labels.items()}))
 
-    async def debug_explain(self, request: web.Request) -> web.Response:
+    async def debug_explain(self, request: Request) -> Response:
         try:
-            desc = await request.json()
+            desc = json.loads(request.body)
             snap = self._explained_snapshot(desc)
             attrs = attributes_from_description(desc, snap.options.xff_num_trusted_hops)
         except (ValueError, TypeError) as e:

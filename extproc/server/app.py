@@ -19,7 +19,6 @@ import sys
 import time
 
 import grpc
-from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
@@ -32,6 +31,7 @@ from extproc.config.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_i
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
+from extproc.server import http
 from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
@@ -80,7 +80,6 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
@@ -282,15 +281,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     if central is not None:
         extra += (central,)
     admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
-    runner = web.AppRunner(admin.app, access_log=None, handle_signals=False)
-    await runner.setup()
     host, port = settings.admin.host_port()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
-        await site.start()
+        admin_server = await http.serve(admin.routes, host, port)
     except OSError as e:
         log.error("cannot listen on admin address %s: %s", settings.admin.text, e)
-        await runner.cleanup()
         return 1
 
     await server.start()
@@ -330,7 +325,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     await jwks.close()
     # Spans still queued go out now, bounded so an unreachable collector cannot hold the exit.
     await asyncio.to_thread(tracing.shutdown, min(5.0, settings.drain_timeout_s))
-    await runner.cleanup()
+    await admin_server.close()
     log.info("stopped")
     return 0
 
