@@ -120,8 +120,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        action="store_true",
-        help="record the Python servers with py-spy during each saturation run (profile-*.txt in the mode's logs)",
+        nargs="?",
+        const="python",
+        choices=("python", "native"),
+        help="record the Python servers with py-spy during each saturation run (profile-*.txt in the mode's logs); "
+        "--profile=native also samples C frames (grpc, the event loop, protobuf)",
     )
     p.add_argument(
         "--memory-series",
@@ -168,7 +171,8 @@ def options(argv: list[str]) -> runner.Options:
         ),
         out=ns.out,
         quick=ns.quick,
-        profile=ns.profile,
+        profile=ns.profile is not None,
+        profile_native=ns.profile == "native",
         memory_series=ns.memory_series,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )

@@ -10,9 +10,10 @@ mode's logs:
 * ``profile-<process>.collapsed``: every sampled stack in the collapsed format (one line per
   stack and its count), which https://www.speedscope.app and flamegraph.pl read.
 
-Sampling is non-blocking (py-spy does not pause the process per sample), so the profiled
-run's throughput stays close to an unprofiled one; the figures of a profiled run are still
-marked as such in results.json and are not the ones to quote for speed.
+Python-only sampling is non-blocking (py-spy does not pause the process per sample), so the
+profiled run's throughput stays close to an unprofiled one; `--profile=native` pauses the
+process for each sample, as unwinding C frames needs. Either way the figures of a profiled
+run are marked as such in results.json and are not the ones to quote for speed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def record(exe: str, pid: int, name: str, workdir: Path, duration_s: float, nati
     """Start py-spy on `pid` for `duration_s`, writing collapsed stacks."""
     raw = workdir / f"profile-{name}.collapsed"
     base = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))), "--rate", str(RATE_HZ)]
-    base += ["--nonblocking"] + (["--native"] if native else [])
+    # py-spy can unwind C frames only while the process is paused for each sample.
+    base += ["--native"] if native else ["--nonblocking"]
     log = open(workdir / f"profile-{name}.log", "wb")  # noqa: SIM115 - handed to the child, closed with it
     proc = subprocess.Popen([*base, "--format", "raw", "--output", str(raw)], stdout=log, stderr=subprocess.STDOUT)
     log.close()

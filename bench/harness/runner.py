@@ -85,6 +85,7 @@ class Options:
     out: Path = Path("bench/results")
     quick: bool = False
     profile: bool = False  # py-spy on every Python server during the saturation run
+    profile_native: bool = False  # ... with C frames too
     memory_series: int = 10_000  # series the memory step makes extproc hold; 0 skips the step
     command: str = ""
 
@@ -347,7 +348,7 @@ def _start_profiles(stack: Stack, opts: Options, workdir: Path) -> list[prof.Rec
     if exe is None:
         raise ModeFailed("--profile needs py-spy (pip install -e '.[bench]')")
     return [
-        prof.record(exe, p.pid, p.name, workdir, opts.saturation_duration_s)
+        prof.record(exe, p.pid, p.name, workdir, opts.saturation_duration_s, native=opts.profile_native)
         for p in stack.processes
         if p.role in PROFILED_ROLES
     ]

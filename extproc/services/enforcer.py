@@ -62,8 +62,12 @@ class AuthzStats:
     def decided(self, protocol: str, verdict: Verdict, jwt_outcome: str | None) -> None:
         """Everything one decision counts, cached or not."""
         self.checks[protocol] += 1
-        key = (protocol, verdict.engine_result, verdict.stage.value)
-        self.decisions[key] = self.decisions.get(key, 0) + 1
+        memo = verdict.memo
+        key = memo.get(protocol)
+        if key is None:  # the counter key of a verdict never changes: made once
+            key = memo[protocol] = (protocol, verdict.engine_result, verdict.stage.value)
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
         if jwt_outcome is not None:
             self.jwt[jwt_outcome] = self.jwt.get(jwt_outcome, 0) + 1
         if verdict.audit_policy_id is not None:

@@ -27,12 +27,16 @@ class MalformedRequest(Exception):
         self.detail = detail
 
 
-def decode_header_map(hm: base_pb2.HeaderMap, max_headers: int = MAX_HEADERS) -> dict[str, str]:
-    """Raw header entries as a map: lower-case names, repeated names joined with ","."""
+def decode_header_map(
+    hm: base_pb2.HeaderMap, max_headers: int = MAX_HEADERS, max_bytes: int | None = None
+) -> dict[str, str]:
+    """Raw header entries as a map: lower-case names, repeated names joined with ",". With
+    `max_bytes`, a block larger than that is malformed too (checked in the same pass)."""
     entries = hm.headers
     if len(entries) > max_headers:
         raise MalformedRequest("too-many-headers", f"{len(entries)} headers")
     out: dict[str, str] = {}
+    size = 0
     for hv in entries:
         raw = hv.raw_value
         try:
@@ -40,8 +44,11 @@ def decode_header_map(hm: base_pb2.HeaderMap, max_headers: int = MAX_HEADERS) ->
         except UnicodeDecodeError:
             raise MalformedRequest("bad-header-encoding", f"header {hv.key!r} is not UTF-8") from None
         key = hv.key.lower()
+        size += len(key) + len(value)
         prev = out.get(key)
         out[key] = value if prev is None else f"{prev},{value}"
+    if max_bytes is not None and size > max_bytes:
+        raise MalformedRequest("headers-too-large", f"{size} bytes of headers (limit {max_bytes})")
     return out
 
 

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
 
 from extproc.attributes import Attributes
 from extproc.decision.cache import KeyPlan
@@ -64,12 +65,40 @@ PROTOCOL = "request.protocol"
 REQUEST_ID = "request.id"
 
 
+class AttributeCache:
+    """`attribute_strings` by the attributes' encoded bytes, bounded.
+
+    A connection sends the same attributes with every request (its addresses, its client
+    certificate), so reading them costs one encoding and a lookup instead of a walk over a
+    Struct (measured 4.7 µs a message with the shipped request_attributes, against about 1).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[bytes, dict[str, str]] = {}
+
+    def get(self, req: ep.ProcessingRequest) -> dict[str, str]:
+        s = req.attributes.get(EXT_PROC_ATTRIBUTES)
+        if s is None:
+            return {}
+        raw = s.SerializeToString()
+        got = self._entries.get(raw)
+        if got is None:
+            got = _strings(s)
+            if len(self._entries) >= self.size:
+                self._entries.clear()  # bounded; the connections of the moment fill it again
+            self._entries[raw] = got
+        return got
+
+
 def attribute_strings(req: ep.ProcessingRequest) -> dict[str, str]:
     """The string and number attributes the filter sent with this message (CEL text -> value)."""
-    out: dict[str, str] = {}
     s = req.attributes.get(EXT_PROC_ATTRIBUTES)
-    if s is None:
-        return out
+    return _strings(s) if s is not None else {}
+
+
+def _strings(s: struct_pb2.Struct) -> dict[str, str]:
+    out: dict[str, str] = {}
     for name, v in s.fields.items():
         kind = v.WhichOneof("kind")
         if kind == "string_value":

@@ -45,7 +45,7 @@ from extproc.services.accesslog import grpc_status
 from extproc.services.authz import LogOnce, direction_of
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
-from extproc.services.headers import MAX_HEADERS, MalformedRequest, check_size, decode_header_map
+from extproc.services.headers import MAX_HEADERS, MalformedRequest, decode_header_map
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
@@ -72,10 +72,34 @@ def header_map(h: base_pb2.HeaderMap) -> dict[str, str]:
 
 
 def _size(headers: Mapping[str, str]) -> int:
-    """Header bytes as HTTP/1.1 would carry them, plus the declared body length."""
-    n = sum(len(k) + len(v) + 4 for k, v in headers.items() if not k.startswith(":"))
+    """Header bytes as HTTP/1.1 would carry them (`name: value` and CRLF), plus the declared body length."""
+    n = 0
+    for k, v in headers.items():
+        if k[:1] != ":":
+            n += len(k) + len(v) + 4
     length = headers.get("content-length", "")
     return n + (int(length) if length.isdigit() else 0)
+
+
+# The response headers telemetry and the exchange read; the others only count towards the size.
+_RESPONSE_READ = frozenset({":status", "content-length", "grpc-status", mx.METADATA_HEADER, mx.METADATA_ID_HEADER})
+
+
+def response_headers(h: base_pb2.HeaderMap) -> tuple[dict[str, str], int]:
+    """The response headers extproc reads, and the size of them all (as `_size` counts it), in one pass."""
+    out: dict[str, str] = {}
+    n = 0
+    for hv in h.headers[:MAX_HEADERS]:
+        key = hv.key.lower()
+        raw = hv.raw_value
+        value = raw.decode("utf-8", "replace") if raw else hv.value
+        if key[:1] != ":":
+            n += len(key) + len(value) + 4
+        if key in _RESPONSE_READ:
+            prev = out.get(key)
+            out[key] = value if prev is None else f"{prev},{value}"
+    length = out.get("content-length", "")
+    return out, n + (int(length) if length.isdigit() else 0)
 
 
 def _number(attrs: ep.ProcessingRequest, name: str) -> float | None:
@@ -147,6 +171,7 @@ class ExternalProcessorService:
         self.adapter = adapter if adapter is not None else CheckAdapter()
         self.tracing = tracing
         self._parts = render.ExchangeParts(exchange) if exchange is not None else None
+        self._attributes = pa.AttributeCache()
         self.streams = 0
         self.ended_early = 0  # streams the server ended after the last expected message
         self.bad_streams = 0
@@ -204,8 +229,7 @@ class ExternalProcessorService:
     ) -> tuple[bytes, bool]:
         hm = req.request_headers.headers
         try:
-            decided = decode_header_map(hm)
-            check_size(decided, self.adapter.max_header_bytes)
+            decided = decode_header_map(hm, self.adapter.max_headers, self.adapter.max_header_bytes)
             problem = None
         except MalformedRequest as e:
             decided, problem = None, e
@@ -220,7 +244,7 @@ class ExternalProcessorService:
             peer_key=value,
             host=headers.get(":authority", ""),
         )
-        attrs = pa.attribute_strings(req)
+        attrs = self._attributes.get(req)
         if attrs and direction is Direction.INBOUND:
             peer.peer_principal = attrs.get(pa.PEER_URI_SAN, "")
             peer.local_principal = attrs.get(pa.LOCAL_URI_SAN, "")
@@ -322,7 +346,7 @@ class ExternalProcessorService:
         return reply
 
     def _response_headers(self, st: _Stream, req: ep.ProcessingRequest, direction: Direction) -> tuple[bytes, bool]:
-        headers = header_map(req.response_headers.headers)
+        headers, size = response_headers(req.response_headers.headers)
         peer = st.peer or Peer(direction=direction)
         parts = self._parts
         reply = [render.response_part(st.verdict) if st.verdict is not None else render.CONTINUE_RESPONSE]
@@ -342,7 +366,7 @@ class ExternalProcessorService:
             peer,
             int(status) if status.isdigit() else 0,
             int(total) if total is not None else _size(st.request_headers),
-            _size(headers),
+            size,
         )
         st.record.grpc_status = grpc_status(st.grpc, st.record.response_code, {}, headers)
         data = b"".join(reply)
