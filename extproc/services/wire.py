@@ -112,8 +112,11 @@ def set_headers(
             pieces = _template(path, tag, shape, raw)
             if len(_TEMPLATES) < MAX_TEMPLATES:
                 _TEMPLATES[key] = pieces
-        after = iter(pieces)
-        return next(after) + b"".join([v + a for v, a in zip(values, after, strict=False)])
+        # Interleave the constant pieces with the values: p0 v0 p1 v1 ... pn.
+        out: list[bytes] = [b""] * (2 * len(values) + 1)
+        out[0::2] = pieces
+        out[1::2] = values
+        return b"".join(out)
     body = []
     for (name, _), v in zip(pairs, values, strict=True):
         before, after = _option_parts(tag, name, len(v), raw)
