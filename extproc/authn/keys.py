@@ -9,38 +9,47 @@ can never serve as an HMAC secret and an algorithm label can never be swapped.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
-
 from extproc.authn.status import JwksError, Status
 from extproc.authn.token import Jwt, b64url_decode
 
-_CURVES: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
 _ALG_CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+_CURVE_NAMES = frozenset(_ALG_CURVE.values())
 
-_VERIFIERS: dict[str, Any] = {
-    "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
-    "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
-    "RS512": RSAAlgorithm(RSAAlgorithm.SHA512),
-    "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
-    "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
-    "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
-    "ES256": ECAlgorithm(ECAlgorithm.SHA256),
-    "ES384": ECAlgorithm(ECAlgorithm.SHA384),
-    "ES512": ECAlgorithm(ECAlgorithm.SHA512),
-    "HS256": HMACAlgorithm(HMACAlgorithm.SHA256),
-    "HS384": HMACAlgorithm(HMACAlgorithm.SHA384),
-    "HS512": HMACAlgorithm(HMACAlgorithm.SHA512),
-    "EdDSA": OKPAlgorithm(),
-}
+
+@functools.cache
+def _verifiers() -> dict[str, Any]:
+    """PyJWT's algorithms by `alg`. cryptography (about 10 MB resident) is imported on the first
+    key parsed, so a server without RequestAuthentication never loads it."""
+    from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
+
+    return {
+        "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
+        "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
+        "RS512": RSAAlgorithm(RSAAlgorithm.SHA512),
+        "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
+        "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
+        "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
+        "ES256": ECAlgorithm(ECAlgorithm.SHA256),
+        "ES384": ECAlgorithm(ECAlgorithm.SHA384),
+        "ES512": ECAlgorithm(ECAlgorithm.SHA512),
+        "HS256": HMACAlgorithm(HMACAlgorithm.SHA256),
+        "HS384": HMACAlgorithm(HMACAlgorithm.SHA384),
+        "HS512": HMACAlgorithm(HMACAlgorithm.SHA512),
+        "EdDSA": OKPAlgorithm(),
+    }
+
+
+def _curve(name: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}[name]()
+
 
 _versions = itertools.count(1)
 
@@ -89,7 +98,7 @@ class KeySet:
             if k.kty == "OKP" and len(jwt.signature) != 64:
                 return Status.JWT_ED25519_SIGNATURE_WRONG_LENGTH
             try:
-                if _VERIFIERS[jwt.alg].verify(signed, k.key, jwt.signature):
+                if _verifiers()[jwt.alg].verify(signed, k.key, jwt.signature):
                     return Status.OK
             except Exception:  # a malformed signature is a failed signature, never a crash
                 continue
@@ -129,6 +138,9 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
         return v
 
     if kty == "RSA":
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         if alg and alg[:2] not in ("RS", "PS"):
             raise JwksError("[alg] is not started with [RS] or [PS] for an RSA key")
         n, e = _b64int(field("n", "a RSA key")), _b64int(field("e", "a RSA key"))
@@ -149,13 +161,15 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
         if not alg and not crv:
             crv = "P-256"
         crv = _ALG_CURVE.get(alg, crv) if alg in _ALG_CURVE else crv
-        if crv not in _CURVES:
+        if crv not in _CURVE_NAMES:
             raise JwksError("[crv] or [alg] field is not supported for an EC key")
         x, y = _b64int(field("x", "an EC key")), _b64int(field("y", "an EC key"))
         if x is None or y is None:
             raise JwksError("Jwks EC [x] or [y] field is an invalid Base64.")
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
-            key = ec.EllipticCurvePublicNumbers(x, y, _CURVES[crv]).public_key()
+            key = ec.EllipticCurvePublicNumbers(x, y, _curve(crv)).public_key()
         except ValueError:
             raise JwksError("Jwks EC [x] and [y] fields have a parse error.") from None
         return PublicKey("EC", kid, alg, crv, key)
@@ -177,6 +191,8 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
             raise JwksError("Jwks OKP [x] field is an invalid Base64.")
         if len(raw) != 32:
             raise JwksError("Jwks OKP [x] field is wrong length.")
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         return PublicKey("OKP", kid, alg, crv, Ed25519PublicKey.from_public_bytes(raw))
     raise JwksError("[kty] is not supported in [keys]")
 
@@ -190,6 +206,9 @@ def _x509_map(doc: dict[str, Any]) -> tuple[PublicKey, ...] | None:
         k and isinstance(v, str) and v.startswith(_CERT_PREFIX) and v.endswith(_CERT_SUFFIX) for k, v in doc.items()
     ):
         return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     keys = []
     for kid, pem in sorted(doc.items()):
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -46,6 +46,9 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
+    # A body produced piece by piece (sent with chunked transfer encoding) instead of `body`,
+    # for responses too large to hold at once (/metrics of many series).
+    stream: AsyncIterator[bytes] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -96,6 +99,8 @@ class HttpProtocol(asyncio.Protocol):
         self.queue: asyncio.Queue[tuple[Request, bool] | int | None] = asyncio.Queue()
         self.worker: asyncio.Task[None] | None = None
         self.refused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head = 0
@@ -127,6 +132,13 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.live.discard(self)
         self.queue.put_nowait(None)
+        self._writable.set()  # a streaming writer waiting for room finds the transport closing
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
 
     # --- httptools callbacks ------------------------------------------------------------
 
@@ -197,7 +209,11 @@ class HttpProtocol(asyncio.Protocol):
                 except Exception:
                     log.exception("admin endpoint %s %s failed", request.method, request.path)
                     response = Response(500, b"internal error\n")
-            self._write(response, head_only=request.method == "HEAD", keep_alive=keep_alive)
+            head_only = request.method == "HEAD"
+            if response.stream is not None:
+                keep_alive = await self._write_stream(response, head_only=head_only, keep_alive=keep_alive)
+            else:
+                self._write(response, head_only=head_only, keep_alive=keep_alive)
             if not keep_alive:
                 return
             if self.queue.empty() and self.transport is not None and not self.transport.is_closing():
@@ -216,10 +232,47 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive:
             t.close()
 
+    async def _write_stream(self, r: Response, *, head_only: bool, keep_alive: bool) -> bool:
+        """Send a streamed body with chunked encoding, waiting for the client to take each piece;
+        whether the connection stays open."""
+        assert r.stream is not None
+        t = self.transport
+        if t is None or t.is_closing():
+            await _close(r.stream)
+            return False
+        phrase = HTTPStatus(r.status).phrase
+        lines = [f"HTTP/1.1 {r.status} {phrase}", f"content-type: {r.content_type}", "transfer-encoding: chunked"]
+        lines.extend(f"{k}: {v}" for k, v in r.headers)
+        if not keep_alive:
+            lines.append("connection: close")
+        t.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if head_only:
+            await _close(r.stream)
+        else:
+            try:
+                async for chunk in r.stream:
+                    if t.is_closing():
+                        break
+                    if chunk:
+                        t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        await self._writable.wait()
+            finally:
+                await _close(r.stream)
+            t.write(b"0\r\n\r\n")
+        if not keep_alive:
+            t.close()
+        return keep_alive and not t.is_closing()
+
     def _refuse(self, status: int) -> None:
         """Bad input: the requests before it are answered, then this status, then the connection closes."""
         self.refused = True
         self.queue.put_nowait(status)
+
+
+async def _close(stream: AsyncIterator[bytes]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class HttpServer:

@@ -20,8 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.attributes import Attributes, HttpRequest, parse_ip, remote_ip_from_xff
@@ -88,6 +86,10 @@ class PeerCertificateCache:
 
 
 def _principals_from_pem(pem: str) -> tuple[str, ...]:
+    # Imported on the first certificate: a server that never sees one never loads cryptography.
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
     except ValueError as e:

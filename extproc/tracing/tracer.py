@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
 
@@ -25,7 +25,10 @@ from extproc import verdict
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, HttpRecord
 from extproc.tracing.context import Format, Outgoing, Propagator, Sampler
-from extproc.tracing.spans import ExportSettings, SpanRecord, SpanSink
+from extproc.tracing.spans import ExportSettings, SpanRecord
+
+if TYPE_CHECKING:
+    from extproc.tracing.export import SpanSink
 
 # Dynamic metadata keys (next to the decision metadata, all named in extproc/verdict.py)
 # carrying the ids from Check to the log, and the decision metadata a span reports.
@@ -89,6 +92,8 @@ class Tracing:
         self.settings = settings
         self.propagator = Propagator(settings.formats, Sampler(settings.sampling_percent)) if settings.formats else None
         if sink is None and settings.export is not None:
+            from extproc.tracing.export import SpanSink  # the SDK, only for a server that exports
+
             sink = SpanSink(settings.export, resource_attributes(local))
         self.sink = sink
         self.local = local

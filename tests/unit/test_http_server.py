@@ -160,3 +160,42 @@ def test_a_client_that_vanishes_mid_request_does_not_break_the_server() -> None:
 def test_an_upgrade_is_ignored_and_the_connection_then_closed() -> None:
     raw = b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05frame"
     assert [(s, b) for s, _, b in responses(exchange(raw))] == [(200, b"hello\n")]
+
+
+def test_a_streamed_body_is_sent_chunked_and_the_connection_kept() -> None:
+    routes = _routes()
+
+    async def big(_: http.Request) -> http.Response:
+        async def pieces():  # type: ignore[no-untyped-def]
+            for i in range(50):
+                yield (f"line {i}\n" * 2000).encode()
+
+        return http.Response(200, stream=pieces())
+
+    routes.add("GET", "/big", big)
+
+    async def run() -> bytes:
+        server = await http.serve(routes, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\nGET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the client reads late: the server waits for room, it does not buffer it all
+        data = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        await server.close()
+        return data
+
+    data = asyncio.run(run())
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head and b"content-length" not in head
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        n = int(size_line, 16)
+        if n == 0:
+            rest = rest[2:]
+            break
+        body += rest[:n]
+        rest = rest[n + 2 :]
+    assert body == b"".join((f"line {i}\n" * 2000).encode() for i in range(50))
+    assert responses(rest) == [(200, responses(rest)[0][1], b"hello\n")]  # keep-alive: the next request answered
