@@ -80,7 +80,7 @@ def key_plan(snap: Snapshot) -> KeyPlan:
 
 @dataclass
 class CacheStats:
-    """Shared by the caches of every snapshot, so the counters survive reloads."""
+    """The lookups of every snapshot's cache, kept by the enforcer so they survive reloads."""
 
     hits: int = 0
     misses: int = 0
@@ -104,18 +104,18 @@ class DecisionCache:
 
     plan: KeyPlan
     size: int
-    stats: CacheStats
     jwks_generation: int = 0
+    evictions: int = 0
     _entries: dict[tuple[object, ...], _Entry] = field(default_factory=dict)
 
     @staticmethod
-    def for_snapshot(snap: Snapshot, size: int, stats: CacheStats) -> DecisionCache | None:
+    def for_snapshot(snap: Snapshot, size: int) -> DecisionCache | None:
         """The snapshot's cache, made on first use and kept with the snapshot; None when off."""
         if size <= 0:
             return None
         cache = snap.memo.get("decisions")
         if cache is None:
-            cache = snap.memo["decisions"] = DecisionCache(key_plan(snap), size, stats)
+            cache = snap.memo["decisions"] = DecisionCache(key_plan(snap), size)
         return cache  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
@@ -127,9 +127,7 @@ class DecisionCache:
             self.jwks_generation = jwks_generation
         e = self._entries.get(key)
         if e is None or not e.valid_from <= now <= e.valid_until:
-            self.stats.misses += 1
             return None
-        self.stats.hits += 1
         return e
 
     def put(
@@ -148,7 +146,7 @@ class DecisionCache:
             # The oldest entry goes: a plain dict keeps insertion order, and a hit does not
             # reorder it (cheaper than an LRU; a hot key evicted is simply decided again).
             del entries[next(iter(entries))]
-            self.stats.evictions += 1
+            self.evictions += 1
         entries[key] = _Entry(verdict, jwt_outcome, valid_from, valid_until)
 
     def clear(self) -> None:

@@ -133,8 +133,10 @@ class AuthorizationService:
         direction: Direction = Direction.INBOUND,
         tracing: Tracing | None = None,
         central: ContextWorkloads | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._snapshot = snapshot
+        self._clock = clock  # wall clock, for exp/nbf
         self.adapter = adapter if adapter is not None else CheckAdapter()
         self.enforcer = enforcer if enforcer is not None else Enforcer()
         self.stats: AuthzStats = self.enforcer.stats
@@ -220,7 +222,7 @@ class AuthorizationService:
                 headers = http_headers(h, adapter.max_headers, adapter.max_header_bytes)
                 keyed = True
             cache = enforcer.cache(snap)
-            now = int(time.time())
+            now = int(self._clock())
             key = None
             if cache is not None and keyed:
                 key = decision_key(cache.plan, a, h, headers)
@@ -248,7 +250,7 @@ class AuthorizationService:
             attrs = self.adapter.attributes(request)
         except MalformedRequest as e:
             return render.encoded(self._malformed(e, http=False))
-        verdict = await self.enforcer.decide(snap, attrs, now=int(time.time()), custom_request=lambda: request)
+        verdict = await self.enforcer.decide(snap, attrs, now=int(self._clock()), custom_request=lambda: request)
         return render.encoded(verdict)
 
     def _malformed(self, e: MalformedRequest, *, http: bool) -> Verdict:

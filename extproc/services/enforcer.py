@@ -107,13 +107,15 @@ class Enforcer:
         self.cache_size = cache_size
 
     def cache(self, snap: Snapshot) -> DecisionCache | None:
-        return DecisionCache.for_snapshot(snap, self.cache_size, self.stats.cache)
+        return DecisionCache.for_snapshot(snap, self.cache_size)
 
     def cached(self, cache: DecisionCache, key: tuple[object, ...], now: int) -> Verdict | None:
         """The verdict of an HTTP request already decided with the same key, counted; or None."""
         e = cache.get(key, now, self.jwks.generation)
         if e is None:
+            self.stats.cache.misses += 1
             return None
+        self.stats.cache.hits += 1
         self.stats.decided("http", e.verdict, e.jwt_outcome)
         return e.verdict
 
@@ -164,7 +166,9 @@ class Enforcer:
                     valid = (authn.valid_from, authn.valid_until)
                 verdict = stages.decide(snap, attrs, authn, custom)
             if reusable and cache is not None and key is not None:
+                before = cache.evictions
                 cache.put(key, verdict, outcome, valid[0], valid[1], generation)
+                self.stats.cache.evictions += cache.evictions - before
         if not reusable and cache is not None:
             self.stats.cache.uncacheable += 1
         self.stats.decided(protocol, verdict, outcome)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -161,7 +161,9 @@ class ExternalProcessorService:
         snapshot=None,  # type: ignore[no-untyped-def]
         adapter: CheckAdapter | None = None,
         tracing: Tracing | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock  # wall clock, for exp/nbf
         self.recorder = recorder
         self.peers = peers
         self.exchange = exchange
@@ -301,7 +303,7 @@ class ExternalProcessorService:
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
             cache = enforcer.cache(snap)
-            now = int(time.time())
+            now = int(self._clock())
             key = pa.decision_key(cache.plan, headers, attrs, req) if cache is not None else None
             if key is not None and cache is not None:
                 verdict = enforcer.cached(cache, key, now)
