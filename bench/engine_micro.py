@@ -1,11 +1,19 @@
-"""Micro-benchmark of the in-process authorization path (no Envoy, no gRPC):
+"""Micro-benchmark of extproc's per-request work in-process (no Envoy, no gRPC hop):
 
-  * compile: load and compile N AuthorizationPolicies into a snapshot;
-  * adapt:   CheckRequest protobuf -> Attributes;
-  * decide:  engine evaluation for allowed and denied HTTP requests and a TCP connection.
+  * compile:  load and compile the benchmark scenario's policies into a snapshot;
+  * pipeline: one whole ext_authz Check as the server handles it (the request already parsed
+              by gRPC): direction, decision key, decision cache, the JWT and policy stages on
+              a miss, the peer metadata exchange, the trace context, the encoded response;
+              an ext_proc stream (request headers, response headers, the request's metrics);
+              an access log entry (the authz+als mode's metrics);
+  * stages:   the engines on their own (adapter, 20 policies, JWT with its token cache);
+  * pieces:   the trace headers encoded by protobuf and by the byte templates of
+              extproc/services/wire.py.
 
-It shows where the Python time of one ext_authz Check goes; end-to-end costs against
-the baselines belong to the harness in bench/ (the benchmark issue).
+The requests are shaped like what Envoy 1.40 sends for the benchmark's load (bench/harness):
+20 AuthorizationPolicies and one RequestAuthentication (RS256), a bearer token, the client
+sidecar's peer metadata, and a W3C trace context from the client (a mesh request) or none.
+End-to-end costs against the baselines belong to `python -m bench`.
 
     .venv/bin/python -m bench.engine_micro [--policies 20] [--repeat 5]
 """
@@ -13,86 +21,156 @@ the baselines belong to the harness in bench/ (the benchmark issue).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import platform
 import tempfile
-import textwrap
+import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
 
+from bench.harness import scenario as sc
+from extproc.authn.cache import TokenCache
+from extproc.authn.jwks_source import JwksRegistry
+from extproc.authn.verifier import authenticate
 from extproc.authz import engine
 from extproc.config import loader
-from extproc.config.snapshot import Options, WorkloadIdentity, build_snapshot
+from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
+from extproc.services import authz_render
+from extproc.services.accesslog import AccessLogService
+from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter
+from extproc.services.enforcer import Enforcer
+from extproc.services.processor import ExternalProcessorService
+from extproc.telemetry.exchange import PeerExchange
+from extproc.telemetry.peer import Workload, encode
+from extproc.telemetry.record import Direction
+from extproc.telemetry.recorder import Telemetry
+from extproc.tracing.context import Format
+from extproc.tracing.tracer import Tracing, TracingSettings
+
+CLIENT = Workload.from_labels(
+    {"app": "reviews", "version": "v2"}, workload_name="reviews-v2", namespace=sc.NAMESPACE, cluster="Kubernetes"
+)
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def policy_set(n: int) -> str:
-    """A realistic mix: per-path ALLOW rules by service account, JWT conditions, a mesh DENY."""
-    docs = [
-        textwrap.dedent(
-            """
-            apiVersion: security.istio.io/v1
-            kind: AuthorizationPolicy
-            metadata: {name: mesh-deny, namespace: istio-system}
-            spec:
-              action: DENY
-              rules:
-              - to: [{operation: {paths: ["/admin*"], ports: ["8000"]}}]
-              - from: [{source: {remoteIpBlocks: ["203.0.113.0/24"]}}]
-            """
-        )
-    ]
-    for i in range(n - 1):
-        docs.append(
-            textwrap.dedent(
-                f"""
-                apiVersion: security.istio.io/v1
-                kind: AuthorizationPolicy
-                metadata: {{name: svc-{i}, namespace: shop}}
-                spec:
-                  selector: {{matchLabels: {{app: cart}}}}
-                  rules:
-                  - from: [{{source: {{principals: ["cluster.local/ns/shop/sa/client-{i}"]}}}}]
-                    to: [{{operation: {{methods: ["GET", "POST"], paths: ["/api/v1/svc{i}/*"]}}}}]
-                  - from: [{{source: {{requestPrincipals: ["https://issuer.example.com/*"]}}}}]
-                    to: [{{operation: {{paths: ["/api/v1/items/{{*}}"]}}}}]
-                    when:
-                    - key: request.auth.claims[scope]
-                      values: ["items.read.{i}"]
-                """
-            )
-        )
-    return "---".join(docs)
+class _Metadatum:
+    def __init__(self, key: str, value: str) -> None:
+        self.key, self.value = key, value
 
 
-def check_request(path: str, principal: str) -> external_auth_pb2.CheckRequest:
+class _Context:
+    """What a grpc.aio ServicerContext gives the servicer: the call's initial metadata."""
+
+    md = (
+        _Metadatum("x-forwarded-for", "192.0.2.2"),
+        _Metadatum("x-extproc-direction", "inbound"),
+        _Metadatum("x-envoy-internal", "true"),
+        _Metadatum("x-envoy-expected-rq-timeout-ms", "1000"),
+    )
+
+    def invocation_metadata(self) -> tuple[_Metadatum, ...]:
+        return self.md
+
+
+def headers(token: str, path: str, traced: bool) -> dict[str, str]:
+    out = {
+        ":authority": "productpage.bench:9080",
+        ":method": "GET",
+        ":path": path,
+        ":scheme": "http",
+        "accept-encoding": "identity",
+        "authorization": f"Bearer {token}",
+        "x-forwarded-proto": "http",
+        "x-request-id": "06872a09-d955-48ef-be91-dd60567670c8",
+        "x-envoy-peer-metadata": encode(CLIENT),
+        "x-envoy-peer-metadata-id": "sidecar~10.1.2.3~reviews-v2.bench~bench.svc.cluster.local",
+    }
+    if traced:
+        out["traceparent"] = TRACEPARENT
+    return out
+
+
+def check_request(token: str, path: str, traced: bool) -> external_auth_pb2.CheckRequest:
     req = external_auth_pb2.CheckRequest()
     a = req.attributes
     a.source.address.socket_address.address = "10.1.2.3"
-    a.source.address.socket_address.port_value = 40000
-    a.source.principal = principal
+    a.source.address.socket_address.port_value = 33956
     a.destination.address.socket_address.address = "10.1.2.4"
-    a.destination.address.socket_address.port_value = 8000
+    a.destination.address.socket_address.port_value = 9080
+    a.request.time.GetCurrentTime()
     h = a.request.http
-    h.method, h.path, h.host, h.protocol = "GET", path, "cart.shop.svc.cluster.local", "HTTP/1.1"
-    for k, v in {
-        ":authority": "cart.shop.svc.cluster.local",
-        ":method": "GET",
-        ":path": path,
-        "user-agent": "bench/1.0",
-        "x-request-id": "5d0c5b8e-1b2c-4b8e-9a71-1c2d3e4f5a6b",
-        "x-forwarded-proto": "http",
-        "accept": "*/*",
-    }.items():
-        h.headers[k] = v
-    jwt = a.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"]
-    jwt.update({"payload": {"iss": "https://issuer.example.com/realm", "sub": "alice", "scope": "items.read.3 x"}})
+    h.id, h.method, h.path, h.host = "11420567191500262301", "GET", path, "productpage.bench:9080"
+    h.scheme, h.protocol = "http", "HTTP/1.1"
+    h.headers.update(headers(token, path, traced))
+    a.metadata_context.SetInParent()
+    a.tls_session.SetInParent()
     return req
 
 
-def per_call_us(fn, number: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def processing_messages(token: str, path: str, traced: bool) -> tuple[ep.ProcessingRequest, ep.ProcessingRequest]:
+    first = ep.ProcessingRequest()
+    for k, v in headers(token, path, traced).items():
+        first.request_headers.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    first.request_headers.end_of_stream = True
+    attrs = struct_pb2.Struct()
+    attrs.update(
+        {
+            "source.address": "10.1.2.3:33956",
+            'filter_state["extproc.peer_address"]': "10.1.2.3:33956",
+            "destination.address": "10.1.2.4:9080",
+            "request.protocol": "HTTP/1.1",
+            "connection.requested_server_name": "",
+        }
+    )
+    first.attributes["envoy.filters.http.ext_proc"].CopyFrom(attrs)
+    second = ep.ProcessingRequest()
+    for k, v in {":status": "200", "content-length": "1024", "content-type": "text/plain", "server": "envoy"}.items():
+        second.response_headers.headers.headers.append(base_pb2.HeaderValue(key=k, raw_value=v.encode()))
+    return first, second
+
+
+def access_log_entry(path: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    c = e.common_properties
+    c.downstream_remote_address.socket_address.address = "10.1.2.3"
+    c.downstream_remote_address.socket_address.port_value = 33956
+    c.downstream_local_address.socket_address.address = "10.1.2.4"
+    c.downstream_local_address.socket_address.port_value = 9080
+    c.start_time.GetCurrentTime()
+    c.duration.FromNanoseconds(6_851_448)
+    c.upstream_cluster = "app"
+    c.access_log_type = accesslog_pb2.DownstreamEnd
+    c.downstream_wire_bytes_sent, c.downstream_wire_bytes_received = 1177, 773
+    c.metadata.filter_metadata["envoy.filters.http.ext_authz"].update(
+        {"x-envoy-peer-metadata": encode(CLIENT), "x-envoy-peer-metadata-id": "sidecar~10.1.2.3~reviews-v2.bench"}
+    )
+    e.protocol_version = accesslog_pb2.HTTPAccessLogEntry.HTTP11
+    r = e.request
+    r.request_method, r.scheme, r.authority, r.path = base_pb2.GET, "http", "productpage.bench:9080", path
+    r.request_id = "06872a09-d955-48ef-be91-dd60567670c8"
+    e.response.response_code.value = 200
+    return e
+
+
+def per_call_us(fn: Callable[[], Any], number: int, repeat: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def per_call_async_us(loop: asyncio.AbstractEventLoop, make: Callable[[], Any], number: int, repeat: int) -> float:
+    async def many() -> None:
+        for _ in range(number):
+            await make()
+
+    return min(timeit.repeat(lambda: loop.run_until_complete(many()), number=1, repeat=repeat)) / number * 1e6
 
 
 def main() -> None:
@@ -100,51 +178,143 @@ def main() -> None:
     p.add_argument("--policies", type=int, default=20)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
-
+    scenario = sc.build(args.policies)
+    token = scenario.token
+    workload = WorkloadIdentity(sc.NAMESPACE, dict(sc.LABELS), root_namespace=sc.ROOT_NAMESPACE)
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "p.yaml").write_text(policy_set(args.policies))
-        workload = WorkloadIdentity("shop", {"app": "cart"})
+        scenario.write(Path(d))
 
-        def compile_once() -> None:
-            build_snapshot(loader.load([d]), workload, Options(), 1)
+        def compile_once() -> Snapshot:
+            return build_snapshot(loader.load([d]), workload, Options(), 1)
 
-        compile_ms = per_call_us(compile_once, 5, args.repeat) / 1000
-        snap = build_snapshot(loader.load([d]), workload, Options(), 1)
+        compile_ms = per_call_us(compile_once, 3, args.repeat) / 1000
+        snap = compile_once()
+    local = Workload.from_labels(sc.LABELS, workload_name=sc.WORKLOAD, namespace=sc.NAMESPACE)
+    exchange = PeerExchange(local, f"sidecar~10.1.2.4~{sc.WORKLOAD}.{sc.NAMESPACE}")
+    tracing = Tracing(TracingSettings((Format.W3C, Format.B3), 1.0, None), local)
+    loop = asyncio.new_event_loop()
+    ctx = _Context()
+    path = sc.PRODUCT_PATHS[1]
+    rows: list[tuple[str, float]] = []
+    n = 5000
 
-    adapter = CheckAdapter()
-    last = args.policies - 2
-    allowed_req = check_request(f"/api/v1/svc{last}/orders?id=7", f"spiffe://cluster.local/ns/shop/sa/client-{last}")
-    denied_req = check_request("/api/v1/nothing", "spiffe://cluster.local/ns/shop/sa/stranger")
-    allowed_attrs = adapter.attributes(allowed_req)
-    denied_attrs = adapter.attributes(denied_req)
-    tcp_attrs = adapter.attributes(
-        external_auth_pb2.CheckRequest(
-            attributes=allowed_req.attributes.__class__(
-                source=allowed_req.attributes.source, destination=allowed_req.attributes.destination
+    def authz(cache_size: int) -> AuthorizationService:
+        return AuthorizationService(
+            lambda: snap, CheckAdapter(), Enforcer(cache_size=cache_size), exchange=exchange, tracing=tracing
+        )
+
+    hit, miss = authz(4096), authz(0)
+    for traced in (True, False):
+        req = check_request(token, path, traced)
+        size = req.ByteSize()
+        resp = external_auth_pb2.CheckResponse.FromString(loop.run_until_complete(hit._rpc((req, size), ctx)))
+        assert resp.status.code == 0 and resp.ok_response.headers, "the load request must be allowed"
+        label = "mesh request (trace context in)" if traced else "no trace context in"
+        rows.append(
+            (
+                f"ext_authz Check, decision cached, {label}",
+                per_call_async_us(loop, lambda req=req, size=size: hit._rpc((req, size), ctx), n, args.repeat),
             )
         )
+    req = check_request(token, path, True)
+    rows.append(
+        (
+            "ext_authz Check, not cached (adapter, JWT, policies)",
+            per_call_async_us(loop, lambda: miss._rpc((req, req.ByteSize()), ctx), 2000, args.repeat),
+        )
     )
-    assert engine.evaluate(snap.http, allowed_attrs).allowed
-    assert not engine.evaluate(snap.http, denied_attrs).allowed
 
-    n = 20000
-    rows = [
-        ("adapt CheckRequest -> Attributes", per_call_us(lambda: adapter.attributes(allowed_req), n, args.repeat)),
+    telemetry = Telemetry.create(local)
+    proc = ExternalProcessorService(
+        telemetry.recorder,
+        telemetry.peers,
+        exchange,
+        enforcer=Enforcer(),
+        snapshot=lambda: snap,
+        adapter=CheckAdapter(),
+        tracing=tracing,
+    )
+    first, second = processing_messages(token, path, True)
+
+    class Messages:
+        """The two messages Envoy sends on the stream (an iterator, as grpc.aio hands one over)."""
+
+        def __init__(self) -> None:
+            self.left = [second, first]
+
+        def __aiter__(self) -> Messages:
+            return self
+
+        async def __anext__(self) -> ep.ProcessingRequest:
+            if not self.left:
+                raise StopAsyncIteration
+            return self.left.pop()
+
+    async def stream() -> None:
+        async for _ in proc.Process(Messages(), ctx):  # type: ignore[arg-type]
+            pass
+
+    stream_us = per_call_async_us(loop, stream, n, args.repeat)
+    rows.append(("ext_proc stream (request + response headers, metrics)", stream_us))
+
+    als = AccessLogService(telemetry.recorder, telemetry.tcp, telemetry.peers, Direction.INBOUND)
+    entry = access_log_entry(path)
+    entry_us = per_call_us(lambda: als.http_entry(entry, Direction.INBOUND), 20000, args.repeat)
+    rows.append(("access log entry (authz+als metrics)", entry_us))
+    rows.append(("authz+als per request: cached mesh Check + its log entry", rows[0][1] + entry_us))
+
+    adapter = CheckAdapter()
+    attrs = adapter.attributes(req)
+    jwks, cache = JwksRegistry(), TokenCache()
+    now = int(time.time())
+    authenticate(snap.authn, "GET", attrs.http.headers, now, jwks.keys_for, cache)  # type: ignore[union-attr]
+    stages = [
+        ("adapt CheckRequest -> Attributes", lambda: adapter.attributes(req)),
         (
-            "decide: allowed (last ALLOW rule matches)",
-            per_call_us(lambda: engine.evaluate(snap.http, allowed_attrs), n, args.repeat),
+            "JWT, token cache hit",
+            lambda: authenticate(snap.authn, "GET", attrs.http.headers, now, jwks.keys_for, cache),  # type: ignore[union-attr]
         ),
-        (
-            "decide: denied (no rule matches, with reason)",
-            per_call_us(lambda: engine.evaluate(snap.http, denied_attrs), n, args.repeat),
-        ),
-        ("decide: TCP connection", per_call_us(lambda: engine.evaluate(snap.tcp, tcp_attrs), n, args.repeat)),
+        ("policies: ALLOW after DENYs (the load's decision)", lambda: engine.evaluate(snap.http, attrs)),
     ]
+    for label, fn in stages:
+        rows.append((label, per_call_us(fn, 5000, args.repeat)))
+
+    out = tracing.begin({})
+    assert out is not None
+
+    def protobuf_trace() -> bytes:
+        resp = external_auth_pb2.CheckResponse()
+        add = resp.ok_response.headers.add
+        for name, value in out.headers:
+            o = add()
+            o.header.key, o.header.value, o.append_action = name, value, 2
+        return resp.SerializeToString()
+
+    assert external_auth_pb2.CheckResponse.FromString(protobuf_trace()) == external_auth_pb2.CheckResponse.FromString(
+        authz_render.trace_part(out.headers, out.remove, True, None)
+    )
+    rows.append(("trace headers, protobuf", per_call_us(protobuf_trace, 50000, args.repeat)))
+    rows.append(
+        (
+            "trace headers, byte templates (wire.py)",
+            per_call_us(lambda: authz_render.trace_part(out.headers, out.remove, True, None), 50000, args.repeat),
+        )
+    )
+    fresh = {"x-request-id": "06872a09-d955-48ef-be91-dd60567670c8"}
+    incoming = {**fresh, "traceparent": TRACEPARENT}
+    rows.append(("trace context: start a trace", per_call_us(lambda: tracing.begin(fresh), 50000, args.repeat)))
+    rows.append(("trace context: continue one", per_call_us(lambda: tracing.begin(incoming), 50000, args.repeat)))
+
     rules = len(snap.http.allow.enforced) + len(snap.http.deny.enforced)
-    print(f"python {platform.python_version()} on {platform.machine()}, {args.policies} policies ({rules} HTTP rules)")
-    print(f"  {'compile (load + validate + compile)':48} {compile_ms:9.2f} ms")
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, {args.policies} policies ({rules} HTTP rules), "
+        "1 RequestAuthentication (RS256); best of "
+        f"{args.repeat} runs"
+    )
+    print(f"  {'compile (load + validate + compile)':58} {compile_ms:9.2f} ms")
     for label, us in rows:
-        print(f"  {label:48} {us:9.2f} µs")
+        print(f"  {label:58} {us:9.2f} µs")
+    loop.close()
 
 
 if __name__ == "__main__":
