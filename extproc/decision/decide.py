@@ -24,10 +24,6 @@ from extproc.attributes import Attributes
 from extproc.authn.verifier import AuthnResult, www_authenticate
 from extproc.authz import engine
 from extproc.authz.compiler import CompiledRule
-
-if TYPE_CHECKING:
-    from extproc.config.snapshot import Snapshot
-
 from extproc.verdict import (
     ACCESS_LOG_HINT,
     AUDIT_POLICY,
@@ -51,6 +47,9 @@ from extproc.verdict import (
     Stage,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from extproc.config.snapshot import Snapshot
 
 # google.rpc.Code values an ext_authz status carries (the protos are the renderer's business).
 GRPC_OK = 0

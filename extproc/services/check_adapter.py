@@ -58,28 +58,22 @@ class PeerCertificateCache:
         self.misses = 0
 
     def principals(self, encoded_pem: str) -> tuple[str, ...]:
-        got = self._items.get(encoded_pem)
-        if got is not None:
-            self.hits += 1
-            self._items.move_to_end(encoded_pem)
-            return got
-        self.misses += 1
-        value = _principals_from_pem(unquote(encoded_pem))
-        self._items[encoded_pem] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return value
+        """The identities of a certificate as ext_authz sends it (URL-encoded PEM)."""
+        return self._lookup(encoded_pem, True)
 
     def principals_of_pem(self, pem: str) -> tuple[str, ...]:
         """The same for a PEM that is not URL-encoded (ext_proc's `connection.peer_certificate`)."""
-        got = self._items.get(pem)
+        return self._lookup(pem, False)
+
+    def _lookup(self, text: str, encoded: bool) -> tuple[str, ...]:
+        got = self._items.get(text)
         if got is not None:
             self.hits += 1
-            self._items.move_to_end(pem)
+            self._items.move_to_end(text)
             return got
         self.misses += 1
-        value = _principals_from_pem(pem)
-        self._items[pem] = value
+        value = _principals_from_pem(unquote(text) if encoded else text)
+        self._items[text] = value
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
         return value

@@ -124,18 +124,9 @@ class ExchangeParts:
         own = header_options(HeaderOp(name, value) for name, value in exchange.headers)
         pair = (METADATA_HEADER, METADATA_ID_HEADER)
 
-        def request(set_own: bool, remove_pair: bool) -> bytes:
+        def part(phase: str, set_own: bool, remove_pair: bool) -> bytes:
             r = ep.ProcessingResponse()
-            mut = r.request_headers.response.header_mutation
-            if set_own:
-                mut.set_headers.extend(own)
-            if remove_pair:
-                mut.remove_headers.extend(pair)
-            return r.SerializeToString()
-
-        def response(set_own: bool, remove_pair: bool) -> bytes:
-            r = ep.ProcessingResponse()
-            mut = r.response_headers.response.header_mutation
+            mut = getattr(r, phase).response.header_mutation
             if set_own:
                 mut.set_headers.extend(own)
             if remove_pair:
@@ -143,12 +134,12 @@ class ExchangeParts:
             return r.SerializeToString()
 
         # Outbound: ours on the request; the server's pair read and removed from the response.
-        self.outbound_request = request(True, False)
-        self.outbound_response = response(False, True)
+        self.outbound_request = part("request_headers", True, False)
+        self.outbound_response = part("response_headers", False, True)
         # Inbound, when the peer sent its pair: removed from the request, ours on the response
         # (or on the denial, so the client labels its 403s with our workload).
-        self.inbound_request = request(False, True)
-        self.inbound_response = response(True, False)
+        self.inbound_request = part("request_headers", False, True)
+        self.inbound_response = part("response_headers", True, False)
         denied = ep.ProcessingResponse()
         denied.immediate_response.headers.set_headers.extend(own)
         self.denied = denied.SerializeToString()
