@@ -10,8 +10,10 @@ failed side stream) is still counted from the access log.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.telemetry import labels as L
@@ -21,6 +23,9 @@ from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer, Servi
 from extproc.telemetry.store import HistogramSeries, MetricPlan, MetricStore, Series, Table
 
 MAX_CLAIMS = 100_000
+# An access log entry reaches extproc within Envoy's flush interval (1 s in the shipped
+# configs) of the request's end; a claim older than two windows can no longer be matched.
+CLAIM_WINDOW_S = 5.0
 SHAPE_CACHE_SIZE = 8192
 WORKLOAD_SHAPE_CACHE_SIZE = 1024  # per workload in central mode, where there may be a thousand
 
@@ -97,6 +102,49 @@ class _Shape:
         self.response_messages: Series | None = None
 
 
+class Claims:
+    """Request ids ext_proc has recorded, kept only as long as their access log entries can come.
+
+    Two generations of at most CLAIM_WINDOW_S each: when the current one is that old it becomes
+    the previous one and the previous one is dropped, so a claim lives between one and two
+    windows. Without this an ext_proc-only deployment (no HTTP access log to consume them)
+    would hold MAX_CLAIMS ids, about 15 MB, for nothing.
+    """
+
+    __slots__ = ("_clock", "_current", "_previous", "_started")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
+        self._started = clock()
+
+    def __bool__(self) -> bool:
+        return bool(self._current) or bool(self._previous)
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def claim(self, rid: str) -> None:
+        now = self._clock()
+        if now - self._started >= CLAIM_WINDOW_S or len(self._current) >= MAX_CLAIMS // 2:
+            self._previous, self._current, self._started = self._current, {}, now
+        current = self._current
+        current[rid] = current.get(rid, 0) + 1
+
+    def consume(self, rid: str) -> bool:
+        """Whether `rid` was claimed (the claim is used up)."""
+        for claims in (self._current, self._previous):
+            n = claims.get(rid)
+            if n is not None:
+                if n > 1:
+                    claims[rid] = n - 1
+                else:
+                    del claims[rid]
+                return True
+        return False
+
+
 @dataclass
 class RecorderStats:
     http: dict[str, int]  # source -> requests recorded
@@ -130,7 +178,7 @@ class Recorder:
         self.shape_cache_size = shape_cache_size
         # ext_proc's requests by id, until their access log entries come (then skipped as
         # duplicates). Empty unless ext_proc reports too: the access log reads no request id then.
-        self.claims: OrderedDict[str, int] = OrderedDict()
+        self.claims = Claims()
         self._shapes: OrderedDict[HttpShape, _Shape] = OrderedDict()
         self.shape_hits = 0
         self.shape_misses = 0
@@ -151,19 +199,11 @@ class Recorder:
 
     def _duplicate(self, rid: str, source: str) -> bool:
         """ext_proc claims its requests by id; the access log entry of a claimed one is skipped."""
-        claims = self.claims
         if source == "ext_proc":
-            claims[rid] = claims.get(rid, 0) + 1
-            if len(claims) > MAX_CLAIMS:
-                claims.popitem(last=False)
+            self.claims.claim(rid)
             return False
-        n = claims.get(rid)
-        if n is None:
+        if not self.claims.consume(rid):
             return False
-        if n > 1:
-            claims[rid] = n - 1
-        else:
-            del claims[rid]
         self.stats.http_duplicates += 1
         return True
 

@@ -305,3 +305,21 @@ def test_workloads_in_central_mode_keep_their_own_shapes() -> None:
     assert 'destination_workload="reviews-v2"' in text and 'destination_workload="ratings-v1"' in text
     lines = [ln for ln in text.splitlines() if ln.startswith("istio_requests_total{")]
     assert sorted(ln.rsplit(" ", 1)[1] for ln in lines) == ["1", "2"]
+
+
+def test_ext_proc_claims_last_only_as_long_as_an_access_log_entry_can_come() -> None:
+    from extproc.telemetry.recorder import CLAIM_WINDOW_S, Claims
+
+    now = [0.0]
+    claims = Claims(clock=lambda: now[0])
+    claims.claim("a")
+    claims.claim("b")
+    now[0] = CLAIM_WINDOW_S  # a new window: a and b are still matched from the previous one
+    claims.claim("c")
+    assert claims.consume("a") and not claims.consume("a")
+    assert len(claims) == 2
+    now[0] = 2 * CLAIM_WINDOW_S  # another: b's window is dropped, unmatched
+    claims.claim("d")
+    assert not claims.consume("b")
+    assert claims.consume("c") and claims.consume("d")
+    assert not claims
