@@ -105,7 +105,6 @@ class DecisionCache:
     plan: KeyPlan
     size: int
     jwks_generation: int = 0
-    evictions: int = 0
     _entries: dict[tuple[object, ...], _Entry] = field(default_factory=dict)
 
     @staticmethod
@@ -138,16 +137,18 @@ class DecisionCache:
         valid_from: int,
         valid_until: int,
         jwks_generation: int,
-    ) -> None:
+    ) -> bool:
+        """Remember `verdict`; True when the oldest entry had to go to make room."""
         if jwks_generation != self.jwks_generation:
-            return  # keys changed while this request was decided: its verdict may be stale
+            return False  # keys changed while this request was decided: its verdict may be stale
         entries = self._entries
-        if key not in entries and len(entries) >= self.size:
+        evicted = key not in entries and len(entries) >= self.size
+        if evicted:
             # The oldest entry goes: a plain dict keeps insertion order, and a hit does not
             # reorder it (cheaper than an LRU; a hot key evicted is simply decided again).
             del entries[next(iter(entries))]
-            self.evictions += 1
         entries[key] = _Entry(verdict, jwt_outcome, valid_from, valid_until)
+        return evicted
 
     def clear(self) -> None:
         self._entries.clear()

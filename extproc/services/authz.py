@@ -185,6 +185,7 @@ class AuthorizationService:
                 if parts is not None:
                     out.append(parts.outbound)
                 headers = raw if raw else self._headers_or_empty(h)
+                allowed = True
             else:
                 verdict, headers, miss = self._lookup(request, a, h, raw, size, snap)
                 if miss is not None:  # not cached: the engines run, and may ask the network
@@ -202,9 +203,8 @@ class AuthorizationService:
             if tracing is not None:
                 trace = tracing.begin(headers)
                 if trace is not None:
-                    ok = direction is Direction.OUTBOUND or allowed
                     md = tracing.metadata(trace) if tracing.wants_span(trace) else None
-                    out.append(render.trace_part(trace.headers, trace.remove, ok, md))
+                    out.append(render.trace_part(trace.headers, trace.remove, allowed, md))
             return b"".join(out)
         except Exception:  # a bug must deny, not crash the stream or the server
             return self._internal_error(request)

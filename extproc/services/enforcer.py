@@ -138,11 +138,13 @@ class Enforcer:
         reusable = cache is not None and key is not None
         custom: Changes | None = None
 
+        verdict: Verdict | None = None
+        outcome: str | None = None  # the JWT stage's counter label
+        valid = (0, FOREVER)  # the seconds in which the tokens' exp/nbf checks keep their outcome
         plan = stages.custom_stage(snap, attrs)
-        if isinstance(plan, Verdict):
-            verdict, outcome = plan, None
+        if isinstance(plan, Verdict):  # a CUSTOM policy that cannot be enforced: deterministic
+            verdict = plan
         else:
-            verdict = None
             for provider, rule_id in plan:
                 reusable = False  # the provider's answer is its own business, asked each time
                 assert custom_request is not None, "a CUSTOM provider needs the request to forward"
@@ -155,20 +157,21 @@ class Enforcer:
                     break
                 if result.changes is not None:
                     custom = result.changes if custom is None else custom.then(result.changes)
-            outcome = None
-            valid = (0, FOREVER)
-            if verdict is None:
-                authn = None
-                if http and snap.authn.enabled:
-                    authn, refetched = await self._authenticate(snap, attrs, now)
-                    reusable = reusable and not refetched
-                    outcome = jwt_outcome(authn)
-                    valid = (authn.valid_from, authn.valid_until)
-                verdict = stages.decide(snap, attrs, authn, custom)
-            if reusable and cache is not None and key is not None:
-                before = cache.evictions
-                cache.put(key, verdict, outcome, valid[0], valid[1], generation)
-                self.stats.cache.evictions += cache.evictions - before
+        if verdict is None:
+            authn = None
+            if http and snap.authn.enabled:
+                authn, refetched = await self._authenticate(snap, attrs, now)
+                reusable = reusable and not refetched
+                outcome = jwt_outcome(authn)
+                valid = (authn.valid_from, authn.valid_until)
+            verdict = stages.decide(snap, attrs, authn, custom)
+        if (
+            reusable
+            and cache is not None
+            and key is not None
+            and cache.put(key, verdict, outcome, valid[0], valid[1], generation)
+        ):
+            self.stats.cache.evictions += 1  # the oldest entry made room
         if not reusable and cache is not None:
             self.stats.cache.uncacheable += 1
         self.stats.decided(protocol, verdict, outcome)

@@ -38,6 +38,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from extproc.config.snapshot import Snapshot
 from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
 from extproc.services import processor_render as render
@@ -158,7 +159,7 @@ class ExternalProcessorService:
         exchange: mx.PeerExchange | None,
         direction: Direction = Direction.INBOUND,
         enforcer: Enforcer | None = None,
-        snapshot=None,  # type: ignore[no-untyped-def]
+        snapshot: Callable[[], Snapshot] | None = None,
         adapter: CheckAdapter | None = None,
         tracing: Tracing | None = None,
         clock: Callable[[], float] = time.time,
@@ -289,7 +290,7 @@ class ExternalProcessorService:
     ) -> Verdict:
         """Inbound enforcement, through the decision cache and the same Enforcer as ext_authz."""
         enforcer = self.enforcer
-        assert enforcer is not None
+        assert enforcer is not None and self._snapshot is not None, "enforcement needs the snapshot"
         started = time.perf_counter()
         try:
             snap = self._snapshot()
