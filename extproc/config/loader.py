@@ -2,7 +2,9 @@
 
 A change is all-or-nothing: if any document has an error the caller gets a
 ConfigError listing every problem (file, document, resource, field, line) and keeps
-whatever it was running before. Warnings never block a load.
+whatever it was running before. Warnings never block a load. An extension provider
+with invalid settings is a warning, not an error, as it is in istiod: the CUSTOM
+rules naming it deny what they match and everything else is served.
 
 Recognised documents:
   * AuthorizationPolicy            security.istio.io/v1 or v1beta1
@@ -36,7 +38,7 @@ from extproc.config.models import (
     MeshConfigSpec,
     RequestAuthentication,
 )
-from extproc.config.providers import ProviderSettings, resolve_providers
+from extproc.config.providers import InvalidProvider, ProviderSettings, resolve_providers
 from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
 from extproc.telemetry.overrides import LoadedTelemetry, is_telemetry, parse_telemetry
 
@@ -65,6 +67,8 @@ class LoadedPolicy:
 class LoadedConfig:
     policies: list[LoadedPolicy] = field(default_factory=list)
     providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    # ext_authz providers istiod would keep as unusable (their CUSTOM rules deny what they match).
+    invalid_providers: dict[str, InvalidProvider] = field(default_factory=dict)
     mesh_origin: str | None = None
     files: list[str] = field(default_factory=list)
     warnings: list[ConfigIssue] = field(default_factory=list)
@@ -181,10 +185,22 @@ def load(dirs: Sequence[str | os.PathLike[str]]) -> LoadedConfig:
             )
     elif mesh_specs:
         spec, doc, file, base = mesh_specs[0]
-        providers, problems = resolve_providers(spec.extension_providers, (*base, "extensionProviders"))
-        for p, msg in problems:
+        resolved = resolve_providers(spec.extension_providers, (*base, "extensionProviders"))
+        for p, msg in resolved.errors:
             issues.append(ConfigIssue(Location(file, doc.index, doc.line_of(p)), format_path(p), msg))
-        result.providers = providers
+        for bad in resolved.invalid.values():
+            for p, msg in bad.issues:
+                issues.append(
+                    ConfigIssue(
+                        Location(file, doc.index, doc.line_of(p)),
+                        format_path(p),
+                        f"{msg}; extension provider {bad.name!r} is unusable: as in istiod, the CUSTOM rules "
+                        "naming it deny the requests they match",
+                        warning=True,
+                    )
+                )
+        result.providers = resolved.settings
+        result.invalid_providers = resolved.invalid
         result.mesh_origin = f"{file}: document {doc.index}"
 
     errors = [i for i in issues if not i.warning]

@@ -42,6 +42,17 @@ class ReloadCounters:
     failure: int = 0
 
 
+def log_invalid_providers(snap: Snapshot) -> None:
+    """Say loudly which extension providers cannot be used: their CUSTOM rules now deny."""
+    for bad in snap.invalid_providers.values():
+        log.error(
+            "extension provider %r is invalid (%s): the CUSTOM rules naming it deny the requests they match, "
+            "as istiod does; other policies are served",
+            bad.name,
+            "; ".join(bad.problems),
+        )
+
+
 def load_snapshot(dirs: Sequence[str], workload: WorkloadIdentity, options: Options, version: int) -> Snapshot:
     """Load and compile; raises ConfigError with every problem found."""
     return build_snapshot(loader.load(dirs), workload, options, version)
@@ -82,6 +93,7 @@ class SnapshotHolder:
         warnings = tuple(w.render() for w in snap.warnings)
         for w in warnings:
             log.warning("%s", w)
+        log_invalid_providers(snap)
         holder = cls(
             tuple(dirs),
             workload,
@@ -139,6 +151,7 @@ class SnapshotHolder:
         warnings = tuple(w.render() for w in snap.warnings)
         for w in warnings:
             log.warning("%s", w)
+        log_invalid_providers(snap)
         if workloads is not None:
             log.info(
                 "config %s loaded: snapshot %d, %d policies and %d jwtRules across the mesh (central mode); "

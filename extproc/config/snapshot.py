@@ -19,7 +19,7 @@ from extproc.authz.engine import AuthzProgram, CustomRuleSet, RuleSet
 from extproc.config.errors import ConfigIssue
 from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, RequestAuthentication
-from extproc.config.providers import HttpProviderSettings, ProviderSettings, parse_duration
+from extproc.config.providers import HttpProviderSettings, InvalidProvider, ProviderSettings, parse_duration
 from extproc.telemetry.overrides import TelemetryPlans, compile_telemetry
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -71,6 +71,8 @@ class Snapshot:
     # What the request path derives from this snapshot and keeps with it (the decision cache),
     # so it is dropped with the snapshot. Filled on first use, never by the build.
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # ext_authz providers with invalid settings, for /debug/config and the reload log.
+    invalid_providers: Mapping[str, InvalidProvider] = field(default_factory=dict)
 
 
 def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
@@ -92,7 +94,11 @@ def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
 
 
 def _program(
-    policies: list[CompiledPolicy], protocol: str, providers: Mapping[str, ProviderSettings], options: Options
+    policies: list[CompiledPolicy],
+    protocol: str,
+    providers: Mapping[str, ProviderSettings],
+    options: Options,
+    invalid: Mapping[str, InvalidProvider] | None = None,
 ) -> AuthzProgram:
     def rules_of(p: CompiledPolicy) -> tuple[CompiledRule, ...]:
         return p.http if protocol == "http" else p.tcp
@@ -128,7 +134,13 @@ def _program(
                     )
                 )
                 prov = providers.get(name)
-                if prov is None:
+                bad_provider = (invalid or {}).get(name)
+                if bad_provider is not None:
+                    # istiod's getExtAuthz fails before it looks at the protocol, so an invalid
+                    # HTTP provider denies on TCP filter chains too.
+                    bad_rules.extend(rules)
+                    reasons.append(bad_provider.reason)
+                elif prov is None:
                     bad_rules.extend(rules)
                     reasons.append(f"provider {name!r} is not defined in extensionProviders")
                 elif protocol == "tcp" and isinstance(prov, HttpProviderSettings):
@@ -197,8 +209,8 @@ def build_snapshot(
         version=version,
         workload=workload,
         options=options,
-        http=_program(applicable, "http", loaded.providers, options),
-        tcp=_program(applicable, "tcp", loaded.providers, options),
+        http=_program(applicable, "http", loaded.providers, options, loaded.invalid_providers),
+        tcp=_program(applicable, "tcp", loaded.providers, options, loaded.invalid_providers),
         policies=tuple(applicable),
         authn=compile_rules(rules),
         ignored_policies=tuple(ignored),
@@ -207,6 +219,7 @@ def build_snapshot(
         warnings=tuple(loaded.warnings),
         loaded_at=time.time(),
         telemetry=compile_telemetry(loaded.telemetries, workload),
+        invalid_providers=dict(loaded.invalid_providers),
     )
 
 
@@ -245,6 +258,7 @@ def build_mesh_snapshot(
         warnings=tuple(loaded.warnings),
         loaded_at=time.time(),
         telemetry=compile_telemetry(loaded.telemetries, root),
+        invalid_providers=dict(loaded.invalid_providers),
     )
 
 

@@ -492,6 +492,8 @@ class AdminApp:
                 ],
                 "ignored": [{"policy": name, "why": why} for name, why in snap.ignored_policies],
                 "providers": {name: type(s).__name__ for name, s in snap.providers.items()},
+                # Entries istiod would keep as unusable: the CUSTOM rules naming them deny.
+                "invalid_providers": {name: list(bad.problems) for name, bad in snap.invalid_providers.items()},
             }
         )
         return _json(out)

@@ -285,26 +285,19 @@ def test_istio_configmap_providers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("provider", "message"),
     [
-        ("{name: Bad_Name, envoyExtAuthzGrpc: {service: a, port: 1}}", "invalid character"),
-        ("{name: g, envoyExtAuthzGrpc: {service: a, port: 0}}", "port must be in the range"),
-        ("{name: g, envoyExtAuthzGrpc: {service: a, port: 1, statusOnError: '999'}}", "unsupported statusOnError"),
         ("{name: g, envoyExtAuthzGrpc: {service: a, port: 1, timeout: soon}}", "invalid duration"),
-        ("{name: h, envoyExtAuthzHttp: {service: a, port: 1, pathPrefix: check}}", "pathPrefix must begin with `/`"),
-        ("{name: h, envoyExtAuthzHttp: {service: a, port: 1, headersToUpstreamOnAllow: ['*']}}", "single wildcard"),
         ("{name: g, envoyExtAuthzGrpc: {service: a, port: 1, unknown: 2}}", "unknown field"),
     ],
 )
-def test_invalid_providers(tmp_path: Path, provider: str, message: str) -> None:
+def test_providers_that_do_not_parse_reject_the_load(tmp_path: Path, provider: str, message: str) -> None:
+    """What istiod could not even unmarshal into a MeshConfig (a bad Duration, an unknown field)."""
     write(tmp_path, "mesh.yaml", MESH_HEAD + f"  - {provider}\n")
     [err] = errors_of(tmp_path)
     assert message in err and "spec.extensionProviders[0]" in err, err
 
 
-def test_duplicate_providers_and_two_mesh_configs(tmp_path: Path) -> None:
+def test_two_mesh_configs(tmp_path: Path) -> None:
     p = "  - {name: g, envoyExtAuthzGrpc: {service: a, port: 1}}\n"
-    write(tmp_path, "mesh.yaml", MESH_HEAD + p + p)
-    [err] = errors_of(tmp_path)
-    assert "must be unique" in err
     write(tmp_path, "mesh.yaml", MESH_HEAD + p + "---\n" + MESH_HEAD + p)
     [err] = errors_of(tmp_path)
     assert "a second mesh config" in err
