@@ -11,9 +11,12 @@ way:
     ext_authz client builds it: the original method, `pathPrefix` + original path,
     no body (or, with `includeRequestBodyInCheck`, the body Envoy buffered into the
     CheckRequest), and only `:authority`, `authorization` and the headers named in
-    `includeRequestHeadersInCheck`, plus `includeAdditionalHeadersInCheck`. 200
-    allows; any other status denies with that status, body and the headers
-    `headersToDownstreamOnDeny` selects; a 5xx is an error.
+    `includeRequestHeadersInCheck`, plus `includeAdditionalHeadersInCheck`, plus what
+    Envoy's async HTTP client and router add to every such call: `x-envoy-internal: true`
+    and `x-envoy-expected-rq-timeout-ms` (the provider's timeout in whole milliseconds,
+    absent when the timeout is 0, which Envoy reads as none). 200 allows; any other
+    status denies with that status, body and the headers `headersToDownstreamOnDeny`
+    selects; a 5xx is an error.
   * Errors (unreachable, timeout, 5xx) follow `failOpen` and `statusOnError`
     (default 403, empty body), as Envoy's `failure_mode_allow` and `status_on_error` do.
 """
@@ -46,6 +49,10 @@ log = logging.getLogger("extproc.custom")
 # Headers Envoy's HTTP ext_authz client always forwards (raw_http_client_impl), in
 # addition to the user's includeRequestHeadersInCheck patterns.
 ALWAYS_FORWARDED = (":authority", "authorization", ":method", ":path")
+# Set on every call by Envoy's async HTTP client (AsyncStreamImpl::sendHeaders).
+ENVOY_INTERNAL = ("x-envoy-internal", "true")
+# Set by the router from the call's timeout (FilterUtility::finalTimeout), unless it is 0.
+EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 # Response headers that never go back to the client from a denying HTTP provider.
 _HOP_BY_HOP = {"connection", "transfer-encoding", "keep-alive", "upgrade", "proxy-connection", "te", "trailer"}
 
@@ -111,6 +118,11 @@ def _set_header(key: str, value: str) -> HeaderOp:
 
 def _matches(patterns: tuple[HeaderPattern, ...] | None, name: str) -> bool:
     return patterns is not None and any(p.matches(name) for p in patterns)
+
+
+def timeout_ms(seconds: float) -> int:
+    """A timeout as Envoy holds it: whole milliseconds, the rest dropped (DurationUtil)."""
+    return round(seconds * 1_000_000) // 1000
 
 
 class ProviderPool:
@@ -187,6 +199,11 @@ class ProviderPool:
                 headers["host" if name == ":authority" else name] = value
         for k, v in s.additional_headers:
             headers[k] = v
+        # What Envoy's own client adds after the filter built the request, overriding the client's.
+        headers[ENVOY_INTERNAL[0]] = ENVOY_INTERNAL[1]
+        ms = timeout_ms(s.timeout_s)
+        if ms > 0:
+            headers[EXPECTED_TIMEOUT] = str(ms)
         body = b""
         if s.include_request_body:
             h = request.attributes.request.http

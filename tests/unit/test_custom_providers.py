@@ -1,18 +1,24 @@
 """Extension providers as istiod reads them: how `service` names the authorizer, what an
-invalid entry does (its CUSTOM rules deny what they match, everything else is served)."""
+invalid entry does (its CUSTOM rules deny what they match, everything else is served), and
+the headers Envoy's own HTTP ext_authz client adds to each call."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.authz import engine
 from extproc.config import loader
 from extproc.config.providers import GrpcProviderSettings, HttpProviderSettings, resolve_service
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
+from extproc.services.custom import ProviderPool, timeout_ms
 from tests.unit.helpers import decide, http_request, policy, snapshot_from_yaml, tcp_connection
 
 MESH_HEAD = "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  extensionProviders:\n"
@@ -216,3 +222,66 @@ def test_invalid_provider_is_reported_loudly_on_load(tmp_path: Path, caplog: pyt
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("'broken' is invalid" in m and "port must be in the range" in m for m in errors), errors
     assert holder.current.invalid_providers["broken"].problems
+
+
+# --- the HTTP call: what Envoy's async client and router add ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timeout", "ms"), [("2s", 2000), ("0.58s", 580), ("1500us", 1), ("0.0005s", 0), ("1m", 60000)]
+)
+def test_timeout_in_whole_milliseconds_as_envoy_holds_it(timeout: str, ms: int) -> None:
+    from extproc.config.providers import parse_duration
+
+    assert timeout_ms(parse_duration(timeout)) == ms
+
+
+def _call_http_provider(tmp_path: Path, settings: str, headers: dict[str, str]) -> dict[str, str]:
+    """One CUSTOM call to an in-process HTTP provider; the headers it received."""
+    seen: dict[str, str] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.update({k.lower(): v for k, v in request.headers.items()})
+        return web.Response(status=200)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        snap = snapshot_from_yaml(
+            tmp_path,
+            MESH_HEAD
+            + f"  - {{name: h, envoyExtAuthzHttp: {{service: localhost, port: {port}{settings}}}}}\n---\n"
+            + policy("ext", "action: CUSTOM\nprovider: {name: h}\nrules: [{}]"),
+        )
+        pool = ProviderPool()
+        try:
+            outcome = await pool.check(snap, "h", external_auth_pb2.CheckRequest(), http_request("/x", headers=headers))
+            assert outcome.allowed, outcome
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    asyncio.run(run())
+    return seen
+
+
+def test_http_provider_gets_envoys_internal_and_timeout_headers(tmp_path: Path) -> None:
+    seen = _call_http_provider(tmp_path, ", timeout: 0.25s", {})
+    assert seen["x-envoy-internal"] == "true"
+    assert seen["x-envoy-expected-rq-timeout-ms"] == "250"
+
+
+def test_http_provider_default_timeout_is_istios_600s(tmp_path: Path) -> None:
+    assert _call_http_provider(tmp_path, "", {})["x-envoy-expected-rq-timeout-ms"] == "600000"
+
+
+def test_envoys_headers_override_what_the_client_sent(tmp_path: Path) -> None:
+    """Forwarded by includeRequestHeadersInCheck, then set again by Envoy's client and router."""
+    headers: dict[str, Any] = {"x-envoy-internal": "false", "x-envoy-expected-rq-timeout-ms": "7"}
+    seen = _call_http_provider(tmp_path, ", timeout: 3s, includeRequestHeadersInCheck: ['x-envoy-*']", headers)
+    assert (seen["x-envoy-internal"], seen["x-envoy-expected-rq-timeout-ms"]) == ("true", "3000")
