@@ -5,6 +5,8 @@ must see the same status, body and headers, and the upstream the same headers.""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures import envoy_config as ec
-from tests.fixtures.procs import Proc, free_port, wait_until
+from tests.fixtures.procs import Proc, free_port, http_get, wait_until
 from tests.fixtures.stack import ExtprocProcess, HttpClient, Response
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +116,13 @@ def istio_custom_filters(
 
 
 def mesh_config(
-    kind: str, provider: Provider, timeout: str, fail_open: bool, status_on_error: int | None, body: bool = False
+    kind: str,
+    provider: Provider,
+    timeout: str,
+    fail_open: bool,
+    status_on_error: int | None,
+    body: bool = False,
+    service: str = "127.0.0.1",
 ) -> str:
     extra = f", failOpen: {str(fail_open).lower()}"
     if body:
@@ -123,11 +131,11 @@ def mesh_config(
         extra += f", statusOnError: '{status_on_error}'"
     if kind == "grpc":
         provider_yaml = (
-            f"envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {provider.grpc_port}, timeout: {timeout}{extra}}}"
+            f"envoyExtAuthzGrpc: {{service: {service}, port: {provider.grpc_port}, timeout: {timeout}{extra}}}"
         )
     else:
         provider_yaml = (
-            f"envoyExtAuthzHttp: {{service: 127.0.0.1, port: {provider.http_port}, timeout: {timeout}{extra}, "
+            f"envoyExtAuthzHttp: {{service: {service}, port: {provider.http_port}, timeout: {timeout}{extra}, "
             "pathPrefix: /check, includeRequestHeadersInCheck: ['x-ext-authz*'], "
             "includeAdditionalHeadersInCheck: {x-added-by-mesh: 'yes'}, "
             "headersToUpstreamOnAllow: [x-ext-authz-check-result], headersToDownstreamOnDeny: [x-ext-authz-check-result], "
@@ -159,11 +167,13 @@ def start_pair(
     fail_open: bool = False,
     status_on_error: int | None = None,
     body: bool = False,
+    service: str = "127.0.0.1",
+    launcher: list[str] | None = None,
 ) -> tuple[Pair, ExtprocProcess]:
     cfg = tmp / f"cfg-{kind}"
     cfg.mkdir()
-    (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error, body))
-    x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}")
+    (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error, body, service))
+    x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}", launcher=launcher)
     x.wait_ready()
     native, via, via_proc, admin = free_port(), free_port(), free_port(), free_port()
     listeners: list[Any] = [
@@ -290,5 +300,117 @@ def test_custom_grpc_provider_decides_tcp_connections(
         assert tcp_roundtrip(port, payload, ca=ca, server_name="allow.example") is not None
         assert tcp_roundtrip(port, payload, ca=ca, server_name="deny.example") is None
         assert any(c["kind"] == "grpc" and c["is_http"] is False for c in provider.received())
+    finally:
+        x.stop()
+
+
+# --- a provider named the Istio way, `namespace/hostname` -------------------------------------
+
+PROVIDER_HOST = "my-custom-ext-authz.foo.svc.cluster.local"
+
+
+def hosts_launcher(tmp: Path) -> list[str]:
+    """A command that runs extproc in a mount namespace whose /etc/hosts maps PROVIDER_HOST to
+    127.0.0.1, so the provider's name resolves as a Kubernetes service name does in a pod."""
+    hosts = tmp / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {PROVIDER_HOST}\n")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to give extproc its own /etc/hosts")
+    launcher = [unshare, "--map-root-user", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"']
+    launcher.append(str(hosts))
+    probe = subprocess.run([*launcher, "getent", "ahostsv4", PROVIDER_HOST], capture_output=True, timeout=10)
+    if probe.returncode != 0 or b"127.0.0.1" not in probe.stdout:
+        pytest.skip(f"unprivileged user and mount namespaces unavailable: {probe.stderr.decode()[-200:]}")
+    return launcher
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_provider_named_namespace_slash_host_is_called(
+    tmp_path: Path, start_envoy: Any, provider: Provider, upstream: int, kind: str
+) -> None:
+    """`foo/my-custom-ext-authz.foo.svc.cluster.local`: extproc dials the host, as istiod resolves
+    it, so the provider's denial and its added headers reach the client as through Envoy's filter."""
+    launcher = hosts_launcher(tmp_path)
+    pair, x = start_pair(
+        tmp_path, start_envoy, provider, upstream, kind, service=f"foo/{PROVIDER_HOST}", launcher=launcher
+    )
+    try:
+        cases = [CASES[0], CASES[1], CASES[5]]  # allowed, denied, not matched by the CUSTOM rule
+        native = [observe(HttpClient(pair.native).get(path, headers)) for path, headers in cases]
+        before = len(provider.received())
+        for port in (pair.extproc, pair.ext_proc):
+            assert [observe(HttpClient(port).get(path, headers)) for path, headers in cases] == native, port
+        assert len(provider.received()) - before == 4  # two CUSTOM requests on each listener
+        allowed, denied, _ = native
+        assert allowed["status"] == 200 and allowed["upstream"]["x-ext-authz-check-result"] == "allowed"
+        assert denied["status"] == 403 and denied["headers"]["x-ext-authz-check-result"] == "denied"
+        assert denied["body"].decode().startswith("denied by ext_authz")
+    finally:
+        x.stop()
+
+
+def test_invalid_provider_denies_its_custom_rules_and_serves_the_rest(
+    tmp_path: Path, start_envoy: Any, upstream: int
+) -> None:
+    """A port of 999999: istiod replaces the CUSTOM filter pair with an RBAC filter denying what
+    the CUSTOM rules match (`...-deny-due-to-bad-CUSTOM-action`); the other policies still apply."""
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "p.yaml").write_text(
+        "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  extensionProviders:\n"
+        "  - {name: ext, envoyExtAuthzHttp: {service: 127.0.0.1, port: 999999}}\n---\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: foo}\n"
+        "spec:\n  action: CUSTOM\n  provider: {name: ext}\n  rules:\n  - to: [{operation: {paths: ['/ext*']}}]\n---\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: foo}\n"
+        "spec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: ['/deny']}}]\n"
+    )
+    x = ExtprocProcess([cfg], tmp_path)
+    x.wait_ready()  # the configuration loads
+
+    def deny_rbac(policy: str, prefix: str) -> dict[str, Any]:
+        permission = {"and_rules": {"rules": [{"or_rules": {"rules": [{"url_path": {"path": {"prefix": prefix}}}]}}]}}
+        return {
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {
+                    "action": "DENY",
+                    "policies": {policy: {"permissions": [permission], "principals": [{"any": True}]}},
+                },
+            },
+        }
+
+    try:
+        native, via, via_proc, admin = free_port(), free_port(), free_port(), free_port()
+        istio = [
+            deny_rbac(RULE_ID + "-deny-due-to-bad-CUSTOM-action", "/ext"),
+            deny_rbac("ns[foo]-policy[deny]-rule[0]", "/deny"),
+        ]
+        listeners: list[Any] = [
+            ec.HttpListener("native", native, istio),
+            ec.HttpListener("extproc", via, [ec.ext_authz_http()]),
+            ec.HttpListener("ext_proc", via_proc, ec.ext_proc_chain()),
+        ]
+        clusters = [
+            ec.cluster("upstream", "127.0.0.1", upstream),
+            ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+        ]
+        start_envoy(ec.bootstrap(admin, listeners, clusters), admin)
+        for path in ("/ext/a", "/deny", "/ok"):
+            want = HttpClient(native).get(path, {})
+            assert want.status == (200 if path == "/ok" else 403), path
+            for port in (via, via_proc):
+                got = HttpClient(port).get(path, {})
+                assert (got.status, got.body if got.status != 200 else b"") == (
+                    want.status,
+                    want.body if want.status != 200 else b"",
+                ), (port, path)
+        # said loudly: a warning naming the field on /readyz, the entry on /debug/config, an error in the log
+        warnings = x.readyz()["last_reload"]["warnings"]
+        assert any("spec.extensionProviders[0].envoyExtAuthzHttp.port" in w for w in warnings), warnings
+        debug = json.loads(http_get(f"http://127.0.0.1:{x.admin_port}/debug/config")[1])
+        assert list(debug["invalid_providers"]) == ["ext"] and "ext" not in debug["providers"]
+        assert "extension provider 'ext' is invalid" in x.proc.log()
     finally:
         x.stop()
