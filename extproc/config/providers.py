@@ -284,13 +284,16 @@ def resolve_providers(providers: Iterable[ExtensionProvider], base: Path) -> Res
     """Each ext_authz entry as settings, or as an InvalidProvider with istiod's reasons.
 
     As in istiod's processExtensionProvider, a name that is empty, malformed or already
-    used makes that entry unusable; a second entry of one name replaces the first, so the
-    name is unusable too. Entries of other kinds (tracing, logging) are skipped.
+    used by an ext_authz entry makes that entry unusable; a second entry of one name
+    replaces the first, so the name is unusable too. Entries of other kinds (tracing,
+    logging) are skipped, names included.
     """
     out = ResolvedProviders()
     seen: set[str] = set()
     for i, prov in enumerate(providers):
         path: Path = (*base, i)
+        if prov.envoy_ext_authz_grpc is None and prov.envoy_ext_authz_http is None:
+            continue  # istiod's authz builder never sees other kinds, nor their names
         problems: list[tuple[Path, str]] = []
         if (msg := _provider_name_problem(prov.name)) is not None:
             problems.append(((*path, "name"), msg))

@@ -165,6 +165,17 @@ def test_a_repeated_provider_name_makes_the_name_unusable(tmp_path: Path) -> Non
     assert any("must be unique" in p for p in loaded.invalid_providers["g"].problems)
 
 
+def test_a_tracing_provider_of_the_same_name_is_no_duplicate(tmp_path: Path) -> None:
+    """istiod's authz builder indexes ext_authz entries only."""
+    (tmp_path / "mesh.yaml").write_text(
+        MESH_HEAD
+        + "  - {name: g, zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}}\n"
+        + "  - {name: g, envoyExtAuthzGrpc: {service: a.b, port: 1}}\n"
+    )
+    loaded = loader.load([tmp_path])
+    assert "g" in loaded.providers and not loaded.invalid_providers
+
+
 MIXED = (
     MESH_HEAD
     + "  - {name: good, envoyExtAuthzGrpc: {service: authz.foo.svc.cluster.local, port: 9000}}\n"
