@@ -149,8 +149,12 @@ def ip_problem(value: str) -> str | None:
     return None
 
 
+_ASCII_DIGITS = re.compile(r"^[0-9]+$")
+
+
 def port_problem(value: str) -> str | None:
-    if not value.isdigit() or int(value) > 65535:
+    # Go's ParseUint: ASCII digits only (str.isdigit would let "²" through to int() and crash)
+    if not _ASCII_DIGITS.match(value) or int(value) > 65535:
         return f"bad port ({value})"
     return None
 

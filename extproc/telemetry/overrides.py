@@ -164,7 +164,7 @@ class Tracing(_Strict):
     disable_context_propagation: bool | None = None
     enable_istio_tags: bool | None = None
     use_request_id_for_trace_sampling: bool | None = None
-    random_sampling_percentage: Annotated[float | None, Field(strict=False)] = None
+    random_sampling_percentage: float | None = None  # strict: a number (an int is fine), never a string
 
 
 class AccessLogFilter(_Strict):
