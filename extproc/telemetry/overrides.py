@@ -45,6 +45,10 @@ ints), `cond ? a : b`, `has(attr)` (also `has(request.headers['x'])`, which real
 spells `'x' in request.headers`), `string(x)` and the `startsWith`, `endsWith` and
 `contains` methods. A value that is absent (empty string, no response code, a missing
 header) is an evaluation error, which Istio reports as `unknown`; `has()` tests for it.
+Istio validates no tag value, so a value outside this subset (or naming no attribute) still
+loads, with a warning naming its field, and reads `unknown`. Tag names are not validated by
+Istio either; a name outside Prometheus syntax is exported as Envoy's Prometheus output
+spells it (`my-tag` as `my_tag`), with a warning.
 """
 
 from __future__ import annotations
