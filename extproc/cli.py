@@ -77,7 +77,8 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
             print(f"  applies: {p.ref.namespace}/{p.ref.name} ({p.ref.action}{', dry-run' if p.ref.dry_run else ''})")
         for prov in snap.authn.providers:
             keys = "inline jwks" if prov.inline_keys is not None else (prov.remote.jwks_uri or "OpenID discovery")
-            print(f"  applies: RequestAuthentication {prov.origin}: issuer {prov.issuer} ({prov.name}, keys: {keys})")
+            iss = prov.issuer or "(any)"
+            print(f"  applies: RequestAuthentication {prov.origin}: issuer {iss} ({prov.name}, keys: {keys})")
         for name, why in snap.ignored_policies:
             print(f"  ignored: {name}: {why}")
     return 0

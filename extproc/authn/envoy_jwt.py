@@ -10,7 +10,10 @@ jwt_authn filter instead. It follows istiod's ``convertToEnvoyJwtConfig``
 * ``permission`` and ``scope`` are always space-delimited claims;
 * a request with no token passes (``allow_missing``); an invalid token is rejected
   with 401 by jwt_authn itself. With several rules the requirement is "any provider,
-  or all of them allowing missing", so one good token is enough.
+  or all of them allowing missing", so one good token is enough;
+* a rule with ``presence: REQUIRED`` loses its ``allow_missing``, and once any rule
+  is REQUIRED the requirement is ``requires_all`` over every rule's own requirement
+  (no "any provider" shortcut).
 
 Only inline ``jwks`` is translated: istiod fetches ``jwksUri`` itself and inlines the
 keys, which a static bootstrap cannot do, so a rule without ``jwks`` is an error here.
@@ -30,7 +33,7 @@ def _provider(rule: Mapping[str, Any]) -> dict[str, Any]:
     if not rule.get("jwks"):
         raise ValueError(f"jwtRule for issuer {rule.get('issuer')!r} has no inline jwks (jwksUri is not translated)")
     p: dict[str, Any] = {
-        "issuer": rule["issuer"],
+        "issuer": rule.get("issuer", ""),
         "payload_in_metadata": PAYLOAD_KEY,
         "normalize_payload_in_metadata": {
             "space_delimited_claims": sorted({*(rule.get("spaceDelimitedClaims") or []), "permission", "scope"})
@@ -58,17 +61,24 @@ def _provider(rule: Mapping[str, Any]) -> dict[str, Any]:
 def jwt_authn_filter(request_authentications: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The HCM ``http_filters`` entry for these RequestAuthentication documents (dicts as in YAML)."""
     rules = [r for ra in request_authentications for r in (ra["spec"].get("jwtRules") or [])]
-    rules = sorted(rules, key=lambda r: r["issuer"])  # stable, like Go's slices.SortBy
+    rules = sorted(rules, key=lambda r: r.get("issuer", ""))  # stable, like Go's slices.SortBy
     providers: dict[str, Any] = {}
     inner_and: list[dict[str, Any]] = []
     outer_or: list[dict[str, Any]] = []
+    any_required = False
     for i, rule in enumerate(rules):
         name = f"origins-{i}"
         providers[name] = _provider(rule)
-        inner_and.append({"requires_any": {"requirements": [{"provider_name": name}, {"allow_missing": {}}]}})
+        if rule.get("presence") == "REQUIRED":
+            any_required = True
+            inner_and.append({"provider_name": name})
+        else:
+            inner_and.append({"requires_any": {"requirements": [{"provider_name": name}, {"allow_missing": {}}]}})
         outer_or.append({"provider_name": name})
     if len(inner_and) == 1:
         requires = inner_and[0]
+    elif any_required:
+        requires = {"requires_all": {"requirements": inner_and}}
     else:
         requires = {"requires_any": {"requirements": [*outer_or, {"requires_all": {"requirements": inner_and}}]}}
     return {

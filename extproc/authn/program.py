@@ -5,6 +5,11 @@ Istio (pilot/pkg/security/authn/policy_applier.go) concatenates the jwtRules of 
 applicable RequestAuthentication, sorts them by issuer and names the providers
 `origins-<i>`. One rule gives `requires_any{P0, allow_missing}`; N rules give
 `requires_any{P0..PN-1, requires_all{any{P0, allow_missing} .. any{PN-1, allow_missing}}}`.
+A rule with `presence: REQUIRED` (istio/istio#60823) loses its `allow_missing`: once any
+rule is REQUIRED the root is `requires_all` over every rule, a REQUIRED one as the bare
+provider and an OPTIONAL one as `any{Pi, allow_missing}`, with no outer "any provider"
+shortcut, so an optional token alone cannot stand in for a required one (and one REQUIRED
+rule on its own is just its provider: no token is 401 "Jwt is missing").
 The tree is kept as data so the verifier can walk it exactly as Envoy does.
 """
 
@@ -196,6 +201,7 @@ class RuleInput:
     claim_headers: tuple[tuple[str, str], ...] = ()
     timeout_s: float = DEFAULT_JWKS_TIMEOUT_S
     space_delimited: tuple[str, ...] | None = None
+    required: bool = False  # presence: REQUIRED
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -236,8 +242,16 @@ def compile_rules(rules: Sequence[RuleInput]) -> AuthnProgram:
         )
         for i, (r, loc) in enumerate(zip(ordered, locs, strict=True))
     )
-    if len(providers) == 1:
-        root: Requirement = RequireAny((RequireProvider(providers[0]),), allow_missing=True)
+    required = [r.required for r in ordered]
+    root: Requirement
+    if any(required):
+        per_rule = tuple(
+            RequireProvider(p) if req else RequireAny((RequireProvider(p),), allow_missing=True)
+            for p, req in zip(providers, required, strict=True)
+        )
+        root = per_rule[0] if len(per_rule) == 1 else RequireAll(per_rule)
+    elif len(providers) == 1:
+        root = RequireAny((RequireProvider(providers[0]),), allow_missing=True)
     else:
         inner = tuple(RequireAny((RequireProvider(p),), allow_missing=True) for p in providers)
         root = RequireAny((*(RequireProvider(p) for p in providers), RequireAll(inner)))

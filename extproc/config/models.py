@@ -164,6 +164,8 @@ class JwtRule(_Strict):
     output_claim_to_headers: list[ClaimToHeader | None] | None = None
     timeout: str | None = None
     space_delimited_claims: Annotated[StrList | None, Field(max_length=64)] = None
+    # OPTIONAL (the default) or REQUIRED: a REQUIRED rule's token must be present and valid.
+    presence: str | None = None
 
 
 class RequestAuthenticationSpec(_Strict):

@@ -283,6 +283,7 @@ def jwt_rule_inputs(ra: RequestAuthentication, ident: str) -> list[RuleInput]:
                 claim_headers=tuple((c.header, c.claim) for c in rule.output_claim_to_headers or () if c is not None),
                 timeout_s=parse_duration(rule.timeout) if rule.timeout else DEFAULT_JWKS_TIMEOUT_S,
                 space_delimited=tuple(rule.space_delimited_claims) if rule.space_delimited_claims is not None else None,
+                required=rule.presence == "REQUIRED",
             )
         )
     return out

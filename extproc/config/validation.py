@@ -13,7 +13,7 @@ import ipaddress
 import json
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from extproc.config.models import (
     Condition,
     JwtRule,
     Operation,
+    PolicyTargetReference,
     RequestAuthentication,
     Source,
 )
@@ -148,8 +149,12 @@ def ip_problem(value: str) -> str | None:
     return None
 
 
+_ASCII_DIGITS = re.compile(r"^[0-9]+$")
+
+
 def port_problem(value: str) -> str | None:
-    if not value.isdigit() or int(value) > 65535:
+    # Go's ParseUint: ASCII digits only (str.isdigit would let "²" through to int() and crash)
+    if not _ASCII_DIGITS.match(value) or int(value) > 65535:
         return f"bad port ({value})"
     return None
 
@@ -316,20 +321,106 @@ _CUSTOM_FORBIDDEN_SOURCE = (
 _CUSTOM_FORBIDDEN_KEYS = ("source.namespace", "source.serviceAccount", "source.trustDomain", "source.principal")
 
 
-def _selector_problems(spec: Any) -> Iterable[Problem]:
-    """Istio's validateOneOfSelectorType and validateWorkloadSelector, shared by both kinds."""
-    set_count = sum(1 for x in (spec.selector, spec.target_ref, spec.target_refs or None) if x is not None)
+# --- metadata, selector and targetRef (shared by every kind Istio validates) ----------
+
+# Annotations Istio's webhook refuses on any resource (pkg/config/constants): internal
+# ones that would escalate privileges, and the one that makes the webhook reject on purpose.
+REJECTED_ANNOTATIONS = {
+    "internal.istio.io/webhook-always-reject": "annotation found, rejecting",
+    "internal.istio.io/parent-namespace": "annotation found, this may not be set by users",
+    "internal.istio.io/parents": "annotation found, this may not be set by users",
+}
+
+
+def metadata_problems(annotations: Mapping[str, str], action: Action | None) -> Iterable[Problem]:
+    """Istio's validateMetadata, which wraps every validation function: the dry-run annotation
+    is allowed only on an AuthorizationPolicy (`action` is None for any other kind), and then
+    only with ALLOW or DENY and a Go boolean value."""
+    ap: Path = ("metadata", "annotations")
+    dry_run = annotations.get(DRY_RUN_ANNOTATION)
+    if dry_run is not None:
+        if action is None:
+            yield Problem((*ap, DRY_RUN_ANNOTATION), f"unsupported annotation {DRY_RUN_ANNOTATION}, please remove it")
+        elif action not in (Action.ALLOW, Action.DENY):
+            yield Problem(
+                (*ap, DRY_RUN_ANNOTATION),
+                f"the annotation {DRY_RUN_ANNOTATION} only supports action ALLOW/DENY, found {action}",
+            )
+        elif parse_go_bool(dry_run) is None:
+            yield Problem((*ap, DRY_RUN_ANNOTATION), f"invalid value ({dry_run}): not a boolean")
+    for name, why in REJECTED_ANNOTATIONS.items():
+        if name in annotations:
+            yield Problem((*ap, name), why)
+
+
+# The kinds a targetRef may name (Istio's allowedTargetRefs), by (canonical group, kind);
+# an empty group is the core group.
+ALLOWED_TARGET_KINDS = frozenset(
+    {
+        ("core", "Service"),
+        ("networking.istio.io", "ServiceEntry"),
+        ("gateway.networking.k8s.io", "Gateway"),
+        ("gateway.networking.k8s.io", "GatewayClass"),
+    }
+)
+_GROUP = re.compile(r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_KIND = re.compile(r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+
+
+def target_ref_problems(path: Path, ref: PolicyTargetReference) -> Iterable[Problem]:
+    """The CRD's rules for a PolicyTargetReference plus Istio's validatePolicyTargetReference."""
+    if len(ref.group) > 253 or not _GROUP.match(ref.group):
+        yield Problem((*path, "group"), f"invalid group {ref.group!r}: must be a DNS subdomain of at most 253 chars")
+    if not ref.kind or len(ref.kind) > 63 or not _KIND.match(ref.kind):
+        yield Problem((*path, "kind"), f"invalid kind {ref.kind!r}: must match [a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?")
+    if not ref.name:
+        yield Problem((*path, "name"), "targetRef name must be set")
+    elif len(ref.name) > 253:
+        yield Problem((*path, "name"), "must be at most 253 characters")
+    if ref.namespace:
+        yield Problem(
+            (*path, "namespace"), "targetRef namespace must not be set; cross namespace referencing is not supported"
+        )
+    if (ref.group or "core", ref.kind) not in ALLOWED_TARGET_KINDS:
+        allowed = ", ".join(f"{g}/{k}" for g, k in sorted(ALLOWED_TARGET_KINDS))
+        yield Problem(path, f"targetRef must be to one of {allowed} but was {ref.group}/{ref.kind}")
+
+
+def target_ref_ignored(spec: Any, problems: list[Problem]) -> Iterable[Problem]:
+    """The warning for a valid targetRef: Istio accepts it, but it selects Gateways and
+    waypoints, so the resource applies to no sidecar workload, which is what extproc serves."""
+    if (spec.target_ref is not None or spec.target_refs is not None) and not any(not p.warning for p in problems):
+        yield Problem(
+            ("spec", "targetRef" if spec.target_ref is not None else "targetRefs"),
+            "ignored: targetRef(s) select Gateways and waypoints, never a sidecar workload, "
+            "so extproc applies this resource to no workload",
+            warning=True,
+        )
+
+
+def selector_problems(spec: Any) -> Iterable[Problem]:
+    """Istio's validateOneOfSelectorType, validateWorkloadSelector and the targetRef checks,
+    with the CRD's limits on labels; shared by every kind that has a selector."""
+    set_count = sum(1 for x in (spec.selector, spec.target_ref, spec.target_refs) if x is not None)
     if set_count > 1:
         yield Problem(("spec",), "only one of targetRefs or workloadSelector can be set")
     if spec.selector is not None:
         labels = spec.selector.match_labels or {}
+        if len(labels) > 4096:
+            yield Problem(("spec", "selector", "matchLabels"), "may not have more than 4096 labels")
         for k, v in labels.items():
             if k == "":
                 yield Problem(("spec", "selector", "matchLabels"), f"empty key is not supported in selector: {k}={v}")
             if "*" in k or "*" in v:
                 yield Problem(("spec", "selector", "matchLabels", k), f"wildcard is not supported in selector: {k}={v}")
+            if len(v) > 63:
+                yield Problem(("spec", "selector", "matchLabels", k), "label value may not exceed 63 characters")
         if not labels:
             yield Problem(("spec", "selector"), "workload selector specified without labels", warning=True)
+    if spec.target_ref is not None:
+        yield from target_ref_problems(("spec", "targetRef"), spec.target_ref)
+    for i, ref in enumerate(spec.target_refs or ()):
+        yield from target_ref_problems(("spec", "targetRefs", i), ref)
 
 
 def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
@@ -337,20 +428,9 @@ def validate_authorization_policy(policy: AuthorizationPolicy) -> list[Problem]:
     problems: list[Problem] = []
     add = problems.append
 
-    # Metadata: the dry-run annotation, as Istio's validateMetadata checks it.
-    dry_run = policy.metadata.annotations.get(DRY_RUN_ANNOTATION)
-    if dry_run is not None:
-        if spec.action not in (Action.ALLOW, Action.DENY):
-            add(
-                Problem(
-                    ("metadata", "annotations", DRY_RUN_ANNOTATION),
-                    f"the annotation {DRY_RUN_ANNOTATION} only supports action ALLOW/DENY, found {spec.action}",
-                )
-            )
-        elif parse_go_bool(dry_run) is None:
-            add(Problem(("metadata", "annotations", DRY_RUN_ANNOTATION), f"invalid value ({dry_run}): not a boolean"))
-
-    problems.extend(_selector_problems(spec))
+    problems.extend(metadata_problems(policy.metadata.annotations, spec.action))
+    problems.extend(selector_problems(spec))
+    problems.extend(target_ref_ignored(spec, problems))
 
     rules = spec.rules
     if spec.action == Action.CUSTOM:
@@ -485,6 +565,7 @@ def _alias(model: type, field: str) -> str:
 # --- RequestAuthentication (Istio's ValidateRequestAuthentication plus the CRD's rules) ---
 
 _STRICT_HEADER_NAME = re.compile(r"^[-_A-Za-z0-9]+$")
+JWT_PRESENCE = ("OPTIONAL", "REQUIRED")
 
 
 def _jwks_uri_problem(uri: str) -> str | None:
@@ -493,8 +574,6 @@ def _jwks_uri_problem(uri: str) -> str | None:
     parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in ("http", "https"):
         return f"URI scheme {parsed.scheme!r} is not supported: url must have scheme http:// or https://"
-    if not parsed.hostname:
-        return "has no host"
     try:
         parsed.port  # noqa: B018 - raises on a bad port
     except ValueError as e:
@@ -516,16 +595,30 @@ def _duration_problem(text: str) -> str | None:
 
 
 def _jwt_rule(path: Path, rule: JwtRule) -> Iterable[Problem]:
-    if not rule.issuer:
-        # The CRD requires it (MinLength=1); without it no token could name its verifier.
-        yield Problem((*path, "issuer"), "issuer must be a non-empty string")
+    given = rule.model_fields_set
+    if "issuer" in given and not rule.issuer:
+        yield Problem((*path, "issuer"), "issuer must be a non-empty string when set")
+    if "jwks_uri" in given and not rule.jwks_uri:
+        yield Problem((*path, "jwksUri"), "jwksUri must be a non-empty string when set")
+    if not rule.issuer and not rule.jwks_uri:
+        # Istio's validateJwtRule: a rule needs at least one of them. With only a jwksUri,
+        # tokens of any issuer are verified against its keys (Envoy checks no `iss`).
+        yield Problem(path, "issuer or jwksUri must be non-empty string")
+    if rule.presence is not None and rule.presence not in JWT_PRESENCE:
+        yield Problem((*path, "presence"), f"unsupported value {rule.presence!r}: one of {', '.join(JWT_PRESENCE)}")
     for i, aud in enumerate(rule.audiences or ()):
         if not aud:
             yield Problem((*path, "audiences", i), "audience must be non-empty string")
-    if rule.jwks and rule.jwks_uri:
+    if "jwks" in given and "jwks_uri" in given:
         yield Problem(path, "only one of jwks or jwksUri can be set")
     if rule.jwks_uri and (msg := _jwks_uri_problem(rule.jwks_uri)) is not None:
         yield Problem((*path, "jwksUri"), msg)
+    elif rule.jwks_uri and not rule.jwks and not urllib.parse.urlsplit(rule.jwks_uri).hostname:
+        yield Problem(
+            (*path, "jwksUri"),
+            "has no host: no keys can be fetched, so every token for this rule will be rejected (as in Istio)",
+            warning=True,
+        )
     if rule.jwks:
         try:
             parse_jwks(rule.jwks)
@@ -587,8 +680,13 @@ def _has_private_material(jwks_text: str) -> bool:
 
 
 def validate_request_authentication(ra: RequestAuthentication) -> list[Problem]:
-    problems = list(_selector_problems(ra.spec))
+    problems = list(metadata_problems(ra.metadata.annotations, None))
+    problems.extend(selector_problems(ra.spec))
+    problems.extend(target_ref_ignored(ra.spec, problems))
     for i, rule in enumerate(ra.spec.jwt_rules or ()):
-        if rule is not None:
+        if rule is None:
+            # The CRD: "spec.jwtRules[i] in body must be of type object".
+            problems.append(Problem(("spec", "jwtRules", i), "a jwtRule must be an object, not null"))
+        else:
             problems.extend(_jwt_rule(("spec", "jwtRules", i), rule))
     return problems

@@ -8,8 +8,8 @@ What a workload gets, as istio/istio `pilot/pkg/model/telemetry.go` computes it:
   subset of the workload's labels. Within a level Istio takes the oldest resource
   (`metadata.creationTimestamp`), ties and resources without a timestamp ordered by
   `name.namespace`; every other resource is listed in `TelemetryPlans.ignored` with why.
-  `targetRef`/`targetRefs` are rejected at load time: they select Gateways and Services,
-  never a sidecar's workload.
+  A resource with `targetRef`/`targetRefs` is validated as Istio does and then applies to
+  no workload: it selects Gateways and waypoints, never a sidecar (listed in `ignored`).
 * **How levels combine.** Not by replacement: the `metrics` entries of root, namespace
   and workload are concatenated in that order and every override is applied on top of the
   ones before it ("They will be applied on top of inherited overrides from other resources
@@ -45,6 +45,10 @@ ints), `cond ? a : b`, `has(attr)` (also `has(request.headers['x'])`, which real
 spells `'x' in request.headers`), `string(x)` and the `startsWith`, `endsWith` and
 `contains` methods. A value that is absent (empty string, no response code, a missing
 header) is an evaluation error, which Istio reports as `unknown`; `has()` tests for it.
+Istio validates no tag value, so a value outside this subset (or naming no attribute) still
+loads, with a warning naming its field, and reads `unknown`. Tag names are not validated by
+Istio either; a name outside Prometheus syntax is exported as Envoy's Prometheus output
+spells it (`my-tag` as `my_tag`), with a warning.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ from pydantic.alias_generators import to_camel
 from extproc.config.errors import ConfigIssue, Location, format_path
 from extproc.config.models import ObjectMeta, PolicyTargetReference, WorkloadSelector
 from extproc.config.providers import parse_duration
-from extproc.config.validation import Problem
+from extproc.config.validation import Problem, metadata_problems, selector_problems, target_ref_ignored
 from extproc.config.yamlsource import Document
+from extproc.telemetry.celsyntax import parse_problem as cel_parse_problem
 from extproc.telemetry.labels import INDEX, LABELS, METRICS, UNKNOWN, Family, Kind, MetricDef
 from extproc.telemetry.record import Direction, HttpRecord, TcpRecord
 from extproc.telemetry.store import Key, MetricPlan
@@ -124,13 +129,68 @@ class Metrics(_Strict):
     reporting_interval: str | None = None
 
 
+class ModeSelector(_Strict):
+    mode: str | None = None
+
+
+class LiteralTag(_Strict):
+    value: str = ""
+
+
+class EnvironmentTag(_Strict):
+    name: str = ""
+    default_value: str | None = None
+
+
+class HeaderTag(_Strict):
+    name: str = ""
+    default_value: str | None = None
+
+
+class FormatterTag(_Strict):
+    value: str = ""
+
+
+class CustomTag(_Strict):
+    literal: LiteralTag | None = None
+    environment: EnvironmentTag | None = None
+    header: HeaderTag | None = None
+    formatter: FormatterTag | None = None
+
+
+class Tracing(_Strict):
+    """Validated as Istio does, not applied: extproc's tracing is configured by its own flags."""
+
+    match: ModeSelector | None = None
+    providers: list[ProviderRef | None] | None = None
+    custom_tags: dict[str, CustomTag | None] | None = None
+    disable_span_reporting: bool | None = None
+    disable_context_propagation: bool | None = None
+    enable_istio_tags: bool | None = None
+    use_request_id_for_trace_sampling: bool | None = None
+    random_sampling_percentage: float | None = None  # strict: a number (an int is fine), never a string
+
+
+class AccessLogFilter(_Strict):
+    expression: str = ""
+
+
+class AccessLogging(_Strict):
+    """Validated as Istio does, not applied: Envoy writes access logs, extproc reads them."""
+
+    match: ModeSelector | None = None
+    providers: list[ProviderRef | None] | None = None
+    disabled: bool | None = None
+    filter: AccessLogFilter | None = None
+
+
 class TelemetrySpec(_Strict):
     selector: WorkloadSelector | None = None
     target_ref: PolicyTargetReference | None = None
-    target_refs: list[PolicyTargetReference] | None = None
+    target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
     metrics: list[Metrics | None] | None = None
-    tracing: list[Any] | None = None  # accepted, not used by extproc
-    access_logging: list[Any] | None = None  # accepted, not used by extproc
+    tracing: list[Tracing | None] | None = None
+    access_logging: list[AccessLogging | None] | None = None
 
 
 class TelemetryMeta(ObjectMeta):
@@ -857,9 +917,16 @@ class CompiledValue:
 
 @functools.lru_cache(maxsize=1024)
 def compile_value(text: str, kind: str) -> CompiledValue:
-    """Compile a tag value for HTTP (HttpRecord) or TCP (TcpRecord) records."""
-    node = parse_expression(text)
-    fn, const = _lower(node, kind)
+    """Compile a tag value for HTTP (HttpRecord) or TCP (TcpRecord) records.
+
+    A value outside the supported subset (Istio does not validate tag values; the proxy
+    reports an expression it cannot evaluate as `unknown`) is the constant `unknown`:
+    validation has already warned about it."""
+    try:
+        node = parse_expression(text)
+        fn, const = _lower(node, kind)
+    except ExprError:
+        return CompiledValue(text, UNKNOWN, None)
     if const:
         return CompiledValue(text, _text(fn(None)), None)
     if isinstance(node, Header):  # the common cases, without a wrapper
@@ -890,7 +957,10 @@ def expression_headers(text: str) -> frozenset[str]:
                 if hasattr(c, "type"):
                     walk(c)
 
-    walk(parse_expression(text))
+    try:
+        walk(parse_expression(text))
+    except ExprError:  # evaluated as `unknown`: it reads nothing
+        return frozenset()
     return frozenset(found)
 
 
@@ -913,9 +983,18 @@ _METRIC_SAMPLE_NAMES = frozenset(
 )
 
 
+def prometheus_label(name: str) -> str:
+    """The label name Envoy's Prometheus output gives a tag (PrometheusStatsFormatter::
+    sanitizeName): every character outside [a-zA-Z0-9_] becomes `_`, and a leading digit
+    gets a `_` in front. Istio accepts any tag name; this is what a scrape then shows."""
+    out = re.sub(r"[^a-zA-Z0-9_]", "_", name)
+    return "_" + out if out[:1].isdigit() else out
+
+
 def tag_name_problem(name: str) -> str | None:
-    if not LABEL_NAME.match(name):
-        return f"invalid label name {name!r}: Prometheus needs [a-zA-Z_][a-zA-Z0-9_]*"
+    """Why a (sanitised) label name cannot be exported, or None. Istio accepts these names;
+    extproc refuses them because they would make its whole /metrics page unreadable or
+    collide with the names Prometheus gives histogram series."""
     if name.startswith("__"):
         return f"invalid label name {name!r}: names starting with __ are reserved by Prometheus"
     return None
@@ -933,39 +1012,94 @@ def _is_all(sel: MetricSelector | None) -> bool:
     return sel is None or (sel.custom_metric is None and sel.metric in (None, ALL_METRICS))
 
 
+def _targets_workloads(spec: TelemetrySpec) -> bool:
+    return spec.target_ref is None and spec.target_refs is None
+
+
+def _providers_problem(path: Path, providers: Sequence[ProviderRef | None] | None) -> Iterable[Problem]:
+    """Istio's validateTelemetryProviders (and the CRD's `name` minLength 1)."""
+    for j, p in enumerate(providers or ()):
+        if p is None or not p.name:
+            yield Problem((*path, "providers", j, "name"), "providers.name may not be empty")
+
+
+def _mode_problem(path: Path, match: ModeSelector | MetricSelector | None) -> Iterable[Problem]:
+    if match is not None and match.mode is not None and match.mode not in MODES:
+        yield Problem((*path, "match", "mode"), f"unknown mode {match.mode!r}; one of {', '.join(MODES)}")
+
+
+def _tracing_problems(tracing: Sequence[Tracing | None]) -> Iterable[Problem]:
+    """Istio's validateTelemetryTracing plus the CRD's rules; extproc applies none of it."""
+    if len(tracing) > 1:
+        yield Problem(("spec", "tracing"), "multiple tracing is not currently supported", warning=True)
+    for i, t in enumerate(tracing):
+        tp: Path = ("spec", "tracing", i)
+        if t is None:
+            yield Problem(tp, "tracing entries may not be null")  # the CRD: items must be objects
+            continue
+        yield from _mode_problem(tp, t.match)
+        yield from _providers_problem(tp, t.providers)
+        if len(t.providers or ()) > 1:
+            yield Problem((*tp, "providers"), "multiple providers is not currently supported", warning=True)
+        pct = t.random_sampling_percentage
+        if pct is not None and not 0 <= pct <= 100:
+            yield Problem((*tp, "randomSamplingPercentage"), "randomSamplingPercentage must be in range [0.0, 100.0]")
+        for name, tag in (t.custom_tags or {}).items():
+            cp: Path = (*tp, "customTags", name)
+            if name == "":
+                yield Problem((*tp, "customTags"), "tag name may not be empty")
+            if tag is None:
+                yield Problem(cp, f"tag '{name}' may not have a nil value")
+                continue
+            kinds = [k for k in ("literal", "environment", "header", "formatter") if getattr(tag, k) is not None]
+            if len(kinds) > 1:
+                yield Problem(cp, f"only one of literal, environment, header or formatter may be set, found {kinds}")
+            if tag.literal is not None and not tag.literal.value:
+                yield Problem((*cp, "literal", "value"), "literal tag value may not be empty")
+            if tag.header is not None and not tag.header.name:
+                yield Problem((*cp, "header", "name"), "header tag name may not be empty")
+            if tag.environment is not None and not tag.environment.name:
+                yield Problem((*cp, "environment", "name"), "environment tag name may not be empty")
+            if tag.formatter is not None and not tag.formatter.value:
+                yield Problem((*cp, "formatter", "value"), "formatter tag value may not be empty")
+
+
+def _access_logging_problems(logging: Sequence[AccessLogging | None]) -> Iterable[Problem]:
+    """Istio's validateTelemetryAccessLogging: the filter must parse as CEL (cel-go's Parse);
+    extproc does not apply access-log settings (Envoy writes the logs)."""
+    for i, a in enumerate(logging):
+        ap: Path = ("spec", "accessLogging", i)
+        if a is None:
+            yield Problem(ap, "accessLogging entries may not be null")  # the CRD: items must be objects
+            continue
+        yield from _mode_problem(ap, a.match)
+        if a.filter is not None and (msg := cel_parse_problem(a.filter.expression)) is not None:
+            yield Problem((*ap, "filter", "expression"), f"must be a valid CEL expression: {msg}")
+        yield from _providers_problem(ap, a.providers)
+
+
 def validate_telemetry(t: TelemetryResource) -> list[Problem]:
-    """Istio's ValidateTelemetry for `spec.metrics`, plus what extproc cannot honour."""
+    """Istio's ValidateTelemetry (and the CRD's rules) for every part of the resource, with
+    warnings for what extproc accepts but does not act on."""
     spec = t.spec
-    out: list[Problem] = []
+    out: list[Problem] = list(metadata_problems(t.metadata.annotations, None))
     add = out.append
-    if spec.target_ref is not None:
-        add(
-            Problem(("spec", "targetRef"), "targetRef is not supported: it selects a Gateway or Service, not a sidecar")
-        )
-    if spec.target_refs:
-        add(Problem(("spec", "targetRefs"), "targetRefs is not supported: they select Gateways or Services"))
-    if spec.selector is not None:
-        labels = spec.selector.match_labels or {}
-        for k, v in labels.items():
-            if k == "":
-                add(Problem(("spec", "selector", "matchLabels"), f"empty key is not supported in selector: {k}={v}"))
-            if "*" in k or "*" in v:
-                add(Problem(("spec", "selector", "matchLabels", k), f"wildcard is not supported in selector: {k}={v}"))
-        if not labels:
-            add(Problem(("spec", "selector"), "workload selector specified without labels", warning=True))
+    out.extend(selector_problems(spec))
+    out.extend(target_ref_ignored(spec, out))
     if spec.tracing:
+        out.extend(_tracing_problems(spec.tracing))
         add(Problem(("spec", "tracing"), "ignored: extproc applies only spec.metrics", warning=True))
     if spec.access_logging:
+        out.extend(_access_logging_problems(spec.access_logging))
         add(Problem(("spec", "accessLogging"), "ignored: extproc applies only spec.metrics", warning=True))
     for i, m in enumerate(spec.metrics or ()):
         mp: Path = ("spec", "metrics", i)
         if m is None:
-            add(Problem(mp, "metrics entries may not be null"))
+            add(Problem(mp, "metrics entries may not be null"))  # the CRD: items must be objects
             continue
+        out.extend(_providers_problem(mp, m.providers))
         for j, p in enumerate(m.providers or ()):
-            if p is None or not p.name:
-                add(Problem((*mp, "providers", j, "name"), "provider name may not be empty"))
-            elif p.name.lower() != PROMETHEUS:
+            if p is not None and p.name and p.name.lower() != PROMETHEUS:
                 add(
                     Problem(
                         (*mp, "providers", j, "name"),
@@ -976,7 +1110,7 @@ def validate_telemetry(t: TelemetryResource) -> list[Problem]:
         if m.reporting_interval is not None:
             try:
                 ok = parse_duration(m.reporting_interval) >= 0.001
-                msg = "reporting interval should be at least 1ms"
+                msg = "must be a valid duration greater than 1ms"
             except ValueError as e:
                 ok, msg = False, str(e)
             if not ok:
@@ -996,23 +1130,27 @@ def validate_telemetry(t: TelemetryResource) -> list[Problem]:
 
 def _override_problems(op: Path, o: MetricsOverrides | None) -> Iterable[Problem]:
     if o is None:
-        yield Problem(op, "overrides entries may not be null")
+        yield Problem(op, "tagOverrides may not be null")
         return
     sel = o.match
     if sel is not None:
+        if sel.custom_metric is not None and sel.metric is not None:
+            yield Problem((*op, "match"), "only one of metric or customMetric may be set")
         if sel.custom_metric is not None:
-            yield Problem(
-                (*op, "match", "customMetric"),
-                "custom metrics are not supported by extproc; match one of the standard metrics with `metric`",
-            )
-            if sel.metric is not None:
-                yield Problem((*op, "match"), "only one of metric or customMetric may be set")
+            if not sel.custom_metric:
+                yield Problem((*op, "match", "customMetric"), "customMetric may not be empty")
+            else:
+                yield Problem(
+                    (*op, "match", "customMetric"),
+                    f"ignored: extproc serves only Istio's standard metrics, so custom metric {sel.custom_metric!r} "
+                    "matches nothing here",
+                    warning=True,
+                )
         if sel.metric is not None and sel.metric not in METRIC_SELECTORS:
             yield Problem(
                 (*op, "match", "metric"), f"unknown metric {sel.metric!r}; one of {', '.join(METRIC_SELECTORS)}"
             )
-        if sel.mode is not None and sel.mode not in MODES:
-            yield Problem((*op, "match", "mode"), f"unknown mode {sel.mode!r}; one of {', '.join(MODES)}")
+        yield from _mode_problem(op, sel)
     if o.disabled is True and _is_all(sel) and o.tag_overrides:
         yield Problem(
             (*op, "tagOverrides"), "ignored: an override disabling all metrics applies no tag overrides", warning=True
@@ -1020,28 +1158,45 @@ def _override_problems(op: Path, o: MetricsOverrides | None) -> Iterable[Problem
     for name, to in (o.tag_overrides or {}).items():
         tp: Path = (*op, "tagOverrides", name)
         if to is None:
-            yield Problem(tp, "a tag override may not be null")
-            continue
-        if (msg := tag_name_problem(name)) is not None:
-            yield Problem(tp, msg)
+            yield Problem(tp, "tagOverrides may not be null")
             continue
         operation = to.operation if to.operation is not None else UPSERT
         if operation not in OPERATIONS:
             yield Problem((*tp, "operation"), f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
             continue
-        if operation == REMOVE:
-            if to.value:
-                yield Problem((*tp, "value"), "ignored: value only applies to operation UPSERT", warning=True)
+        if operation == REMOVE and to.value is not None:
+            yield Problem((*tp, "value"), "value must not be set when operation is REMOVE")
             continue
-        if not to.value:
+        if operation == UPSERT and not to.value:
             yield Problem((*tp, "value") if to.value is not None else tp, "value must be set when operation is UPSERT")
             continue
-        if name not in INDEX and (msg := _new_tag_problem(name)) is not None:
+        if name == "":
+            yield Problem(tp, "ignored: tagOverrides.name may not be empty", warning=True)
+            continue
+        label = prometheus_label(name)
+        if (msg := tag_name_problem(label)) is not None:
+            yield Problem(tp, msg)
+            continue
+        if label != name:
+            yield Problem(
+                tp,
+                f"exported as label {label!r}: Prometheus label names allow only [a-zA-Z0-9_] "
+                "(Envoy's Prometheus output makes the same substitution)",
+                warning=True,
+            )
+        if operation == REMOVE:
+            continue
+        if label not in INDEX and (msg := _new_tag_problem(label)) is not None:
             yield Problem(tp, msg)
         try:
-            parse_expression(to.value)
+            parse_expression(to.value or "")
         except ExprError as e:
-            yield Problem((*tp, "value"), f"invalid expression {to.value!r}: {e}")
+            yield Problem(
+                (*tp, "value"),
+                f"extproc cannot evaluate {to.value!r} ({e}); the label reads {UNKNOWN!r}, as the proxy reports "
+                "an expression it cannot evaluate",
+                warning=True,
+            )
 
 
 # --- loading --------------------------------------------------------------------------
@@ -1338,7 +1493,9 @@ def select_telemetries(
     ignored: list[tuple[str, str]] = []
     by_ns: dict[str, list[LoadedTelemetry]] = {}
     for t in sorted(resources, key=_age_key):
-        if t.namespace in (ns, root):
+        if not _targets_workloads(t.resource.spec):
+            ignored.append((t.ident, "uses targetRef(s), which select Gateways and waypoints, not a sidecar workload"))
+        elif t.namespace in (ns, root):
             by_ns.setdefault(t.namespace, []).append(t)
         else:
             ignored.append((t.ident, f"namespace {t.namespace} is neither the workload's ({ns}) nor the root ({root})"))
@@ -1423,7 +1580,9 @@ def compile_telemetry(
                     all_off.update(modes)
                     continue
                 all_off.difference_update(modes)
-                if sel is not None and sel.metric not in (None, ALL_METRICS):
+                if sel is not None and sel.custom_metric is not None:
+                    metrics = []  # a custom metric: none is served here, but the mode is back on (as in Istio)
+                elif sel is not None and sel.metric not in (None, ALL_METRICS):
                     metrics = [sel.metric]
                 else:
                     metrics = list(METRIC_BY_TELEMETRY_NAME)
@@ -1433,8 +1592,8 @@ def compile_telemetry(
                         if o.disabled is not None:
                             st.disabled = o.disabled
                         for tag, to in (o.tag_overrides or {}).items():
-                            if to is not None:
-                                st.tags[tag] = to
+                            if to is not None and tag:
+                                st.tags[prometheus_label(tag)] = to
     else:
         all_off = {CLIENT, SERVER}
         notes.append(

@@ -622,12 +622,35 @@ def authz_scenario(k: Keys) -> Scenario:
     return Scenario(docs, cases)
 
 
+def presence_scenario(k: Keys, b_presence: str = "OPTIONAL") -> Scenario:
+    """`presence: REQUIRED` (istio/istio#60823): A's token must be there and valid; B, on its
+    own header, is OPTIONAL (the one B alone passed under "multi") or REQUIRED too."""
+    rule_a = {"issuer": ISS_A, "jwks": jwks(k.a_rsa), "presence": "REQUIRED"}
+    rule_b = {"issuer": ISS_B, "jwks": jwks(k.b_rsa), "fromHeaders": [{"name": "x-b-token"}], "presence": b_presence}
+    a_ok, b_ok = k.a(sub="from-a"), k.b(sub="from-b")
+    a_exp, b_exp = k.a(exp=k.now - 120), k.b(exp=k.now - 120)
+    b_required = b_presence == "REQUIRED"
+    cases = [
+        Case("missing", 401),
+        Case("a-valid", 401 if b_required else 200, bearer(a_ok)),
+        Case("b-valid", 401, {"x-b-token": b_ok}),
+        Case("a-valid-b-valid", 200, {**bearer(a_ok), "x-b-token": b_ok}),
+        Case("a-valid-b-expired", 401, {**bearer(a_ok), "x-b-token": b_exp}),
+        Case("a-expired-b-valid", 401, {**bearer(a_exp), "x-b-token": b_ok}),
+        Case("a-in-query-b-valid", 200, {"x-b-token": b_ok}, path=f"/get?access_token={a_ok}"),
+    ]
+    docs = [doc("RequestAuthentication", "jwt-presence", {"jwtRules": [rule_b, rule_a]})]
+    return Scenario(docs, cases)
+
+
 SCENARIOS = {
     "single": single_scenario,
     "locations": locations_scenario,
     "multi": multi_scenario,
     "shared-outputs": shared_outputs_scenario,
     "authz": authz_scenario,
+    "presence": presence_scenario,
+    "presence-all": lambda k: presence_scenario(k, "REQUIRED"),
 }
 
 

@@ -113,7 +113,7 @@ def test_unknown_field_names_file_document_line_and_field(tmp_path: Path) -> Non
         ("rules: [{to: [{operation: {paths: ['/a/b c/{*}']}}]}]", "paths[0]", "not a valid literal"),
         ("selector: {matchLabels: {app: 'a*'}}\nrules: [{}]", "spec.selector.matchLabels.app", "wildcard"),
         (
-            "selector: {matchLabels: {app: a}}\ntargetRefs: [{kind: Gateway, name: g}]\nrules: [{}]",
+            "selector: {matchLabels: {app: a}}\ntargetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g}]\nrules: [{}]",
             "spec",
             "only one of targetRefs or workloadSelector",
         ),

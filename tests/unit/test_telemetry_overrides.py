@@ -515,7 +515,9 @@ def one_error(spec: str) -> str:
     return errors[0]
 
 
-def test_expression_error_names_file_document_line_and_field() -> None:
+def test_expression_warning_names_file_document_line_and_field() -> None:
+    # Istio does not validate tag values (the proxy reports what it cannot evaluate as
+    # `unknown`), so a typo loads, with a warning that points at it.
     text = (
         HEAD
         + "  metrics: [{overrides: []}]\n---\n"
@@ -538,11 +540,12 @@ def test_expression_error_names_file_document_line_and_field() -> None:
         )
     )
     loaded, issues = docs_issues(text)
-    assert [t.ident for t in loaded] == ["foo/t"]
+    assert [t.ident for t in loaded] == ["foo/t", "foo/u"]
     assert issues == [
-        f"{FILE}: document 2 (Telemetry foo/u), line 19: error: "
+        f"{FILE}: document 2 (Telemetry foo/u), line 19: warning: "
         "spec.metrics[0].overrides[1].tagOverrides.request_host.value: "
-        "invalid expression 'request.hots': unknown or unsupported attribute request.hots (column 1)"
+        "extproc cannot evaluate 'request.hots' (unknown or unsupported attribute request.hots (column 1)); "
+        "the label reads 'unknown', as the proxy reports an expression it cannot evaluate"
     ]
 
 
@@ -565,19 +568,14 @@ def test_expression_error_names_file_document_line_and_field() -> None:
             "value must be set when operation is UPSERT",
         ),
         (
-            "metrics: [{overrides: [{tagOverrides: {request-host: {value: request.host}}}]}]",
-            "spec.metrics[0].overrides[0].tagOverrides.request-host",
-            "invalid label name 'request-host'",
+            "metrics: [{overrides: [{tagOverrides: {response_code: {operation: REMOVE, value: x}}}]}]",
+            "spec.metrics[0].overrides[0].tagOverrides.response_code.value",
+            "value must not be set when operation is REMOVE",
         ),
         (
             "metrics: [{overrides: [{tagOverrides: {__name__: {value: request.host}}}]}]",
             "spec.metrics[0].overrides[0].tagOverrides.__name__",
             "names starting with __ are reserved",
-        ),
-        (
-            "metrics: [{overrides: [{tagOverrides: {1st: {value: request.host}}}]}]",
-            "spec.metrics[0].overrides[0].tagOverrides.1st",
-            "invalid label name '1st'",
         ),
         (
             "metrics: [{overrides: [{tagOverrides: {istio_requests_total: {value: request.host}}}]}]",
@@ -595,9 +593,9 @@ def test_expression_error_names_file_document_line_and_field() -> None:
             "reserved for histogram buckets",
         ),
         (
-            "metrics: [{overrides: [{match: {customMetric: my_metric}}]}]",
+            "metrics: [{overrides: [{match: {customMetric: ''}}]}]",
             "spec.metrics[0].overrides[0].match.customMetric",
-            "custom metrics are not supported",
+            "customMetric may not be empty",
         ),
         (
             "metrics: [{overrides: [{match: {metric: REQUEST_COUNTS}}]}]",
@@ -610,14 +608,14 @@ def test_expression_error_names_file_document_line_and_field() -> None:
             "unknown mode 'BOTH'",
         ),
         (
-            "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]",
-            "spec.targetRefs",
-            "targetRefs is not supported",
+            "targetRefs: [{kind: Gateway, name: gw}]",
+            "spec.targetRefs[0]",
+            "targetRef must be to one of",
         ),
         (
-            "targetRef: {kind: Service, name: svc}",
-            "spec.targetRef",
-            "targetRef is not supported",
+            "targetRef: {kind: Service, name: svc, namespace: other}",
+            "spec.targetRef.namespace",
+            "cross namespace referencing is not supported",
         ),
         (
             "metrics: [{overrides: [{tagOverride: {x: {value: 'a'}}}]}]",
@@ -634,7 +632,11 @@ def test_expression_error_names_file_document_line_and_field() -> None:
             "spec.metrics[0].overrides[0].disabled",
             "Input should be a valid boolean",
         ),
-        ("metrics: [{providers: [{name: ''}]}]", "spec.metrics[0].providers[0].name", "provider name may not be empty"),
+        (
+            "metrics: [{providers: [{name: ''}]}]",
+            "spec.metrics[0].providers[0].name",
+            "providers.name may not be empty",
+        ),
         ("metrics: [{reportingInterval: 10x}]", "spec.metrics[0].reportingInterval", "invalid duration"),
         ("metrics: [null]", "spec.metrics[0]", "may not be null"),
         ("metrics: [{overrides: [null]}]", "spec.metrics[0].overrides[0]", "may not be null"),
@@ -675,7 +677,8 @@ def test_warnings_do_not_reject() -> None:
                 - providers: [{name: stackdriver}]
                   reportingInterval: 10s
                 - overrides:
-                  - tagOverrides: {response_code: {operation: REMOVE, value: response.code}}
+                  - match: {customMetric: my_metric}
+                  - tagOverrides: {my-tag: {value: "'x'"}}
                 """
             ),
             "  ",
@@ -687,7 +690,10 @@ def test_warnings_do_not_reject() -> None:
         "spec.metrics[0].providers[0].name: provider 'stackdriver' is not served by extproc; "
         "only entries for 'prometheus' apply",
         "spec.metrics[0].reportingInterval: ignored: extproc reports TCP metrics when Envoy's access log flushes",
-        "spec.metrics[1].overrides[0].tagOverrides.response_code.value: ignored: value only applies to operation UPSERT",
+        "spec.metrics[1].overrides[0].match.customMetric: ignored: extproc serves only Istio's standard metrics, "
+        "so custom metric 'my_metric' matches nothing here",
+        "spec.metrics[1].overrides[1].tagOverrides.my-tag: exported as label 'my_tag': Prometheus label names allow "
+        "only [a-zA-Z0-9_] (Envoy's Prometheus output makes the same substitution)",
     ]
 
 
@@ -705,7 +711,7 @@ def test_list_items_are_prefixed() -> None:
           spec:
             metrics:
             - overrides:
-              - tagOverrides: {x: {value: "request.nope"}}
+              - tagOverrides: {x: {operation: REMOVE, value: "request.nope"}}
         """
     )
     [top] = load_documents(text)
@@ -714,8 +720,7 @@ def test_list_items_are_prefixed() -> None:
     assert loaded is None
     assert [i.render() for i in issues] == [
         f"{FILE}: document 1 (Telemetry foo/t), line 10: error: "
-        "items[0].spec.metrics[0].overrides[0].tagOverrides.x.value: "
-        "invalid expression 'request.nope': unknown or unsupported attribute request.nope (column 1)"
+        "items[0].spec.metrics[0].overrides[0].tagOverrides.x.value: value must not be set when operation is REMOVE"
     ]
 
 
@@ -956,7 +961,7 @@ def test_loader_and_snapshot(tmp_path: Path) -> None:
     assert [s.ident for s in snap.telemetry.sources] == ["istio-system/mesh-default"]
     assert plan(snap.telemetry, L.REQUESTS).label_names[-1] == "request_host"
 
-    (cfg / "dup.yaml").write_text(good + "---\n" + good.replace("request.host", "request.hots"))
+    (cfg / "dup.yaml").write_text(good + "---\n" + good.replace("request_host: {value: request.host}", "x: {}"))
     with pytest.raises(ConfigError) as e:
         loader.load([cfg])
     errors = [i.render() for i in e.value.issues if not i.warning]
@@ -964,6 +969,53 @@ def test_loader_and_snapshot(tmp_path: Path) -> None:
     assert any(f"{cfg}/t.yaml: document 1" in i and "duplicate Telemetry, first defined in" in i for i in errors)
     assert any(
         f"{cfg}/dup.yaml: document 2" in i
-        and "spec.metrics[0].overrides[0].tagOverrides.request_host.value: invalid expression" in i
+        and "spec.metrics[0].overrides[0].tagOverrides.x: value must be set when operation is UPSERT" in i
         for i in errors
     )
+
+
+# --- what Istio accepts and extproc cannot act on ------------------------------------------------
+
+
+def test_a_tag_name_outside_prometheus_syntax_is_exported_under_envoys_sanitised_name() -> None:
+    t = telemetry("- overrides:\n  - tagOverrides: {my-tag: {value: \"'a'\"}, 2nd.tag: {value: \"'b'\"}}")
+    recorder, store = recorder_for(compile_telemetry([t], WORKLOAD))
+    recorder.http(http(), "ext_proc")
+    [s] = series(store.render(), "istio_requests_total")
+    assert (s["my_tag"], s["_2nd_tag"]) == ("a", "b")
+
+
+def test_a_tag_value_extproc_cannot_evaluate_reads_unknown() -> None:
+    t = telemetry("- overrides:\n  - tagOverrides: {a: {value: add}, b: {value: 'request.size()'}}")
+    recorder, store = recorder_for(compile_telemetry([t], WORKLOAD))
+    recorder.http(http(), "ext_proc")
+    [s] = series(store.render(), "istio_requests_total")
+    assert (s["a"], s["b"]) == ("unknown", "unknown")
+
+
+def test_a_custom_metric_override_changes_no_standard_metric_but_switches_its_mode_back_on() -> None:
+    # As Istio's mergeMetrics: any later override for a mode re-enables it after a disable-all.
+    root = telemetry("- overrides:\n  - disabled: true", name="mesh-default")
+    ns = telemetry(
+        "- overrides:\n  - match: {customMetric: my_metric}\n    tagOverrides: {x: {value: \"'y'\"}}",
+        name="ns",
+        namespace="foo",
+    )
+    plans = compile_telemetry([root, ns], WORKLOAD)
+    assert plan(plans, L.REQUESTS) == MetricPlan.standard(L.REQUESTS)
+    assert not plan(plans, L.REQUESTS).disabled
+
+
+def test_a_telemetry_with_target_refs_applies_to_no_sidecar() -> None:
+    loaded, issues = docs_issues(
+        HEAD.replace("namespace: foo", "namespace: istio-system")
+        + "  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]\n"
+        + "  metrics: [{overrides: [{disabled: true}]}]\n"
+    )
+    assert [i.split(": warning: ", 1)[1] for i in issues] == [
+        "spec.targetRefs: ignored: targetRef(s) select Gateways and waypoints, never a sidecar workload, "
+        "so extproc applies this resource to no workload"
+    ]
+    plans = compile_telemetry(loaded, WORKLOAD)
+    assert plans.sources == () and [name for name, _ in plans.ignored] == ["istio-system/t"]
+    assert plan(plans, L.REQUESTS) == MetricPlan.standard(L.REQUESTS)
