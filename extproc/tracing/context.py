@@ -13,7 +13,8 @@ any parsing so a hostile header costs one `len()`.
 
 Specifications followed:
 
-* W3C Trace Context, https://www.w3.org/TR/trace-context/ (traceparent, tracestate);
+* W3C Trace Context Level 2, https://www.w3.org/TR/trace-context-2/ (traceparent with the
+  random-trace-id flag, tracestate with the Level 2 key grammar);
 * B3 propagation, https://github.com/openzipkin/b3-propagation (multi and single header).
 """
 
@@ -85,17 +86,24 @@ _B3_SINGLE_RE = re.compile(
     r"([0-9a-fA-F]{16}(?:[0-9a-fA-F]{16})?)-([0-9a-fA-F]{16})(?:-([01d])(?:-([0-9a-fA-F]{16}))?)?"
 )
 
-# tracestate list members, straight from the spec's ABNF:
-#   key = simple-key / multi-tenant-key
-#   simple-key = lcalpha 0*255( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
-#   multi-tenant-key = tenant-id "@" system-id
-#   tenant-id = ( lcalpha / DIGIT ) 0*240( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
-#   system-id = lcalpha 0*13( lcalpha / DIGIT / "_" / "-" / "*" / "/" )
+# tracestate list members, straight from the Level 2 ABNF:
+#   key = ( lcalpha / DIGIT ) 0*255( keychar )
+#   keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"
 #   value = 0*255(chr) nblk-chr ; chr = %x20 / nblk-chr ; nblk-chr = %x21-2B / %x2D-3C / %x3E-7E
-_TS_SIMPLE_KEY_RE = re.compile(r"[a-z][a-z0-9_\-*/]{0,255}")
-_TS_TENANT_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}")
+# Level 2 dropped Level 1's two key forms (a simple key starting with a letter; a multi-tenant
+# `tenant@system` key with a tenant of at most 241 and a system of at most 14 characters): "@" is
+# now an ordinary key character after the first, any number of times, and the only length limit
+# is 256 characters for the whole key. So `1abc`, `foo@`, `foo@@bar`, `t@` + 15 characters and
+# 242 characters + `@v` are all valid keys; `@foo` is not (the first character).
+_TS_KEY_RE = re.compile(r"[a-z0-9][a-z0-9_\-*/@]{0,255}")
 _TS_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 _OWS = " \t"
+
+# trace-flags bits (W3C Level 2). Every other bit is reserved, and the spec says to write it as 0.
+FLAG_SAMPLED = 0x01
+FLAG_RANDOM_TRACE_ID = 0x02
+# The trace-flags field we write, by (sampled | random << 1): only the two known bits, ever.
+_W3C_FLAGS = ("00", "01", "02", "03")
 
 # x-b3-sampled: "1"/"0" per the spec, "true"/"false" from old Zipkin clients; anything else defers.
 _B3_SAMPLED_VALUES: dict[str, bool] = {"1": True, "true": True, "0": False, "false": False}
@@ -116,6 +124,9 @@ class TraceContext:
     debug: bool = False  # B3 `x-b3-flags: 1` / b3 single `d`; implies sampled
     parent_span_id: int = 0  # the sender's parent; only B3 carries it
     tracestate: str = ""  # W3C only: the valid incoming list, normalised
+    # W3C only: the sender's random-trace-id flag (at least the right-most 7 bytes of the trace id
+    # are random). B3 has no such flag, so a B3 context never claims it.
+    random_trace_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +160,9 @@ class Outgoing(NamedTuple):
     headers: tuple[tuple[str, str], ...]  # set on the request, replacing any value it had
     new_trace: bool
     remove: tuple[str, ...] = ()  # trace headers the request had that we do not write: delete them
+    # The W3C random-trace-id flag written with `trace_id`: the incoming one on a continued W3C
+    # trace, set on a trace we start (see `Propagator`), unset on a continued B3 trace.
+    random_trace_id: bool = False
 
 
 # `present` for every combination of (W3C, B3 multi, B3 single) bits, built once.
@@ -164,15 +178,15 @@ _B3 = Format.B3
 _SINGLE = Format.B3_SINGLE
 
 # A parse result before it becomes public: a plain tuple in `TraceContext`'s field order
-# (trace_id, span_id, sampled, source, debug, parent_span_id, tracestate), because building a
-# frozen dataclass costs about a microsecond and `Propagator.begin` needs none. A trace_id of 0
-# means a sampling decision without ids.
-_Parsed = tuple[int, int, bool | None, Format, bool, int, str]
+# (trace_id, span_id, sampled, source, debug, parent_span_id, tracestate, random_trace_id),
+# because building a frozen dataclass costs about a microsecond and `Propagator.begin` needs
+# none. A trace_id of 0 means a sampling decision without ids.
+_Parsed = tuple[int, int, bool | None, Format, bool, int, str, bool]
 
 # The b3 single sampling field (and the sampling-only header): sampled, debug.
 _B3_SINGLE_SAMPLING: dict[str, tuple[bool, bool]] = {"0": (False, False), "1": (True, False), "d": (True, True)}
 _B3_SINGLE_DECISIONS: dict[str, _Parsed] = {
-    k: (0, 0, sampled, _SINGLE, debug, 0, "") for k, (sampled, debug) in _B3_SINGLE_SAMPLING.items()
+    k: (0, 0, sampled, _SINGLE, debug, 0, "", False) for k, (sampled, debug) in _B3_SINGLE_SAMPLING.items()
 }
 
 
@@ -256,38 +270,62 @@ def _parse_traceparent(value: object, tracestate: object) -> _Parsed | None:
     span_id = int(value[36:52], 16)
     if not trace_id or not span_id:
         return None
-    sampled = bool(int(value[53:55], 16) & 1)
-    return (trace_id, span_id, sampled, _W3C, False, 0, parse_tracestate(tracestate) if tracestate else "")
+    # Only the flags this version knows are read (for a higher version too, as the spec says);
+    # the reserved bits are dropped here and so are written as 0.
+    flags = int(value[53:55], 16)
+    return (
+        trace_id,
+        span_id,
+        bool(flags & FLAG_SAMPLED),
+        _W3C,
+        False,
+        0,
+        parse_tracestate(tracestate) if tracestate else "",
+        bool(flags & FLAG_RANDOM_TRACE_ID),
+    )
 
 
 def parse_tracestate(value: object) -> str:
     """The tracestate list normalised (non-empty members joined by ","), or "" when invalid.
 
-    Per the spec an invalid tracestate is discarded whole, never partially kept. Invalid: any
-    member that is not `key=value` per the ABNF, a duplicate key, more than 32 members, or
-    more than `MAX_TRACESTATE` characters. Optional whitespace around "," and empty members
-    (as two joined headers may produce) are allowed and dropped.
+    What Level 2 allows and what we chose (its processing model, "A traceparent is Received",
+    step 3, and "Mutating the tracestate Field"):
+
+    * a duplicate key does not make the list invalid: a vendor "MAY discard duplicate keys that
+      were not generated by them", and the list must still be propagated. We keep the leftmost
+      member of a key, because the left-most position is the most recent one (a vendor that
+      updates its member moves it to the left), and drop the later ones;
+    * a list that cannot be parsed "MAY" be discarded whole, and invalid members "MAY" be
+      discarded one by one: either is allowed. We discard the whole list, as the W3C test suite
+      at its strict level (test/test.py, `test_tracestate_key_illegal_vendor_format`,
+      `_value_illegal_characters`, `_key_length_limit`, `_member_count_limit`) requires: a member
+      that is not `key=value` per the ABNF, more than 32 members (duplicates included: the list
+      as received is over the limit) or more than `MAX_TRACESTATE` characters.
+
+    Optional whitespace around "," and empty members (as two joined headers may produce) are
+    allowed and dropped.
     """
     if not isinstance(value, str) or len(value) > MAX_TRACESTATE:
         return ""
     members: list[str] = []
     keys: set[str] = set()
+    n = 0
     for raw in value.split(","):
         member = raw.strip(_OWS)
         if not member:
             continue
         key, eq, val = member.partition("=")
+        n += 1
         if (
             not eq
-            or key in keys
-            or (_TS_SIMPLE_KEY_RE if "@" not in key else _TS_TENANT_KEY_RE).fullmatch(key) is None
+            or n > MAX_TRACESTATE_MEMBERS
+            or _TS_KEY_RE.fullmatch(key) is None
             or _TS_VALUE_RE.fullmatch(val) is None
         ):
             return ""
-        keys.add(key)
-        members.append(member)
-        if len(members) > MAX_TRACESTATE_MEMBERS:
-            return ""
+        if key not in keys:
+            keys.add(key)
+            members.append(member)
     return ",".join(members)
 
 
@@ -311,7 +349,7 @@ def _parse_b3_single(value: object) -> _Parsed | None:
     sampled, debug = _B3_SINGLE_SAMPLING[sampling] if sampling is not None else (None, False)
     # An all-zero parent is syntactically valid and means "no parent", as 0 does everywhere.
     parent_span_id = int(parent_hex, 16) if parent_hex is not None else 0
-    return (trace_id, span_id, sampled, _SINGLE, debug, parent_span_id, "")
+    return (trace_id, span_id, sampled, _SINGLE, debug, parent_span_id, "", False)
 
 
 def _parse_b3_multi(
@@ -329,7 +367,7 @@ def _parse_b3_multi(
     elif isinstance(sampled_value, str):
         sampled = _B3_SAMPLED_VALUES.get(sampled_value)
     if not trace and not span:
-        return (0, 0, sampled, _B3, debug, 0, "") if sampled is not None else None
+        return (0, 0, sampled, _B3, debug, 0, "", False) if sampled is not None else None
     if (
         not isinstance(trace, str)
         or not isinstance(span, str)
@@ -344,7 +382,7 @@ def _parse_b3_multi(
     parent_span_id = 0
     if isinstance(parent, str) and _B3_SPAN_ID_RE.fullmatch(parent) is not None:
         parent_span_id = int(parent, 16)  # a malformed parent is dropped, the context stays
-    return (trace_id, span_id, sampled, _B3, debug, parent_span_id, "")
+    return (trace_id, span_id, sampled, _B3, debug, parent_span_id, "", False)
 
 
 class Sampler:
@@ -392,6 +430,7 @@ def format_headers(out: Outgoing, formats: Iterable[Format]) -> tuple[tuple[str,
             out.sampled,
             out.debug,
             out.tracestate,
+            out.random_trace_id,
             _W3C in fs,
             _B3 in fs,
             _SINGLE in fs,
@@ -406,17 +445,20 @@ def _render(
     sampled: bool,
     debug: bool,
     tracestate: str,
+    random_trace_id: bool,
     w3c: bool,
     b3: bool,
     single: bool,
 ) -> list[tuple[str, str]]:
     """Write the context in the chosen formats. B3 keeps a 64-bit trace id 16 hex wide, as the
-    sender wrote it; W3C always has 32. Debug means sampled in W3C (it has no debug flag)."""
+    sender wrote it; W3C always has 32. Debug means sampled in W3C (it has no debug flag); B3 has
+    no random-trace-id flag, so only traceparent carries it."""
     out: list[tuple[str, str]] = []
     span_hex = f"{span_id:016x}"
     trace_hex = f"{trace_id:032x}"
     if w3c:
-        out.append((TRACEPARENT, f"00-{trace_hex}-{span_hex}-{'01' if sampled or debug else '00'}"))
+        flags = _W3C_FLAGS[(sampled or debug) | random_trace_id << 1] if True else ""
+        out.append((TRACEPARENT, f"00-{trace_hex}-{span_hex}-{flags}"))
         if tracestate:
             out.append((TRACESTATE, tracestate))
     if b3 or single:
@@ -446,6 +488,18 @@ class Propagator:
     Ids come from `random.getrandbits`, not `secrets`: trace and span ids are identifiers, not
     secrets (every hop sends them in clear), and the Mersenne Twister is several times cheaper
     than the OS random source. The `random` module reseeds itself in a forked child.
+
+    The random-trace-id flag (W3C Level 2): when it is set on a trace we start, the spec requires
+    at least the right-most 7 bytes of the trace id to be random or pseudo-random with a uniform
+    distribution over [0, 2**56 - 1], and says the flag SHOULD be set whenever they are.
+    `getrandbits(n)` draws n uniform pseudo-random bits (the Mersenne Twister is a uniform PRNG),
+    and the 56 low bits are among them with either width (`trace_id_bits` 64 or 128). The only
+    draw we reject is an all-zero trace id (invalid on the wire), which moves the low 56 bits'
+    distribution by at most 2**-64: still uniform for every practical purpose. So every trace
+    we start carries the flag. On a continued W3C trace the flag is copied from the incoming
+    traceparent, set or unset, as Level 2 requires of every outgoing traceparent with the same
+    trace id; a continued B3 trace (B3 has no such flag) gets it unset, since we cannot vouch
+    for how the sender drew its id.
     """
 
     __slots__ = ("_b3", "_formats", "_single", "_trace_id_bits", "_w3c", "sampler")
@@ -481,7 +535,7 @@ class Propagator:
         """
         parsed, mask = _extract(headers)
         if parsed is not None and parsed[0]:
-            trace_id, parent, incoming_sampled, _, debug, _, tracestate = parsed
+            trace_id, parent, incoming_sampled, _, debug, _, tracestate, random_trace_id = parsed
             new_trace = False
         else:
             trace_id = getrandbits(self._trace_id_bits)
@@ -490,6 +544,7 @@ class Propagator:
             parent = 0
             tracestate = ""
             new_trace = True
+            random_trace_id = True  # getrandbits: see the class docstring
             incoming_sampled, debug = (parsed[2], parsed[4]) if parsed is not None else (None, False)
         span_id = getrandbits(64)
         while not span_id or span_id == parent:
@@ -505,7 +560,7 @@ class Propagator:
         w3c = self._w3c or bool(mask & 1)
         b3 = self._b3 or bool(mask & 2)
         single = self._single or bool(mask & 4)
-        out = _render(trace_id, span_id, parent, sampled, debug, tracestate, w3c, b3, single)
+        out = _render(trace_id, span_id, parent, sampled, debug, tracestate, random_trace_id, w3c, b3, single)
 
         remove: list[str] = []
         if w3c and not tracestate and TRACESTATE in headers:
@@ -535,4 +590,5 @@ class Propagator:
             tuple(out),
             new_trace,
             tuple(remove),
+            random_trace_id,
         )

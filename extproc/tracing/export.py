@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -28,6 +29,25 @@ from extproc.tracing.spans import ExportSettings, SinkStats, SpanRecord
 logger = logging.getLogger("extproc.tracing")
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED_RANDOM = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+
+
+class _Level2TraceState(TraceState):
+    """A tracestate our codec already validated, kept as it is.
+
+    OpenTelemetry's `TraceState` (1.45) still checks keys with Trace Context Level 1's grammar,
+    so `TraceState.from_header` would discard a whole list holding a Level 2 key (`1abc`,
+    `foo@@bar`, `t@` + 15 characters) and the constructor would drop those members one by one:
+    the exported span would then lie about the tracestate that was propagated. The members are
+    set as they are (in order), which is all that the SDK and the OTLP encoder read
+    (`items()`). tests/unit/test_tracing_spans.py pins this against the installed SDK.
+    """
+
+    def __init__(self, header: str) -> None:
+        super().__init__()
+        self._dict = dict(m.split("=", 1) for m in header.split(","))
+
+
 _ERROR = Status(StatusCode.ERROR)
 
 
@@ -40,15 +60,23 @@ class _PresetIdGenerator(IdGenerator):
     if none is set (which would be our bug) a random id keeps the span well formed.
     """
 
-    __slots__ = ("_span_id", "_trace_id")
+    __slots__ = ("_random", "_span_id", "_trace_id")
 
     def __init__(self) -> None:
         self._trace_id = 0
         self._span_id = 0
+        self._random = False
 
-    def preset(self, trace_id: int, span_id: int) -> None:
+    def preset(self, trace_id: int, span_id: int, random_trace_id: bool = False) -> None:
         self._trace_id = trace_id
         self._span_id = span_id
+        self._random = random_trace_id
+
+    def is_trace_id_random(self) -> bool:
+        """Asked by the SDK right after `generate_trace_id` for a root span: whether the span's
+        context gets the random-trace-id flag, which must match what we propagated."""
+        random_trace_id, self._random = self._random, False
+        return random_trace_id
 
     def generate_trace_id(self) -> int:
         trace_id, self._trace_id = self._trace_id, 0
@@ -57,6 +85,34 @@ class _PresetIdGenerator(IdGenerator):
     def generate_span_id(self) -> int:
         span_id, self._span_id = self._span_id, 0
         return span_id or random.getrandbits(64) or 1
+
+
+def _with_trace_flags(otlp: type[Any]) -> type[Any]:
+    """The OTLP exporter, writing each span's W3C trace flags into OTLP `Span.flags`.
+
+    OTLP defines bits 0-7 of `Span.flags` as the span's W3C trace flags (sampled,
+    random-trace-id), but the SDK's encoder (1.45) writes only the "parent is remote" bits 8-9,
+    so a collector could not see the random-trace-id flag we propagated. The encoded request is
+    completed here, on the exporter's thread, matching spans by (trace id, span id).
+    tests/unit/test_tracing_spans.py checks the flags arrive at a real OTLP receiver.
+    """
+
+    class FlagsOTLPSpanExporter(otlp):  # type: ignore[misc, valid-type]
+        def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
+            request = super()._translate_data(data)
+            flags: dict[tuple[bytes, bytes], int] = {}
+            for span in data:
+                sc = span.get_span_context()
+                if sc is not None and sc.trace_flags:
+                    flags[sc.trace_id.to_bytes(16, "big"), sc.span_id.to_bytes(8, "big")] = sc.trace_flags & 0xFF
+            if flags:
+                for rs in request.resource_spans:
+                    for ss in rs.scope_spans:
+                        for pb in ss.spans:
+                            pb.flags |= flags.get((pb.trace_id, pb.span_id), 0)
+            return request
+
+    return FlagsOTLPSpanExporter
 
 
 class _CountingExporter(SpanExporter):
@@ -140,7 +196,7 @@ class SpanSink:
                     "(pip install --force-reinstall --no-deps opentelemetry-proto), as scripts/setup does"
                 ) from e
 
-            exporter = OTLPSpanExporter(
+            exporter = _with_trace_flags(OTLPSpanExporter)(
                 endpoint=settings.endpoint,
                 insecure=settings.insecure,
                 headers=settings.headers or None,
@@ -206,8 +262,9 @@ class SpanSink:
                 rec.trace_id,
                 rec.parent_span_id,
                 is_remote=True,
-                trace_flags=_SAMPLED,
-                trace_state=TraceState.from_header([rec.tracestate]) if rec.tracestate else None,
+                # The SDK copies the parent's random-trace-id flag into the span's context.
+                trace_flags=_SAMPLED_RANDOM if rec.random_trace_id else _SAMPLED,
+                trace_state=_Level2TraceState(rec.tracestate) if rec.tracestate else None,
             )
             # An explicit empty base context: the caller's ambient context (contextvars
             # under asyncio) must not leak into the span.
@@ -215,7 +272,7 @@ class SpanSink:
             self._ids.preset(0, rec.span_id)
         else:
             ctx = Context()
-            self._ids.preset(rec.trace_id, rec.span_id)
+            self._ids.preset(rec.trace_id, rec.span_id, rec.random_trace_id)
         span = self._tracer.start_span(
             rec.name, context=ctx, kind=rec.kind, attributes=rec.attributes, start_time=rec.start_ns
         )

@@ -57,6 +57,7 @@ class SpanRecord:
     attributes: dict[str, str | int | float | bool]
     error: bool = False  # exported as Status(StatusCode.ERROR)
     tracestate: str = ""  # the W3C tracestate received with the parent
+    random_trace_id: bool = False  # the W3C random-trace-id flag propagated with trace_id
 
 
 @dataclass

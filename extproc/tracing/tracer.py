@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from extproc import verdict
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, HttpRecord
-from extproc.tracing.context import Format, Outgoing, Propagator, Sampler
+from extproc.tracing.context import FLAG_RANDOM_TRACE_ID, Format, Outgoing, Propagator, Sampler
 from extproc.tracing.spans import ExportSettings, SpanRecord
 
 if TYPE_CHECKING:
@@ -51,26 +51,35 @@ class SpanIds:
     span_id: int
     parent_span_id: int
     tracestate: str = ""
+    random_trace_id: bool = False  # the W3C random-trace-id flag sent with trace_id
 
     def encode(self) -> str:
-        return f"{self.trace_id:032x}-{self.span_id:016x}-{self.parent_span_id:016x}"
+        """`trace-span-parent-flags`, the flags as traceparent writes them (only 02 is used)."""
+        flags = "02" if self.random_trace_id else "00"
+        return f"{self.trace_id:032x}-{self.span_id:016x}-{self.parent_span_id:016x}-{flags}"
 
     @classmethod
     def decode(cls, value: str, tracestate: str = "") -> SpanIds | None:
-        """The ids from dynamic metadata, or None when absent or damaged (no span then)."""
-        if len(value) != 66 or value[32] != "-" or value[49] != "-":
+        """The ids from dynamic metadata, or None when absent or damaged (no span then).
+
+        The 66-character form without flags is what an extproc before the random-trace-id flag
+        wrote; a Check answered by one and logged by a newer one (a rolling update) still gets
+        its span, without the flag."""
+        n = len(value)
+        if (n != 66 and (n != 69 or value[66] != "-")) or value[32] != "-" or value[49] != "-":
             return None
         try:
-            trace_id, span_id, parent = int(value[:32], 16), int(value[33:49], 16), int(value[50:], 16)
+            trace_id, span_id, parent = int(value[:32], 16), int(value[33:49], 16), int(value[50:66], 16)
+            flags = int(value[67:], 16) if n == 69 else 0
         except ValueError:
             return None
         if not trace_id or not span_id:
             return None
-        return cls(trace_id, span_id, parent, tracestate)
+        return cls(trace_id, span_id, parent, tracestate, bool(flags & FLAG_RANDOM_TRACE_ID))
 
     @classmethod
     def of(cls, out: Outgoing) -> SpanIds:
-        return cls(out.trace_id, out.span_id, out.parent_span_id, out.tracestate)
+        return cls(out.trace_id, out.span_id, out.parent_span_id, out.tracestate, out.random_trace_id)
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,7 @@ class Tracing:
             attributes=attrs,
             error=_error(direction, rec.response_code),
             tracestate=ids.tracestate,
+            random_trace_id=ids.random_trace_id,
         )
 
     def shutdown(self, timeout_s: float = 5.0) -> None:

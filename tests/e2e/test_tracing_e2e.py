@@ -12,6 +12,8 @@ OTLP gRPC server; the echo upstream shows which headers the application got.
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ from tests.fixtures.stack import ExtprocProcess, HttpClient
 
 pytestmark = pytest.mark.e2e
 
-TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])$")
+# Flags: sampled (01) and random-trace-id (02) are the only bits we ever write.
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-(0[0-3])$")
 POLICIES = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -127,7 +130,7 @@ def test_a_new_trace_is_written_in_every_format_and_reported_as_a_server_span(tr
     assert r.status == 200
     seen = r.json()["headers"]
     trace, span, flags = _context(seen)
-    assert flags == "01"  # --trace-sampling 100
+    assert flags == "03"  # --trace-sampling 100, and our trace ids are random (W3C Level 2)
     assert (seen["x-b3-traceid"], seen["x-b3-spanid"], seen["x-b3-sampled"]) == (trace, span, "1")
     assert "x-b3-parentspanid" not in seen  # we started the trace
     assert seen["b3"] == f"{trace}-{span}-1"
@@ -282,3 +285,142 @@ def test_a_collector_that_is_down_costs_spans_not_requests(
         if envoy is not None:
             envoy.stop()
         x.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# W3C Trace Context Level 2's processing model, through both sidecars' Envoys
+# ---------------------------------------------------------------------------------------------
+
+
+def _send(port: int, path: str, headers: list[tuple[str, str]]) -> dict[str, str]:
+    """GET with headers that may repeat (HttpClient takes a dict); the headers the app got."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, (r.status, body)
+        seen: dict[str, str] = json.loads(body)["headers"]
+        return seen
+    finally:
+        conn.close()
+
+
+TRACE_L2, PARENT_L2 = "7a3c1b2d4e5f60718293a4b5c6d7e8f9", "0f1e2d3c4b5a6978"
+# (incoming flags, version) -> the flags the upstream must see: sampled and random copied,
+# reserved bits zeroed, for our version and a higher one (whose extra fields are dropped).
+FLAGS_CASES = [
+    ("00", "00", "00"),
+    ("00", "01", "01"),
+    ("00", "02", "02"),
+    ("00", "03", "03"),
+    ("00", "fe", "02"),
+    ("00", "ff", "03"),
+    ("cc", "03", "03"),
+    ("cc", "fd", "01"),
+]
+
+
+def test_l2_the_flags_of_an_incoming_traceparent_are_continued(traced: Traced) -> None:
+    """Level 2: the random-trace-id flag of the incoming traceparent, set or unset, is on every
+    outgoing traceparent with that trace id; reserved bits are written as 0. The reported span
+    carries the same W3C flags (OTLP Span.flags bits 0-7)."""
+    for i, (version, flags, expected) in enumerate(FLAGS_CASES):
+        parent = f"{int(PARENT_L2, 16) + i:016x}"
+        tp = f"{version}-{TRACE_L2}-{parent}-{flags}" + ("-future-field" if version != "00" else "")
+        seen = _send(traced.server_port, f"/l2-flags/{i}", [("traceparent", tp), ("tracestate", "congo=t61rcWkgMzE")])
+        got_trace, span, got_flags = _context(seen)
+        assert (got_trace, got_flags) == (TRACE_L2, expected), tp
+        assert span != parent
+        assert seen["tracestate"] == "congo=t61rcWkgMzE"
+        assert seen["x-b3-sampled"] == str(int(expected) & 1)
+        if int(expected) & 1:
+            s = traced.span(span)
+            assert s.parent_span_id == parent
+            assert s.flags & 0xFF == int(expected, 16), tp
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        [],
+        [("traceparent", f"00-{'0' * 32}-{PARENT_L2}-03"), ("tracestate", "congo=1")],  # invalid: restart
+        [("traceparent", f"ff-{TRACE_L2}-{PARENT_L2}-03"), ("tracestate", "congo=1")],  # version ff: restart
+        [("tracestate", "congo=1")],  # tracestate without traceparent
+    ],
+    ids=["none", "all-zero-trace-id", "version-ff", "tracestate-only"],
+)
+def test_l2_a_trace_we_start_has_the_random_flag(traced: Traced, incoming: list[tuple[str, str]]) -> None:
+    seen = _send(traced.server_port, "/l2-new", incoming)
+    trace, span, flags = _context(seen)
+    assert trace not in (TRACE_L2, "0" * 32)
+    assert flags == "03"  # sampled (--trace-sampling 100) and random
+    assert "tracestate" not in seen  # a restarted trace does not keep the old tracestate
+    s = traced.span(span)
+    assert s.parent_span_id == "" and s.flags & 0xFF == 0x03
+
+
+def test_l2_a_continued_b3_trace_does_not_claim_the_random_flag(traced: Traced) -> None:
+    b3_trace, b3_span = "80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1"
+    seen = _send(
+        traced.server_port, "/l2-b3", [("x-b3-traceid", b3_trace), ("x-b3-spanid", b3_span), ("x-b3-sampled", "1")]
+    )
+    trace, span, flags = _context(seen)
+    assert (trace, flags) == (b3_trace, "01")
+    assert traced.span(span).flags & 0xFF == 0x01
+
+
+def test_l2_the_random_flag_crosses_both_sidecars(traced: Traced) -> None:
+    """app (03) -> client sidecar -> server sidecar -> app: one trace id, the flag on every hop."""
+    trace, app_span = "8a8a8a8a8a8a8a8a8a8a8a8a8a8a8a8a", "9b9b9b9b9b9b9b9b"
+    seen = _send(traced.client.port, "/l2-both", [("traceparent", f"00-{trace}-{app_span}-03")])
+    assert _context(seen)[0::2] == (trace, "03")
+    spans = {s.kind: s for s in traced.spans_of(trace, 2)}
+    assert spans["CLIENT"].parent_span_id == app_span
+    assert spans["SERVER"].parent_span_id == spans["CLIENT"].span_id
+    assert spans["CLIENT"].flags & 0xFF == spans["SERVER"].flags & 0xFF == 0x03
+
+
+KEY_256_AT = "t" * 241 + "@" + "v" * 14
+MEMBERS_32 = [f"m{i:02d}={i}" for i in range(32)]
+# (tracestate header values as sent, what the upstream must get; None: no tracestate at all)
+TRACESTATE_CASES = [
+    # Duplicates: the list is propagated, the left-most member of a key kept.
+    (["foo=1,bar=2,foo=3"], "foo=1,bar=2"),
+    (["foo=1", "foo=2"], "foo=1"),  # across two header fields, combined in order
+    # Several fields are combined in order; empty fields and members are allowed.
+    (["foo=1,bar=2", "rojo=1,congo=2", "baz=3"], "foo=1,bar=2,rojo=1,congo=2,baz=3"),
+    (["", "foo=1"], "foo=1"),
+    (["foo=1 \t , \t bar=2"], "foo=1,bar=2"),
+    # Level 2 keys: "@" anywhere after the first character, 256 characters in all.
+    (["foo=1", KEY_256_AT + "=1"], f"foo=1,{KEY_256_AT}=1"),
+    (["foo@=1,foo@@bar=2,foo@bar@baz=3,1abc=4"], "foo@=1,foo@@bar=2,foo@bar@baz=3,1abc=4"),
+    (["t" * 242 + "@v=1,t@" + "v" * 15 + "=2"], "t" * 242 + "@v=1,t@" + "v" * 15 + "=2"),
+    (["foo=1", "z" * 256 + "=1"], "foo=1," + "z" * 256 + "=1"),
+    # A list that cannot be parsed is discarded whole, its valid members too.
+    (["foo=1", "z" * 257 + "=1"], None),
+    (["foo=1", KEY_256_AT + "x=1"], None),
+    (["foo=1,BAD=2,bar=3"], None),
+    (["@foo=1,bar=2"], None),
+    (["foo=,bar=3"], None),
+    (["foo=bar=baz"], None),
+    ([",".join(MEMBERS_32)], ",".join(MEMBERS_32)),
+    ([",".join(MEMBERS_32), "m32=32"], None),  # 33 members
+]
+
+
+def test_l2_tracestate_is_processed_by_the_level_2_rules(traced: Traced) -> None:
+    """Each case through the sidecar: what reaches the app, and the tracestate of the span."""
+    for i, (values, expected) in enumerate(TRACESTATE_CASES):
+        parent = f"{0x1000 + i:016x}"
+        tp = f"00-{TRACE_L2}-{parent}-03"
+        seen = _send(
+            traced.server_port, f"/l2-tracestate/{i}", [("traceparent", tp), *(("tracestate", v) for v in values)]
+        )
+        trace, span, flags = _context(seen)
+        assert (trace, flags) == (TRACE_L2, "03")  # a tracestate never affects the traceparent
+        assert seen.get("tracestate") == expected, values
+        assert traced.span(span).trace_state == (expected or ""), values

@@ -4,7 +4,10 @@ writing, precedence between formats, sampling, and the headers `Propagator.begin
 OpenTelemetry's own propagators and `TraceIdRatioBased` sampler are the reference: the
 differential tests feed both the same valid and near-valid headers and require the same
 trace id, span id and sampling, except where we differ on purpose; each such difference is
-asserted (not skipped) and explained where it is asserted.
+asserted (not skipped) and explained where it is asserted. For tracestate, whose rules
+OpenTelemetry (1.45) still takes from Trace Context Level 1, the reference is
+`reference_tracestate`, the Level 2 rules written out plainly; OpenTelemetry must still agree
+wherever Level 1 and Level 2 do.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def outgoing(
     sampled: bool = True,
     debug: bool = False,
     tracestate: str = "",
+    random_trace_id: bool = False,
 ) -> Outgoing:
     return Outgoing(
         trace_id=trace_id,
@@ -83,6 +87,7 @@ def outgoing(
         request_id="r",
         headers=(),
         new_trace=False,
+        random_trace_id=random_trace_id,
     )
 
 
@@ -110,43 +115,64 @@ parents = st.one_of(st.just(0), span_ids)
 
 # tracestate, straight from the spec's ABNF (shorter than the maxima to keep examples small).
 LCALPHA = "abcdefghijklmnopqrstuvwxyz"
-KEY_CHARS = LCALPHA + "0123456789_-*/"
+DIGITS = "0123456789"
+L1_KEY_CHARS = LCALPHA + DIGITS + "_-*/"
+# Level 2: key = ( lcalpha / DIGIT ) 0*255( keychar ); keychar adds "@" to Level 1's characters.
+KEY_FIRST = LCALPHA + DIGITS
+KEY_CHARS = L1_KEY_CHARS + "@"
 NBLK_CHARS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",=")
-ts_simple_keys = st.builds(str.__add__, st.sampled_from(LCALPHA), st.text(KEY_CHARS, max_size=15))
+VALUE_CHARS = " " + NBLK_CHARS
+# Level 1's two key forms, which OpenTelemetry 1.45 still implements: every one is a Level 2 key.
+ts_simple_keys = st.builds(str.__add__, st.sampled_from(LCALPHA), st.text(L1_KEY_CHARS, max_size=15))
 ts_tenant_keys = st.builds(
     lambda t, rest, s, srest: f"{t}{rest}@{s}{srest}",
-    st.sampled_from(LCALPHA + "0123456789"),
-    st.text(KEY_CHARS, max_size=10),
+    st.sampled_from(LCALPHA + DIGITS),
+    st.text(L1_KEY_CHARS, max_size=10),
     st.sampled_from(LCALPHA),
-    st.text(KEY_CHARS, max_size=13),
+    st.text(L1_KEY_CHARS, max_size=13),
 )
-ts_keys = st.one_of(ts_simple_keys, ts_tenant_keys)
-ts_values = st.builds(str.__add__, st.text(" " + NBLK_CHARS, max_size=15), st.sampled_from(NBLK_CHARS))
+ts_l1_keys = st.one_of(ts_simple_keys, ts_tenant_keys)
+# Level 2 keys, "@" made likely (anywhere after the first character, any number of times).
+ts_l2_keys = st.builds(
+    str.__add__, st.sampled_from(KEY_FIRST), st.text(st.sampled_from(KEY_CHARS + "@@@"), max_size=15)
+)
+ts_keys = st.one_of(ts_l1_keys, ts_l2_keys)
+ts_values = st.builds(str.__add__, st.text(VALUE_CHARS, max_size=15), st.sampled_from(NBLK_CHARS))
 ts_lists = st.dictionaries(ts_keys, ts_values, max_size=32).map(lambda d: [f"{k}={v}" for k, v in d.items()])
+ts_l1_lists = st.dictionaries(ts_l1_keys, ts_values, max_size=32).map(lambda d: [f"{k}={v}" for k, v in d.items()])
 # Separators with the optional whitespace and empty members the spec allows.
 ts_separators = st.sampled_from([",", ", ", " ,", ",\t", "\t, ", ",,", ", ,", " , \t,"])
 bad_ts_members = st.sampled_from(
     [
         "A=1",  # upper-case key
-        "1a=1",  # simple key must start with a letter
+        "_a=1",  # a key starts with a letter or a digit
         "a=",  # empty value
         "a",  # no "="
         "=1",  # empty key
         "a=b=c",  # "=" in value
         "a b=1",  # space in key
+        "a.b=1",  # "." is no key character
         "a=\x7f",  # DEL in value
         "a=\u00e9",  # non-ASCII value
-        "a@=1",  # empty system id
-        "@b=1",  # empty tenant id
-        "a@B=1",  # upper-case system id
-        "a@b@c=1",  # two "@"
-        "a@1b=1",  # system id must start with a letter
-        "k" * 257 + "=1",  # simple key longer than 256
+        "@b=1",  # "@" may not come first
+        "a@B=1",  # upper case after "@" too
+        "k" * 257 + "=1",  # key longer than 256
+        "t" * 242 + "@" + "v" * 14 + "=1",  # 257 with an "@"
         "a=" + "v" * 257,  # value longer than 256
-        "a@" + "b" * 15 + "=1",  # system id longer than 14
-        "t" * 242 + "@b=1",  # tenant id longer than 241
         "a=\tb",  # tab inside a value
         "a=b\x00",  # NUL
+    ]
+)
+# Level 1 rejected these; Level 2 accepts them (OpenTelemetry 1.45 still rejects them).
+L2_ONLY_MEMBERS = st.sampled_from(
+    [
+        "1a=1",  # a key may start with a digit
+        "a@=1",  # "@" last
+        "a@b@c=1",  # several "@"
+        "a@@b=1",
+        "a@1b=1",  # a digit after "@"
+        "a@" + "b" * 15 + "=1",  # Level 1's system id was at most 14
+        "t" * 242 + "@b=1",  # Level 1's tenant id was at most 241
     ]
 )
 
@@ -155,8 +181,11 @@ bad_ts_members = st.sampled_from(
 def near_valid_tracestate(draw: st.DrawFn) -> str:
     """A valid list (duplicate keys happen), often with one broken member, with any OWS/empties."""
     members = draw(st.lists(st.builds(lambda k, v: f"{k}={v}", ts_keys, ts_values), max_size=34))
+    if members and draw(st.integers(0, 3)) == 0:  # a duplicate key, with the same or another value
+        key = draw(st.sampled_from(members)).partition("=")[0]
+        members.insert(draw(st.integers(0, len(members))), f"{key}={draw(ts_values)}")
     if draw(st.booleans()):
-        members.insert(draw(st.integers(0, len(members))), draw(bad_ts_members))
+        members.insert(draw(st.integers(0, len(members))), draw(st.one_of(bad_ts_members, L2_ONLY_MEMBERS)))
     edge = draw(st.sampled_from(["", "", " ", "\t", ","]))
     seps = draw(st.lists(ts_separators, min_size=len(members), max_size=len(members)))
     return edge + "".join(m + sep for m, sep in zip(members, seps, strict=True)).rstrip(" \t,") + edge
@@ -424,6 +453,55 @@ def test_huge_values_are_rejected_by_length_before_parsing() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def reference_tracestate(header: str) -> str:
+    """Trace Context Level 2's tracestate rules, written out plainly (no regex) as the oracle.
+
+    A list of at most 32 members (empty ones and the whitespace around "," do not count), each
+    `key=value`: a key of 1..256 characters, the first a lower-case letter or a digit, the rest
+    those or `_ - * / @`; a value of 1..256 printable ASCII characters but "," and "=", not
+    ending in a space. A list that breaks any of that is discarded whole (the W3C suite's strict
+    level); a duplicate key is not an error: the first (left-most) member of it is kept.
+    """
+    if len(header) > context_module.MAX_TRACESTATE:
+        return ""
+    members = [m for m in (raw.strip(" \t") for raw in header.split(",")) if m]
+    if len(members) > 32:
+        return ""
+    kept: dict[str, str] = {}
+    for m in members:
+        key, eq, value = m.partition("=")
+        if not (
+            eq
+            and 1 <= len(key) <= 256
+            and key[0] in KEY_FIRST
+            and all(c in KEY_CHARS for c in key)
+            and 1 <= len(value) <= 256
+            and all(c in VALUE_CHARS for c in value)
+            and value[-1] != " "
+        ):
+            return ""
+        kept.setdefault(key, m)
+    return ",".join(kept.values())
+
+
+_L1_SIMPLE = re.compile(r"[a-z][a-z0-9_\-*/]{0,255}")
+_L1_TENANT = re.compile(r"[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}")
+
+
+def level_1_agrees(header: str) -> bool:
+    """Whether Level 1 (OpenTelemetry's rules) must give the same result as Level 2 for this
+    list: no key repeats (Level 1 discards such a list whole) and every key that has "=" after
+    it is also a Level 1 key (Level 1 discards a list with a Level 2-only key)."""
+    keys = [m.partition("=")[0] for m in (raw.strip(" \t") for raw in header.split(",")) if "=" in m]
+    if len(keys) != len(set(keys)):
+        return False
+    return all(
+        (_L1_TENANT if "@" in k else _L1_SIMPLE).fullmatch(k) is not None
+        for k in keys
+        if k and all(c in KEY_CHARS for c in k) and k[0] in KEY_FIRST and len(k) <= 256
+    )
+
+
 def otel_accepts_only_because_lenient_w3c(tp: str) -> bool:
     """Where OpenTelemetry accepts a traceparent we reject, on purpose:
 
@@ -452,8 +530,11 @@ def test_w3c_agrees_with_opentelemetry(tp: str, tracestate: str | None) -> None:
         return
     assert theirs is not None
     assert (ours.trace_id, ours.span_id, ours.sampled) == (theirs.trace_id, theirs.span_id, theirs.trace_flags.sampled)
-    # Same tracestate kept (or discarded whole), same normalisation.
-    assert ours.tracestate == (theirs.trace_state.to_header() if theirs.trace_state is not None else "")
+    assert ours.random_trace_id is theirs.trace_flags.random_trace_id
+    # The tracestate as the Level 2 rules say; OpenTelemetry agrees where Level 1 does.
+    assert ours.tracestate == reference_tracestate(tracestate or "")
+    if level_1_agrees(tracestate or ""):
+        assert ours.tracestate == (theirs.trace_state.to_header() if theirs.trace_state is not None else "")
 
 
 @settings(max_examples=150)
@@ -463,12 +544,17 @@ def test_w3c_agrees_with_opentelemetry(tp: str, tracestate: str | None) -> None:
     "a1=1,a2=2,a3=3,a4=4,a5=5,a6=6,a7=7,a8=8,a9=9,b1=1,b2=2,b3=3,b4=4,b5=5,b6=6,b7=7,b8=8,b9=9,c1=1,c2=2,c3=3,c4=4,c5=5,c6=6,c7=7,c8=8,c9=9,d1=1,d2=2,d3=3,d4=4,d5=5,d6=6"
 )
 @example("foo=1,foo=1")
+@example("foo=1,bar=2,foo=3")
 @example("a=b ,c=d")
-def test_tracestate_validity_agrees_with_opentelemetry_from_header(header: str) -> None:
-    theirs = TraceState.from_header([header]).to_header()
-    assert parse_tracestate(header) == theirs
-    # Two headers joined with "," (how a repeated header reaches us) == OTel's list of two.
-    assert parse_tracestate(header + "," + header[::-1]) == TraceState.from_header([header, header[::-1]]).to_header()
+@example("foo@@bar=1,bar=2")
+def test_tracestate_follows_the_level_2_rules_and_agrees_with_opentelemetry_where_level_1_does(header: str) -> None:
+    assert parse_tracestate(header) == reference_tracestate(header)
+    joined = header + "," + header[::-1]  # two headers joined with "," (how a repeated header reaches us)
+    assert parse_tracestate(joined) == reference_tracestate(joined)
+    if level_1_agrees(header):
+        assert parse_tracestate(header) == TraceState.from_header([header]).to_header()
+    if level_1_agrees(joined):
+        assert parse_tracestate(joined) == TraceState.from_header([header, header[::-1]]).to_header()
 
 
 def otel_b3_sampled(value: str | None) -> bool:
@@ -562,28 +648,33 @@ def test_precedence_differs_from_opentelemetry_b3_when_the_single_header_is_inva
     assert ctx is not None and ctx.source is Format.B3 and ctx.trace_id == int(B3_TRACE, 16)
 
 
-@given(trace_ids_any_width, span_ids, parents, st.booleans(), st.booleans(), ts_lists)
+@given(trace_ids_any_width, span_ids, parents, st.booleans(), st.booleans(), st.booleans(), ts_l1_lists)
 def test_opentelemetry_reads_what_we_write_in_every_format(
-    trace_id: int, span_id: int, parent: int, sampled: bool, debug: bool, members: list[str]
+    trace_id: int, span_id: int, parent: int, sampled: bool, debug: bool, random_id: bool, members: list[str]
 ) -> None:
     tracestate = ",".join(members)
-    out = outgoing(trace_id, span_id, parent, sampled, debug, tracestate)
+    out = outgoing(trace_id, span_id, parent, sampled, debug, tracestate, random_id)
     for propagator, fmt in ((W3C_OTEL, Format.W3C), (B3_MULTI_OTEL, Format.B3), (B3_SINGLE_OTEL, Format.B3_SINGLE)):
         theirs = otel_context(propagator, dict(format_headers(out, [fmt])))
         assert theirs is not None
         assert (theirs.trace_id, theirs.span_id, theirs.trace_flags.sampled) == (trace_id, span_id, sampled or debug)
         if fmt is Format.W3C:
             assert theirs.trace_state.to_header() == tracestate
+            assert theirs.trace_flags.random_trace_id is random_id
+        else:
+            assert not theirs.trace_flags.random_trace_id  # B3 has no such flag
 
 
-@given(trace_ids, span_ids, st.booleans())
+@given(trace_ids, span_ids, st.booleans(), st.booleans())
 def test_our_traceparent_is_byte_for_byte_what_opentelemetry_injects(
-    trace_id: int, span_id: int, sampled: bool
+    trace_id: int, span_id: int, sampled: bool, random_id: bool
 ) -> None:
-    sc = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(int(sampled)))
+    flags = trace.TraceFlags(int(sampled) | int(random_id) << 1)
+    sc = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags)
     carrier: dict[str, str] = {}
     W3C_OTEL.inject(carrier, trace.set_span_in_context(trace.NonRecordingSpan(sc)))
-    assert dict(format_headers(outgoing(trace_id, span_id, sampled=sampled), [Format.W3C])) == carrier
+    out = outgoing(trace_id, span_id, sampled=sampled, random_trace_id=random_id)
+    assert dict(format_headers(out, [Format.W3C])) == carrier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,10 +730,10 @@ def test_traceparent_examples(traceparent: str, expected: tuple[int, int, bool] 
         ("congo=ucfJifl5GOE,rojo=00f067aa0ba902b7", "congo=ucfJifl5GOE,rojo=00f067aa0ba902b7"),
         ("rojo=00f067aa0ba902b7 , \tcongo=t61rcWkgMzE", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),  # OWS
         ("rojo=1,,congo=2,", "rojo=1,congo=2"),  # empty members dropped
-        ("rojo=1,congo=2,rojo=3", ""),  # duplicate key: discarded whole
+        ("rojo=1,congo=2,rojo=3", "rojo=1,congo=2"),  # duplicate key: the left-most is kept
         ("fw529a3039@dt=00f067aa0ba902b7", "fw529a3039@dt=00f067aa0ba902b7"),  # multi-tenant key
-        ("1fw@dt=x", "1fw@dt=x"),  # a tenant id may start with a digit
-        ("1fw=x", ""),  # a simple key may not
+        ("1fw@dt=x", "1fw@dt=x"),
+        ("1fw=x", "1fw=x"),  # Level 2: any key may start with a digit
         ("rojo=a b", "rojo=a b"),  # inner space in a value
         ("rojo= b", "rojo= b"),  # leading space in a value is part of it
         ("rojo=", ""),  # empty value
@@ -1068,3 +1159,199 @@ def test_sampler_default_one_percent_samples_about_one_percent() -> None:
 def test_sampler_rejects_percent_outside_0_to_100(percent: float) -> None:
     with pytest.raises(ValueError):
         Sampler(percent)
+
+
+# ---------------------------------------------------------------------------------------------
+# W3C Trace Context Level 2, rule by rule. Each table is generated from the rule it checks
+# (every character, every flags byte, the lengths either side of each limit), not from findings.
+# ---------------------------------------------------------------------------------------------
+
+TP_TRACE_HEX = f"{TP_TRACE:032x}"
+TP_SPAN_HEX = f"{TP_SPAN:016x}"
+# Characters that are list syntax in a tracestate (separator, optional whitespace, key/value
+# split) mean something else wherever they stand, so they get their own rows below.
+TS_SYNTAX = ",= \t"
+KEY_TEST_CHARS = [chr(c) for c in range(0x20, 0x7F) if chr(c) not in TS_SYNTAX] + ["\x00", "\x7f", "\u00e9"]
+
+
+def _kept_with_a_neighbour(member: str) -> tuple[str, str]:
+    """The header (the member between two valid ones) and what must come out if it is valid."""
+    return f"aa=1,{member},zz=2", f"aa=1,{member},zz=2"
+
+
+@pytest.mark.parametrize("ch", KEY_TEST_CHARS)
+@pytest.mark.parametrize("where", ["first", "middle", "last", "only"])
+def test_l2_key_characters(ch: str, where: str) -> None:
+    """key = ( lcalpha / DIGIT ) 0*255( lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@" )"""
+    key = {"first": f"{ch}k", "middle": f"k{ch}k", "last": f"k{ch}", "only": ch}[where]
+    valid = ch in KEY_FIRST if where in ("first", "only") else ch in KEY_CHARS
+    header, kept = _kept_with_a_neighbour(f"{key}=v")
+    # An invalid member makes the list unparseable: discarded whole (the W3C suite's strict level).
+    assert parse_tracestate(header) == (kept if valid else "")
+
+
+@pytest.mark.parametrize(
+    "ch", [chr(c) for c in range(0x20, 0x7F) if chr(c) not in ",="] + ["\t", "\x00", "\x7f", "\u00e9"]
+)
+@pytest.mark.parametrize("where", ["first", "middle", "last", "only"])
+def test_l2_value_characters(ch: str, where: str) -> None:
+    """value = 0*255(chr) nblk-chr; chr = %x20 / nblk-chr; nblk-chr = %x21-2B / %x2D-3C / %x3E-7E"""
+    value = {"first": f"{ch}v", "middle": f"v{ch}v", "last": f"v{ch}", "only": ch}[where]
+    header, kept = _kept_with_a_neighbour(f"k={value}")
+    if ch in " \t" and where in ("last", "only"):
+        # Trailing whitespace is optional whitespace around ",", not part of the value.
+        stripped = value.rstrip(" \t")
+        assert parse_tracestate(header) == (f"aa=1,k={stripped},zz=2" if stripped else "")
+        return
+    valid = ch in NBLK_CHARS or (ch == " " and where in ("first", "middle"))  # leading spaces are kept
+    assert parse_tracestate(header) == (kept if valid else "")
+
+
+@pytest.mark.parametrize(
+    ("key", "valid"),
+    [
+        # The only length rule of Level 2: a key of 1 to 256 characters, "@" or not.
+        *((c * n, n <= 256) for c in "z7" for n in (1, 255, 256, 257)),
+        *(("a" + "@" * (n - 1), n <= 256) for n in (2, 256, 257)),
+        # Level 1's multi-tenant limits (tenant <= 241, system <= 14) are gone.
+        ("t" * 241 + "@" + "v" * 14, True),  # 256
+        ("t" * 242 + "@v", True),
+        ("t@" + "v" * 15, True),
+        ("t" * 241 + "@" + "v" * 15, False),  # 257
+        ("t" * 255 + "@", True),
+        ("t" * 256 + "@", False),
+        ("foo@", True),
+        ("foo@@bar", True),
+        ("foo@bar@baz", True),
+        ("1@2", True),
+        ("@foo", False),
+        ("@", False),
+    ],
+)
+def test_l2_key_length_and_at_sign_rules(key: str, valid: bool) -> None:
+    header, kept = _kept_with_a_neighbour(f"{key}=1")
+    assert parse_tracestate(header) == (kept if valid else "")
+
+
+@pytest.mark.parametrize(("n", "valid"), [(1, True), (255, True), (256, True), (257, False)])
+def test_l2_value_length_rule(n: int, valid: bool) -> None:
+    header, kept = _kept_with_a_neighbour("k=" + "v" * n)
+    assert parse_tracestate(header) == (kept if valid else "")
+
+
+def _members(n: int) -> list[str]:
+    return [f"k{i:02d}={i}" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        # At most 32 members; more and the list is discarded whole (the W3C suite's strict level).
+        (",".join(_members(32)), ",".join(_members(32))),
+        (",".join(_members(33)), ""),
+        # Empty members and whitespace around "," are allowed and not members.
+        (",,".join(_members(32)) + ", \t,", ",".join(_members(32))),
+        # Duplicates: the list stays; the left-most member of a key wins, the order is kept.
+        ("foo=1,foo=1", "foo=1"),
+        ("foo=1,foo=2", "foo=1"),
+        ("foo=2,bar=1,foo=1", "foo=2,bar=1"),
+        ("a=1,b=2,a=3,c=4,b=5", "a=1,b=2,c=4"),
+        ("x@y=1,x@y=2", "x@y=1"),
+        # Duplicates count towards the 32 the list was sent with.
+        (",".join([*_members(31), "k00=dup"]), ",".join(_members(31))),
+        (",".join([*_members(32), "k00=dup"]), ""),
+        # One invalid member anywhere discards the list, valid members and all.
+        *((",".join(_members(3)[:i] + ["BAD=1"] + _members(3)[i:]), "") for i in range(4)),
+        ("foo=1,foo=", ""),  # a duplicate that is also invalid is still invalid
+        ("@foo=1,bar=2", ""),
+        ("foo=,bar=3", ""),
+        ("foo=bar=baz", ""),
+    ],
+)
+def test_l2_list_rules(header: str, expected: str) -> None:
+    assert parse_tracestate(header) == expected
+    ctx = extract({"traceparent": TP, "tracestate": header}).context
+    assert ctx is not None and ctx.tracestate == expected  # never affects the traceparent
+
+
+@pytest.mark.parametrize("version", ["00", "cc", "cc-future"])
+@pytest.mark.parametrize("sampler", [0.0, 100.0])
+def test_l2_every_flags_byte_continues_with_its_sampled_and_random_bits_and_no_other(
+    version: str, sampler: float
+) -> None:
+    """Sampled and random-trace-id are honoured and copied; every other (reserved) bit is
+    written as 0, for the version we know and for a higher one alike. The sampler does not
+    override an incoming decision."""
+    propagator = Propagator(sampler=Sampler(sampler))
+    for flags in range(256):
+        tp = f"{version[:2]}-{TP_TRACE_HEX}-{TP_SPAN_HEX}-{flags:02x}" + ("-extra" if "future" in version else "")
+        out = propagator.begin({"traceparent": tp, "tracestate": "a@b=1"})
+        got = dict(out.headers)
+        assert got["traceparent"] == f"00-{TP_TRACE_HEX}-{out.span_id:016x}-{flags & 0x03:02x}", tp
+        assert (out.random_trace_id, out.sampled, out.new_trace) == (bool(flags & 2), bool(flags & 1), False)
+        assert got["tracestate"] == "a@b=1"
+        assert got["x-b3-sampled"] == ("1" if flags & 1 else "0")  # B3 only sees the sampled bit
+        assert extract({"traceparent": tp}).context.random_trace_id is bool(flags & 2)  # type: ignore[union-attr]
+
+
+STARTS = {
+    "no headers": {},
+    "tracestate without traceparent": {"tracestate": "rojo=1"},
+    "invalid traceparent": {"traceparent": "00-xyz-00f067aa0ba902b7-03", "tracestate": "rojo=1"},
+    "version ff": {"traceparent": "ff" + TP[2:-2] + "03", "tracestate": "rojo=1"},
+    "all-zero trace id": {"traceparent": f"00-{'0' * 32}-{TP_SPAN_HEX}-03"},
+    "b3 sampling decision only": {"b3": "1"},
+    "x-b3-sampled only": {"x-b3-sampled": "0"},
+}
+
+
+@pytest.mark.parametrize("bits", [128, 64])
+@pytest.mark.parametrize("sampler", [0.0, 100.0])
+@pytest.mark.parametrize("start", list(STARTS))
+def test_l2_a_trace_we_start_has_the_random_flag(start: str, sampler: float, bits: int) -> None:
+    out = Propagator(sampler=Sampler(sampler), trace_id_bits=bits).begin(STARTS[start])
+    got = dict(out.headers)
+    assert out.new_trace and out.random_trace_id
+    sampled = out.sampled
+    assert got["traceparent"] == f"00-{out.trace_id:032x}-{out.span_id:016x}-0{3 if sampled else 2}"
+    assert "tracestate" not in got  # a restarted or new trace carries no incoming tracestate
+
+
+def test_l2_the_ids_behind_the_random_flag_are_uniform_in_their_low_56_bits() -> None:
+    """What the flag promises: every one of the right-most 56 bits is a fair coin (2000 draws;
+    a bit stuck at 0 or 1, or a counter or a clock in those bytes, is 45 standard deviations
+    away from the bounds)."""
+    for bits in (128, 64):
+        p = Propagator(trace_id_bits=bits)
+        ids = [p.begin({}).trace_id for _ in range(2000)]
+        assert len(set(ids)) == 2000
+        for bit in range(56):
+            ones = sum(i >> bit & 1 for i in ids)
+            assert 800 < ones < 1200, (bits, bit, ones)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-b3-traceid": B3_TRACE, "x-b3-spanid": B3_SPAN, "x-b3-sampled": "1"},
+        {"x-b3-traceid": B3_TRACE[16:], "x-b3-spanid": B3_SPAN, "x-b3-sampled": "1"},
+        {"b3": f"{B3_TRACE}-{B3_SPAN}-1"},
+        # An invalid traceparent does not make a valid B3 context a new trace.
+        {"traceparent": "00-xyz-zzz-03", "b3": f"{B3_TRACE}-{B3_SPAN}-1"},
+    ],
+)
+def test_l2_a_continued_b3_trace_never_claims_the_random_flag(headers: dict[str, str]) -> None:
+    """B3 has no random-trace-id flag: we did not draw the id and cannot vouch for it."""
+    out = Propagator(ALL_FORMATS).begin(headers)
+    got = dict(out.headers)
+    assert not out.new_trace and not out.random_trace_id
+    assert got["traceparent"].endswith("-01")
+    assert got["x-b3-sampled"] == "1" and got["b3"].split("-")[2] == "1"
+
+
+def test_l2_a_valid_traceparent_wins_over_b3_and_brings_its_random_flag() -> None:
+    out = Propagator(ALL_FORMATS).begin({"traceparent": TP[:-2] + "02", "b3": f"{B3_TRACE}-{B3_SPAN}-1"})
+    got = dict(out.headers)
+    assert (out.trace_id, out.random_trace_id, out.sampled) == (TP_TRACE, True, False)
+    assert got["traceparent"].endswith("-02")
+    assert got["b3"] == f"{TP_TRACE_HEX}-{out.span_id:016x}-0-{TP_SPAN_HEX}"

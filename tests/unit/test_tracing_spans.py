@@ -267,3 +267,26 @@ def test_receiver_wait_for_says_what_arrived(receiver: OtlpReceiver, make_sink: 
     receiver.wait_for(lambda spans: len(spans) == 1)
     with pytest.raises(AssertionError, match=r"(?s)1 spans in 1 Export calls.*'span-1'"):
         receiver.wait_for(lambda spans: len(spans) > 1, timeout=0.2)
+
+
+@pytest.mark.parametrize("rnd", [True, False])
+@pytest.mark.parametrize("parent", [PARENT_ID, 0], ids=["continued", "root"])
+def test_spans_carry_the_w3c_trace_flags_that_were_propagated(
+    receiver: OtlpReceiver, make_sink: Callable[..., SpanSink], parent: int, rnd: bool
+) -> None:
+    """OTLP `Span.flags` bits 0-7 are the W3C trace flags: sampled always (only sampled spans
+    are exported), random-trace-id as it was sent on with the trace id."""
+    sink = make_sink(receiver.endpoint, schedule_delay_ms=20)
+    assert sink.submit(record(1, parent_span_id=parent, random_trace_id=rnd))
+    [span] = receiver.wait_for(lambda spans: len(spans) >= 1)
+    assert span.flags & 0xFF == (0x03 if rnd else 0x01)
+    assert span.flags >> 8 == (0b11 if parent else 0b01)  # the SDK's "parent is remote" bits, untouched
+
+
+def test_spans_keep_a_tracestate_with_level_2_keys(receiver: OtlpReceiver, make_sink: Callable[..., SpanSink]) -> None:
+    """OpenTelemetry 1.45 parses tracestate keys with Level 1's grammar and would drop this list."""
+    tracestate = "1abc=1,foo@@bar=2,t@" + "v" * 15 + "=3," + "t" * 242 + "@v=4,rojo=00f067aa0ba902b7"
+    sink = make_sink(receiver.endpoint, schedule_delay_ms=20)
+    assert sink.submit(record(1, tracestate=tracestate))
+    [span] = receiver.wait_for(lambda spans: len(spans) >= 1)
+    assert span.trace_state == tracestate

@@ -3,6 +3,7 @@ named and tagged as Istio's sidecars do it."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.trace import SpanKind
@@ -10,7 +11,7 @@ from opentelemetry.trace import SpanKind
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.tracing.context import Format
-from extproc.tracing.tracer import SpanIds, Tracing, TracingSettings, resource_attributes
+from extproc.tracing.tracer import TRACE_KEY, SpanIds, Tracing, TracingSettings, resource_attributes
 
 LOCAL = Workload(workload_name="httpbin-v1", namespace="foo", canonical_service="httpbin", canonical_revision="v1")
 PEER = Workload(workload_name="sleep", namespace="bar", canonical_service="sleep", canonical_revision="latest")
@@ -34,16 +35,40 @@ def _record(direction: Direction, code: int, **kw: object) -> HttpRecord:
     )
 
 
-@given(st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.integers(0, 2**64 - 1))
-def test_span_ids_survive_the_trip_through_dynamic_metadata(trace: int, span: int, parent: int) -> None:
-    ids = SpanIds(trace, span, parent, "k=v")
+@given(st.integers(1, 2**128 - 1), st.integers(1, 2**64 - 1), st.integers(0, 2**64 - 1), st.booleans())
+def test_span_ids_survive_the_trip_through_dynamic_metadata(trace: int, span: int, parent: int, rnd: bool) -> None:
+    ids = SpanIds(trace, span, parent, "k=v", rnd)
     assert SpanIds.decode(ids.encode(), "k=v") == ids
 
 
+def test_span_ids_without_flags_from_an_older_extproc_still_give_a_span() -> None:
+    ids = SpanIds(1, 2, 3, "k=v", random_trace_id=True)
+    assert SpanIds.decode(ids.encode()[:66], "k=v") == SpanIds(1, 2, 3, "k=v", random_trace_id=False)
+
+
 def test_damaged_span_ids_give_no_span() -> None:
-    good = SpanIds(1, 2, 3).encode()
-    for bad in ("", good[:-1], good.replace("-", "_"), "z" * 66, "0" * 32 + "-" + "0" * 16 + "-" + "0" * 16):
+    good = SpanIds(1, 2, 3, random_trace_id=True).encode()
+    for bad in (
+        "",
+        good[:-1],
+        good[:-2],
+        good[:66] + "_02",
+        good[:-2] + "zz",
+        good.replace("-", "_"),
+        "z" * 66,
+        "0" * 32 + "-" + "0" * 16 + "-" + "0" * 16,
+    ):
         assert SpanIds.decode(bad) is None
+
+
+@pytest.mark.parametrize("rnd", [True, False])
+def test_the_span_carries_the_random_flag_that_was_propagated(rnd: bool) -> None:
+    t = Tracing(TracingSettings(formats=(Format.W3C,), sampling_percent=100), LOCAL)
+    out = t.begin({"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-0{3 if rnd else 1}"})
+    assert out is not None and out.random_trace_id is rnd
+    ids = SpanIds.decode(t.metadata(out)[TRACE_KEY])  # the authz+als route: through Envoy's metadata
+    assert ids == SpanIds.of(out)
+    assert t.span(ids, _record(Direction.INBOUND, 200), 0, 1).random_trace_id is rnd
 
 
 def test_a_server_span_carries_istio_and_otel_attributes() -> None:
