@@ -3,39 +3,41 @@
     suite harness --> [Envoy: inbound] --> test service --> [Envoy: outbound] --> harness callback
                        extproc (inbound)                     extproc (outbound)
 
-Opt-in: set W3C_TRACE_CONTEXT_SUITE to the `test` folder of a w3c/trace-context checkout (the
-suite is not vendored: it is the W3C's, and it needs its harness on port 7777). It runs with
-SPEC_LEVEL=2 and STRICT_LEVEL=2, every test the suite has.
+A conformance run, not part of the test suite: the suite is the W3C's and is not vendored,
+and its harness needs port 7777. Check out w3c/trace-context and point this at its `test/`
+folder; it runs every test the suite has with SPEC_LEVEL=2 and STRICT_LEVEL=2, in both modes,
+and exits non-zero if any fails:
+
+    .venv/bin/python -m tests.conformance.w3c_trace_context PATH/TO/trace-context/test [--mode authz|extproc]
+
+The rules themselves are covered by the test suite's own cases (tests/unit/test_tracing_context.py
+and tests/e2e/test_tracing_e2e.py), which need no checkout.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-
-import pytest
 
 from tests.fixtures import envoy_config as ec
 from tests.fixtures import mesh
 from tests.fixtures.procs import Proc, free_port, wait_until
 from tests.fixtures.stack import ExtprocProcess, tcp_roundtrip
 
-pytestmark = pytest.mark.e2e
-
-SUITE = os.environ.get("W3C_TRACE_CONTEXT_SUITE", "")
 HARNESS_PORT = 7777  # fixed by the suite's test.py
 
 
-@pytest.mark.skipif(not SUITE, reason="W3C_TRACE_CONTEXT_SUITE (w3c/trace-context's test/ folder) is not set")
-@pytest.mark.parametrize("mode", ["authz", "extproc"])
-def test_the_w3c_trace_context_suite_passes_at_level_2(mode: str, tmp_path: Path) -> None:
+def run_suite(suite: str, mode: str, tmp_path: Path) -> int:
+    """Run the suite through one mode's sidecars; the suite's exit status."""
     (tmp_path / "policies").mkdir()
     app_port, in_port, out_port = free_port(), free_port(), free_port()
     app = Proc(
         "w3c-service",
-        [sys.executable, "-m", "tests.fixtures.w3c_service", str(app_port), str(out_port)],
+        [sys.executable, "-m", "tests.conformance.w3c_service", str(app_port), str(out_port)],
         tmp_path / "service.log",
     )
     sidecars = [
@@ -65,17 +67,33 @@ def test_the_w3c_trace_context_suite_passes_at_level_2(mode: str, tmp_path: Path
             envoys[-1].wait_ready()
         run = subprocess.run(
             [sys.executable, "test.py", f"http://127.0.0.1:{in_port}/test"],
-            cwd=SUITE,
+            cwd=suite,
             env={**os.environ, "SPEC_LEVEL": "2", "STRICT_LEVEL": "2"},
-            capture_output=True,
-            text=True,
             timeout=300,
         )
-        assert run.returncode == 0, run.stderr[-6000:]
-        assert "skipped" not in run.stderr
+        return run.returncode
     finally:
         for e in envoys:
             e.stop()
         for x in sidecars:
             x.stop()
         app.terminate()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Run the W3C Trace Context suite against extproc at Level 2.")
+    p.add_argument("suite", help="the test/ folder of a w3c/trace-context checkout")
+    p.add_argument("--mode", choices=["authz", "extproc"], action="append", help="default: both")
+    args = p.parse_args()
+    failed = []
+    for mode in args.mode or ["authz", "extproc"]:
+        print(f"== mode {mode}", flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            if run_suite(args.suite, mode, Path(d)) != 0:
+                failed.append(mode)
+    if failed:
+        sys.exit(f"the suite failed in: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
