@@ -189,7 +189,9 @@ class ExtprocCollector(Collector):
         token_cache: TokenCache | None = None,
         peer_cache: PeerCache | None = None,
         extra_caches: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
+        unnormalized_paths: Callable[[], tuple[str, int]] | None = None,
     ) -> None:
+        self.unnormalized_paths = unnormalized_paths
         self.peer_cache = peer_cache
         self.extra_caches = extra_caches
         self.stats = stats
@@ -216,6 +218,16 @@ class ExtprocCollector(Collector):
         for kind, n in sorted(s.malformed.items()):
             bad.add_metric([kind], n)
         yield bad
+        if self.unnormalized_paths is not None:
+            mode, n = self.unnormalized_paths()
+            paths = CounterMetricFamily(
+                "extproc_unnormalized_paths",
+                "HTTP requests whose path Envoy should already have normalized (its normalization is weaker than "
+                "--path-normalization); policies matched the normalized path",
+                labels=["normalization"],
+            )
+            paths.add_metric([mode], n)
+            yield paths
         yield CounterMetricFamily(
             "extproc_internal_errors", "Checks denied because of an internal error", value=s.internal_errors
         )

@@ -31,6 +31,7 @@ from extproc.config.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_i
 from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
+from extproc.path_normalization import Mode as PathNormalization
 from extproc.server import http
 from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
 from extproc.server.settings import ServeSettings
@@ -177,6 +178,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         xff_num_trusted_hops=settings.xff_num_trusted_hops,
         jwt_payload_key=settings.jwt_payload_key,
         max_header_bytes=settings.max_request_headers_kb * 1024,
+        path_normalization=PathNormalization(settings.path_normalization),
     )
     providers = ProviderPool()
     jwks = JwksRegistry(settings.jwks_refresh_interval_s, settings.jwks_kid_refresh_interval_s)
@@ -261,6 +263,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         stats,
         holder,
         lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses),
+        unnormalized_paths=lambda: (adapter.path_normalization.value, adapter.unnormalized_paths),
         jwks=jwks,
         token_cache=token_cache,
         peer_cache=telemetry.peers,

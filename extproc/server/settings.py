@@ -20,6 +20,8 @@ class SettingsError(ValueError):
 
 
 TRACE_FORMATS = ("w3c", "b3", "b3-single")
+# Istio's meshConfig.pathNormalization, spelled as extproc's --path-normalization takes it.
+PATH_NORMALIZATIONS = ("none", "base", "merge-slashes", "decode-and-merge-slashes")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class ServeSettings:
     jwks_kid_refresh_interval_s: float = 30.0
     jwt_cache_size: int = 10_000
     decision_cache_size: int = 4096
+    path_normalization: str = "base"
     direction: str = "inbound"
     cluster: str = "Kubernetes"
     service_account: str = ""
@@ -137,6 +140,13 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
         "--decision-cache-size",
         "EXTPROC_DECISION_CACHE_SIZE",
         "HTTP decisions remembered by the values the policies read (0 disables the cache)",
+    ),
+    (
+        "--path-normalization",
+        "EXTPROC_PATH_NORMALIZATION",
+        "normalization of the path policies match, by Istio's meshConfig.pathNormalization names: none, base "
+        "(Istio's default: RFC 3986 dot segments), merge-slashes, decode-and-merge-slashes; a path the Envoy in "
+        "front should already have normalized is counted in extproc_unnormalized_paths_total",
     ),
     (
         "--direction",
@@ -239,6 +249,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decision-cache-size", type=int, metavar="N", help=helps["--decision-cache-size"] + " (default 4096)"
     )
+    p.add_argument("--path-normalization", metavar="MODE", help=helps["--path-normalization"] + " (default base)")
     p.add_argument("--direction", metavar="DIR", help=helps["--direction"] + " (default inbound)")
     p.add_argument("--cluster", metavar="ID", help=helps["--cluster"] + " (default Kubernetes)")
     p.add_argument("--service-account", metavar="SA", help=helps["--service-account"])
@@ -322,6 +333,11 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
     log_format = (pick("log_format", "EXTPROC_LOG_FORMAT", "text") or "text").lower()
     if log_format not in ("text", "json"):
         raise SettingsError(f"--log-format: expected text or json, got {log_format!r}")
+    path_normalization = (pick("path_normalization", "EXTPROC_PATH_NORMALIZATION", "base") or "base").lower()
+    if path_normalization not in PATH_NORMALIZATIONS:
+        raise SettingsError(
+            f"--path-normalization: expected one of {', '.join(PATH_NORMALIZATIONS)}, got {path_normalization!r}"
+        )
     direction = (pick("direction", "EXTPROC_DIRECTION", "inbound") or "inbound").lower()
     if direction not in ("inbound", "outbound"):
         raise SettingsError(f"--direction: expected inbound or outbound, got {direction!r}")
@@ -386,6 +402,7 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
             "--multiple-custom-providers",
         ),
         direction=direction,
+        path_normalization=path_normalization,
         cluster=pick("cluster", "EXTPROC_CLUSTER", "Kubernetes") or "",
         service_account=pick("service_account", "EXTPROC_SERVICE_ACCOUNT", "") or "",
         service_host=pick("service_host", "EXTPROC_SERVICE_HOST", "") or "",

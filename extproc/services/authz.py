@@ -96,18 +96,23 @@ def _sized(raw: bytes) -> tuple[external_auth_pb2.CheckRequest, int]:
 
 
 def decision_key(
-    plan: KeyPlan, a: external_auth_pb2.AttributeContext, h: external_auth_pb2.AttributeContext.HttpRequest, headers
-) -> tuple[object, ...]:  # type: ignore[no-untyped-def]
+    plan: KeyPlan,
+    a: external_auth_pb2.AttributeContext,
+    h: external_auth_pb2.AttributeContext.HttpRequest,
+    headers,  # type: ignore[no-untyped-def]
+    path: str,
+) -> tuple[object, ...]:
     """What the decision of this HTTP request can depend on, read straight from the CheckRequest:
     the connection (addresses, principals, SNI; the source port is not, nothing reads it), the
-    method, path, host and scheme fields, the filter metadata when policies read it, and the
-    headers the plan names. The adapter builds Attributes from nothing else."""
+    method, the path policies match (`CheckAdapter.policy_path`), the host and scheme fields,
+    the filter metadata when policies read it, and the headers the plan names. The adapter
+    builds Attributes from nothing else."""
     src = a.source
     dst = a.destination.address.socket_address
     key: tuple[object, ...] = (
         "ext_authz",
         h.method,
-        h.path,
+        path,
         h.host,
         h.scheme,
         src.address.socket_address.address,
@@ -227,15 +232,16 @@ class AuthorizationService:
             else:
                 headers = http_headers(h, adapter.max_headers, adapter.max_header_bytes)
                 keyed = True
+            path = adapter.policy_path(h.path)
             cache = enforcer.cache(snap)
             now = int(self._clock())
             key = None
             if cache is not None and keyed:
-                key = decision_key(cache.plan, a, h, headers)
+                key = decision_key(cache.plan, a, h, headers, path)
                 verdict = enforcer.cached(cache, key, now)
                 if verdict is not None:
                     return verdict, headers, None
-            attrs = adapter.attributes(request, headers)
+            attrs = adapter.attributes(request, headers, path)
         except MalformedRequest as e:
             return self._malformed(e, http=True), raw, None
         return None, headers, (attrs, now, cache, key)

@@ -15,6 +15,7 @@ What Envoy 1.40 actually sends, checked against a live Envoy:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from urllib.parse import unquote
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.attributes import Attributes, HttpRequest, parse_ip, remote_ip_from_xff
+from extproc.path_normalization import DEFAULT_MODE, Mode, normalize
 from extproc.services.headers import (
     DEFAULT_MAX_HEADER_BYTES,
     MAX_HEADERS,
@@ -33,6 +35,8 @@ from extproc.services.headers import (
 from extproc.services.protoconv import struct_to_dict
 
 JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "JWT_AUTHN_FILTER",
@@ -109,8 +113,13 @@ class CheckAdapter:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_headers: int = MAX_HEADERS,
         cert_cache: PeerCertificateCache | None = None,
+        path_normalization: Mode = DEFAULT_MODE,
     ) -> None:
         self.xff_num_trusted_hops = xff_num_trusted_hops
+        self.path_normalization = path_normalization
+        # Requests whose path was not what an Envoy normalizing as `path_normalization` would
+        # have sent: the Envoy in front is configured with less normalization (or none).
+        self.unnormalized_paths = 0
         self.jwt_payload_key = jwt_payload_key
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
@@ -119,9 +128,36 @@ class CheckAdapter:
     def is_http(self, req: external_auth_pb2.CheckRequest) -> bool:
         return req.attributes.HasField("request")
 
-    def attributes(self, req: external_auth_pb2.CheckRequest, headers: Mapping[str, str] | None = None) -> Attributes:
+    def policy_path(self, path: str) -> str:
+        """The path policies match: `path` normalized as --path-normalization says (see
+        extproc/path_normalization.py), so a DENY holds behind an Envoy that does not normalize.
+        Counts and reports (once) a path Envoy should already have normalized; raises
+        MalformedRequest for a path Envoy would have rejected."""
+        mode = self.path_normalization
+        if mode is Mode.NONE:
+            return path
+        got = normalize(path, mode)
+        if got is None:
+            raise MalformedRequest("invalid-path", "the path holds a NUL (raw or %00), which Envoy rejects")
+        if got != path:
+            self.unnormalized_paths += 1
+            if self.unnormalized_paths == 1:
+                log.warning(
+                    "a request arrived with the path %r, which an Envoy normalizing paths as --path-normalization "
+                    "%s would have sent as %r: policies match the normalized path, but the upstream may receive the "
+                    "raw one. Set the HTTP connection manager's normalization as Istio does (see README, Path "
+                    "normalization); further such requests are counted in extproc_unnormalized_paths_total",
+                    path[:200],
+                    mode.value,
+                    got[:200],
+                )
+        return got
+
+    def attributes(
+        self, req: external_auth_pb2.CheckRequest, headers: Mapping[str, str] | None = None, path: str | None = None
+    ) -> Attributes:
         """The request's Attributes; `headers`, when given, are its already decoded and checked
-        headers (from `http_headers`), so they are not read twice."""
+        headers (from `http_headers`), and `path` its `policy_path`, so neither is worked out twice."""
         a = req.attributes
         src = a.source
         dst = a.destination
@@ -141,7 +177,9 @@ class CheckAdapter:
         if a.HasField("request"):
             h = a.request.http
             checked = dict(headers) if headers is not None else http_headers(h, self.max_headers, self.max_header_bytes)
-            http = http_request(checked, h.method, h.path, h.host, h.scheme, h.protocol, h.id)
+            if path is None:
+                path = self.policy_path(h.path)
+            http = http_request(checked, h.method, path, h.host, h.scheme, h.protocol, h.id)
         return self.build(
             source=src.address.socket_address.address,
             source_port=src.address.socket_address.port_value,
@@ -204,10 +242,11 @@ def http_request(
         raise MalformedRequest("missing-method", "the HTTP request has no method")
     if not path and method != "CONNECT":
         raise MalformedRequest("missing-path", "the HTTP request has no path")
-    # Matchers read pseudo-headers from the map, as Envoy's RBAC does from its header map.
+    # Matchers read pseudo-headers from the map, as Envoy's RBAC does from its header map (where
+    # :path is the normalized path, as `path` is).
     headers.setdefault(":method", method)
     if path:
-        headers.setdefault(":path", path)
+        headers[":path"] = path
     if host:
         headers.setdefault(":authority", host)
     return HttpRequest(method=method, path=path, host=host, headers=headers, scheme=scheme, protocol=protocol, id=id)

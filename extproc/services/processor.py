@@ -303,6 +303,10 @@ class ExternalProcessorService:
                     "ext_proc sent no source.address/destination.address: add them to the filter's "
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
+            raw_path = headers.get(":path", "")
+            path = self.adapter.policy_path(raw_path)
+            if path != raw_path:
+                headers = {**headers, ":path": path}
             cache = enforcer.cache(snap)
             now = int(self._clock())
             key = pa.decision_key(cache.plan, headers, attrs, req) if cache is not None else None
