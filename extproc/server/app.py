@@ -234,7 +234,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
+        ],
+        # Beyond it grpc refuses a call at once with RESOURCE_EXHAUSTED, which Envoy's ext_authz
+        # and ext_proc treat as an error: their failure mode applies instead of a queue growing.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     register(server, AUTHZ_SERVICE_NAME, authz.handlers())
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(als, server)
@@ -354,6 +357,7 @@ def run(settings: ServeSettings) -> int:
             workload_of(settings),
             options_of(settings),
             central_cache_size=DEFAULT_CACHE_SIZE if settings.central else 0,
+            settle_s=settings.config_settle_s,
         )
     except ConfigError as e:
         log.error("%s", e)
