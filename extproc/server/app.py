@@ -23,6 +23,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import ProcessCollector
 from prometheus_client.registry import Collector
 
 from extproc.authn.cache import TokenCache
@@ -32,7 +33,14 @@ from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.server import http
-from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
+from extproc.server.admin import (
+    AdminApp,
+    CentralCollector,
+    ExtprocCollector,
+    RuntimeCollector,
+    TelemetryCollector,
+    TracingCollector,
+)
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
@@ -280,7 +288,12 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         "ext_proc_denied": processor.denied,
         "ext_proc_streams_refused": refuser.refused,
     }
-    extra: tuple[Collector, ...] = (TelemetryCollector(telemetry, sources), TracingCollector(tracing))
+    extra: tuple[Collector, ...] = (
+        TelemetryCollector(telemetry, sources),
+        TracingCollector(tracing),
+        RuntimeCollector(loop),
+        ProcessCollector(registry=None),
+    )
     if central is not None:
         extra += (central,)
     admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
