@@ -23,6 +23,7 @@ an invalid one rejects the change as any error does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -80,7 +81,9 @@ class FileMemory:
 
     A file replaced atomically (a new inode at a path already loaded: `mv`, `sed -i`, a
     Kubernetes ConfigMap update) is complete by construction and believed at once, as is
-    every file at the first load. Stability is judged by observation rather than by the
+    every file at the first load. Each file in force is kept open (`pins`), so its inode
+    cannot be freed and its number handed to the replacement, which would make an atomic
+    replacement look like a write in place. Stability is judged by observation rather than by the
     file's timestamps, which a network file system or a restored backup may get wrong.
 
     A load stages what it read; the holder commits it only when the whole change was
@@ -99,9 +102,17 @@ class FileMemory:
     staged_sigs: dict[str, Signature] = field(default_factory=dict)
     staged_digests: dict[str, str] = field(default_factory=dict)
     held: list[str] = field(default_factory=list)
+    pins: dict[str, int] = field(default_factory=dict)  # file -> open descriptor of the content in force
+    staged_pins: dict[str, int] = field(default_factory=dict)
 
     def begin(self) -> None:
+        self.discard()
         self.staged, self.staged_sigs, self.staged_digests, self.held = {}, {}, {}, []
+
+    def discard(self) -> None:
+        """The staged load was not served: let go of what it opened."""
+        _close(set(self.staged_pins.values()) - set(self.pins.values()))
+        self.staged_pins = {}
 
     def believe(self, file: str, sig: Signature, text: str) -> bool:
         """Whether to use what was just read from `file`, or keep what is in force."""
@@ -130,6 +141,14 @@ class FileMemory:
         self.sigs = dict(self.staged_sigs)
         self.read_digests = dict(self.staged_digests)
         self.suspect = {f: v for f, v in self.suspect.items() if f in self.held}
+        _close(set(self.pins.values()) - set(self.staged_pins.values()))
+        self.pins, self.staged_pins = self.staged_pins, {}
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +245,19 @@ def _expand(doc: Document) -> Iterator[tuple[Document, tuple[str | int, ...]]]:
         yield doc, ()
 
 
-def _read(path: FsPath) -> tuple[str, Signature]:
-    st = path.stat()
-    if st.st_size > MAX_FILE_BYTES:
-        raise _TooLarge
-    return path.read_text(encoding="utf-8"), (st.st_ino, st.st_size, st.st_mtime_ns)
+def _read(path: FsPath) -> tuple[str, Signature, int]:
+    """The text, its signature and an open descriptor: what was read is what was signed."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_size > MAX_FILE_BYTES:
+            raise _TooLarge
+        with open(fd, "rb", closefd=False) as f:
+            text = f.read(MAX_FILE_BYTES + 1).decode("utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+    return text, (st.st_ino, st.st_size, st.st_mtime_ns), fd
 
 
 class _TooLarge(Exception):
@@ -261,7 +288,7 @@ def load(dirs: Sequence[str | os.PathLike[str]], memory: FileMemory | None = Non
         file = str(path)
         result.files.append(file)
         try:
-            text, sig = _read(path)
+            text, sig, fd = _read(path)
         except _TooLarge:
             issues.append(ConfigIssue(Location(file, 0), "", f"file is larger than {MAX_FILE_BYTES} bytes"))
             continue
@@ -269,14 +296,18 @@ def load(dirs: Sequence[str | os.PathLike[str]], memory: FileMemory | None = Non
             issues.append(ConfigIssue(Location(file, 0), "", f"cannot read file: {e}"))
             continue
         docs, syntax = _parse(text, file)
-        if memory is not None:
+        if memory is None:
+            os.close(fd)
+        else:
             if memory.believe(file, sig, text):
+                memory.staged_pins[file] = fd
                 memory.suspect.pop(file, None)
                 if not docs and syntax is None and file in memory.good:
                     issues.append(
                         ConfigIssue(Location(file, 0), "", "the file is empty: the resources it held are removed", True)
                     )
             else:
+                os.close(fd)
                 memory.held.append(file)
                 result.held.append(file)
                 if syntax is not None or not docs:
@@ -294,6 +325,8 @@ def load(dirs: Sequence[str | os.PathLike[str]], memory: FileMemory | None = Non
                 if kept is None:  # a new file, or one that held nothing: it stays absent for now
                     continue
                 text, sig = kept, memory.sigs[file]
+                if file in memory.pins:
+                    memory.staged_pins[file] = memory.pins[file]
                 docs, syntax = _parse(text, file)
             memory.staged_sigs[file] = sig
             memory.staged_digests[file] = digest(text)

@@ -198,12 +198,14 @@ class SnapshotHolder:
         try:
             snap, workloads, loaded = await asyncio.to_thread(self._load, version, warm)
         except ConfigError as e:
+            self.memory.discard()
             self.counters.failure += 1
             errors = tuple(i.render() for i in e.issues if not i.warning)
             log.error("config %s rejected, still serving snapshot %d:\n%s", reason, self.current.version, e)
             self.last = ReloadStatus(False, time.time(), self.current.version, errors)
             return self.last
         except Exception as e:  # never let a reload bug take the server down
+            self.memory.discard()
             self.counters.failure += 1
             log.exception("config %s failed unexpectedly, still serving snapshot %d", reason, self.current.version)
             self.last = ReloadStatus(False, time.time(), self.current.version, (f"internal error: {e}",))
@@ -217,6 +219,7 @@ class SnapshotHolder:
                 ", ".join(loaded.held[:5]),
             )
         if snap is None:
+            self.memory.discard()
             self.warning_log.log(loaded.warnings, self.memory.staged_digests)
             warnings = tuple(w.render() for w in loaded.warnings)
             self.last = ReloadStatus(True, time.time(), self.current.version, (), warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,32 @@ def test_warnings_are_logged_once_per_file_content(cfg: Path, caplog: pytest.Log
     replace(cfg / "other.yaml", "# edited\n" + IGNORED)
     reload(holder)
     assert logged() == 2
+
+
+def test_atomic_replacements_in_a_row_are_each_believed_at_once(cfg: Path) -> None:
+    """The file in force is kept open, so a replacement never reuses its inode number and
+    passes for a write in place (in a trial, most replacements did without the pin)."""
+    holder, _ = holder_for(cfg)
+    for i in range(30):
+        replace(cfg / "allow.yaml", ALLOW.replace("allow-get", f"allow-{i}"))
+        reload(holder)
+        assert f"allow-{i}" in names(holder.current), i
+        if i % 2:  # an invalid replacement in between is rejected, and the next one still counts
+            replace(cfg / "allow.yaml", "spec: [unclosed\n")
+            assert not asyncio.run(holder.reload()).ok
+
+
+def test_reloads_keep_one_descriptor_per_file_in_force(cfg: Path) -> None:
+    holder, clock = holder_for(cfg)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        replace(cfg / "allow.yaml", ALLOW.replace("allow-get", f"allow-{i}"))
+        reload(holder)
+        (cfg / "deny.yaml").write_text(DENY if i % 2 else "")  # held, then settled
+        reload(holder)
+        clock.now += 5
+        asyncio.run(holder.reload())
+        replace(cfg / "allow.yaml", "spec: [unclosed\n")
+        asyncio.run(holder.reload())
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert set(holder.memory.pins) <= {str(cfg / "deny.yaml"), str(cfg / "allow.yaml")}
