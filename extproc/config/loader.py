@@ -15,12 +15,21 @@ Recognised documents:
   * Telemetry                      telemetry.istio.io/v1 or v1alpha1: `spec.metrics`
   * List                           `items` are loaded as documents of their own
 Anything else is skipped with a warning, so a directory shared with other manifests loads.
+
+A reload passes a `FileMemory`: a file written in place may be caught mid-write
+(`cmd > policy.yaml` truncates it before writing), so what it held stays in force until
+the file has stayed unchanged for `FileMemory.settle_s`, with a warning if it is empty or
+invalid meanwhile. Only then is it read as it is: an emptied file removes its resources,
+an invalid one rejects the change as any error does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -49,6 +58,99 @@ _SECURITY_KINDS: dict[str, tuple[type[BaseModel], Any]] = {
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 16 * 1024 * 1024
+SETTLE_S = 2.0  # how long a suspect file must stay unchanged before it is believed
+
+Signature = tuple[int, int, int]  # inode, size, mtime_ns: a rewrite or an append changes one of them
+
+
+def digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+@dataclass
+class FileMemory:
+    """What reloads remember of each file, so that a file caught mid-write keeps its resources.
+
+    A file rewritten in place (`cmd > policy.yaml` truncates it, then writes it in as many
+    pieces as `cmd` likes) passes through states that may be empty, invalid, or valid but
+    cut short: a DENY that lost its last paths, an ALLOW rule that lost its `when`. None of
+    them can be told from the finished file by looking at it, so a file changed in place,
+    or a new file, is believed only once it is *stable*: two loads at least `settle_s`
+    apart saw the same inode, size and mtime. Until then the content last served from
+    that path stays in force (none, for a new file). The holder schedules the second load
+    itself, so an edit, including emptying a file on purpose, takes effect about
+    `settle_s` after its last write with no further change.
+
+    A file replaced atomically (a new inode at a path already loaded: `mv`, `sed -i`, a
+    Kubernetes ConfigMap update) is complete by construction and believed at once, as is
+    every file at the first load. Each file in force is kept open (`pins`), so its inode
+    cannot be freed and its number handed to the replacement, which would make an atomic
+    replacement look like a write in place. Stability is judged by observation rather than by the
+    file's timestamps, which a network file system or a restored backup may get wrong.
+
+    A load stages what it read; the holder commits it only when the whole change was
+    served, so the "last good content" is always content that was actually in force.
+    """
+
+    settle_s: float = SETTLE_S  # 0 believes every file at once
+    clock: Callable[[], float] = time.monotonic
+    loaded: bool = False  # a first load has been committed
+    good: dict[str, str] = field(default_factory=dict)  # file -> text in force, if it had documents
+    sigs: dict[str, Signature] = field(default_factory=dict)  # file -> signature of the content in force
+    read_digests: dict[str, str] = field(default_factory=dict)  # file -> digest of the bytes in force
+    suspect: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # file -> (signature, first seen)
+    # Staged by the load in progress:
+    staged: dict[str, str] = field(default_factory=dict)
+    staged_sigs: dict[str, Signature] = field(default_factory=dict)
+    staged_digests: dict[str, str] = field(default_factory=dict)
+    held: list[str] = field(default_factory=list)
+    pins: dict[str, int] = field(default_factory=dict)  # file -> open descriptor of the content in force
+    staged_pins: dict[str, int] = field(default_factory=dict)
+
+    def begin(self) -> None:
+        self.discard()
+        self.staged, self.staged_sigs, self.staged_digests, self.held = {}, {}, {}, []
+
+    def discard(self) -> None:
+        """The staged load was not served: let go of what it opened."""
+        _close(set(self.staged_pins.values()) - set(self.pins.values()))
+        self.staged_pins = {}
+
+    def believe(self, file: str, sig: Signature, text: str) -> bool:
+        """Whether to use what was just read from `file`, or keep what is in force."""
+        if self.settle_s <= 0 or not self.loaded:
+            return True
+        before = self.sigs.get(file)
+        if before == sig or self.read_digests.get(file) == digest(text):
+            return True  # unchanged, or touched
+        if before is not None and before[0] != sig[0]:
+            return True  # a new inode at a known path: replaced atomically
+        now = self.clock()
+        seen = self.suspect.get(file)
+        if seen is None or seen[0] != sig:
+            self.suspect[file] = (sig, now)
+            return False
+        return now - seen[1] >= self.settle_s
+
+    def unchanged(self) -> bool:
+        """The staged load serves exactly what is in force (every change is still settling)."""
+        return self.staged == self.good
+
+    def commit(self) -> None:
+        """The staged load was served: its files are the content in force from now on."""
+        self.loaded = True
+        self.good = dict(self.staged)
+        self.sigs = dict(self.staged_sigs)
+        self.read_digests = dict(self.staged_digests)
+        self.suspect = {f: v for f, v in self.suspect.items() if f in self.held}
+        _close(set(self.pins.values()) - set(self.staged_pins.values()))
+        self.pins, self.staged_pins = self.staged_pins, {}
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +176,7 @@ class LoadedConfig:
     warnings: list[ConfigIssue] = field(default_factory=list)
     request_authentications: list[LoadedPolicy] = field(default_factory=list)
     telemetries: list[LoadedTelemetry] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # files written in place, not yet settled: not read
 
 
 def config_files(dirs: Sequence[str | os.PathLike[str]]) -> list[FsPath]:
@@ -146,9 +249,41 @@ def _expand(doc: Document) -> Iterator[tuple[Document, tuple[str | int, ...]]]:
         yield doc, ()
 
 
-def load(dirs: Sequence[str | os.PathLike[str]]) -> LoadedConfig:
-    """Load and validate every document; raise ConfigError listing all errors."""
+def _read(path: FsPath) -> tuple[str, Signature, int]:
+    """The text, its signature and an open descriptor: what was read is what was signed."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_size > MAX_FILE_BYTES:
+            raise _TooLarge
+        with open(fd, "rb", closefd=False) as f:
+            text = f.read(MAX_FILE_BYTES + 1).decode("utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+    return text, (st.st_ino, st.st_size, st.st_mtime_ns), fd
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _parse(text: str, file: str) -> tuple[list[Document], ConfigIssue | None]:
+    try:
+        return list(load_documents(text)), None
+    except YAMLSyntaxError as e:
+        return [], ConfigIssue(Location(file, e.document, e.line), "", f"invalid YAML: {e.message}")
+
+
+def load(dirs: Sequence[str | os.PathLike[str]], memory: FileMemory | None = None) -> LoadedConfig:
+    """Load and validate every document; raise ConfigError listing all errors.
+
+    With `memory` (reloads), a file written in place is believed once it has settled;
+    until then what it held stays in force (see FileMemory).
+    """
     result = LoadedConfig()
+    if memory is not None:
+        memory.begin()
     issues: list[ConfigIssue] = []
     seen: dict[tuple[str, str, str], Location] = {}
     mesh_specs: list[tuple[MeshConfigSpec, Document, str, tuple[str | int, ...]]] = []
@@ -157,17 +292,52 @@ def load(dirs: Sequence[str | os.PathLike[str]]) -> LoadedConfig:
         file = str(path)
         result.files.append(file)
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                issues.append(ConfigIssue(Location(file, 0), "", f"file is larger than {MAX_FILE_BYTES} bytes"))
-                continue
-            text = path.read_text(encoding="utf-8")
+            text, sig, fd = _read(path)
+        except _TooLarge:
+            issues.append(ConfigIssue(Location(file, 0), "", f"file is larger than {MAX_FILE_BYTES} bytes"))
+            continue
         except (OSError, UnicodeDecodeError) as e:
             issues.append(ConfigIssue(Location(file, 0), "", f"cannot read file: {e}"))
             continue
-        try:
-            docs = list(load_documents(text))
-        except YAMLSyntaxError as e:
-            issues.append(ConfigIssue(Location(file, e.document, e.line), "", f"invalid YAML: {e.message}"))
+        docs, syntax = _parse(text, file)
+        if memory is None:
+            os.close(fd)
+        else:
+            if memory.believe(file, sig, text):
+                memory.staged_pins[file] = fd
+                memory.suspect.pop(file, None)
+                if not docs and syntax is None and file in memory.good:
+                    issues.append(
+                        ConfigIssue(Location(file, 0), "", "the file is empty: the resources it held are removed", True)
+                    )
+            else:
+                os.close(fd)
+                memory.held.append(file)
+                result.held.append(file)
+                if syntax is not None or not docs:
+                    what = "not valid YAML" if syntax is not None else "empty"
+                    issues.append(
+                        ConfigIssue(
+                            Location(file, 0),
+                            "",
+                            f"the file is {what}, as when caught mid-write; what it held stays in force until "
+                            f"it is unchanged for {memory.settle_s:g}s",
+                            warning=True,
+                        )
+                    )
+                kept = memory.good.get(file)
+                if kept is None:  # a new file, or one that held nothing: it stays absent for now
+                    continue
+                text, sig = kept, memory.sigs[file]
+                if file in memory.pins:
+                    memory.staged_pins[file] = memory.pins[file]
+                docs, syntax = _parse(text, file)
+            memory.staged_sigs[file] = sig
+            memory.staged_digests[file] = digest(text)
+            if docs:
+                memory.staged[file] = text
+        if syntax is not None:
+            issues.append(syntax)
             continue
         for top in docs:
             for doc, prefix in _expand(top):

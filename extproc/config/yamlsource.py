@@ -86,5 +86,10 @@ def load_documents(text: str) -> Iterator[Document]:
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
         raise YAMLSyntaxError(max(index, 1), line, f"{e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:  # a control character or bad encoding: not a MarkedYAMLError
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+        raise YAMLSyntaxError(max(index, 1), line, f"unacceptable character #x{e.character:04x}: {e.reason}") from None
+    except yaml.YAMLError as e:  # anything else PyYAML raises is still the file's fault
+        raise YAMLSyntaxError(max(index, 1), None, str(e)) from None
     finally:
         loader.dispose()

@@ -177,6 +177,27 @@ class TracingCollector(Collector):
         yield GaugeMetricFamily("extproc_spans_queued", "Spans waiting for export", value=st.queued)
 
 
+class RuntimeCollector(Collector):
+    """The process as a long run sees it: the asyncio tasks alive on the serving loop (a leak
+    of streams or timers shows as a count that climbs), next to prometheus_client's standard
+    process_* metrics (resident memory, open file descriptors, start time: the last tells
+    Prometheus a counter that went down belongs to a restarted process)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def collect(self) -> Iterator[Metric]:
+        for _ in range(3):  # the set may change while a scrape thread walks it
+            try:
+                tasks = len(asyncio.all_tasks(self.loop))
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        yield GaugeMetricFamily("extproc_asyncio_tasks", "asyncio tasks alive on the serving loop", value=tasks)
+
+
 class ExtprocCollector(Collector):
     """Renders extproc's own counters at scrape time; requests only bump plain ints."""
 

@@ -23,6 +23,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import ProcessCollector
 from prometheus_client.registry import Collector
 
 from extproc.authn.cache import TokenCache
@@ -33,7 +34,14 @@ from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.path_normalization import Mode as PathNormalization
 from extproc.server import http
-from extproc.server.admin import AdminApp, CentralCollector, ExtprocCollector, TelemetryCollector, TracingCollector
+from extproc.server.admin import (
+    AdminApp,
+    CentralCollector,
+    ExtprocCollector,
+    RuntimeCollector,
+    TelemetryCollector,
+    TracingCollector,
+)
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
@@ -236,7 +244,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
+        ],
+        # Beyond it grpc refuses a call at once with RESOURCE_EXHAUSTED, which Envoy's ext_authz
+        # and ext_proc treat as an error: their failure mode applies instead of a queue growing.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     register(server, AUTHZ_SERVICE_NAME, authz.handlers())
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(als, server)
@@ -280,7 +291,12 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         "ext_proc_denied": processor.denied,
         "ext_proc_streams_refused": refuser.refused,
     }
-    extra: tuple[Collector, ...] = (TelemetryCollector(telemetry, sources), TracingCollector(tracing))
+    extra: tuple[Collector, ...] = (
+        TelemetryCollector(telemetry, sources),
+        TracingCollector(tracing),
+        RuntimeCollector(loop),
+        ProcessCollector(registry=None),
+    )
     if central is not None:
         extra += (central,)
     admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
@@ -357,6 +373,7 @@ def run(settings: ServeSettings) -> int:
             workload_of(settings),
             options_of(settings),
             central_cache_size=DEFAULT_CACHE_SIZE if settings.central else 0,
+            settle_s=settings.config_settle_s,
         )
     except ConfigError as e:
         log.error("%s", e)

@@ -98,6 +98,8 @@ class ServeSettings:
     otlp_endpoint: str = ""
     trace_queue_size: int = 2048
     drain_timeout_s: float = 10.0
+    config_settle_s: float = 1.0
+    max_concurrent_rpcs: int = 0
     log_level: str = "info"
     log_format: str = "text"
     central: bool = False
@@ -194,6 +196,18 @@ SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--trace-queue-size", "EXTPROC_TRACE_QUEUE_SIZE", "spans waiting for export; beyond it they are dropped"),
     ("--drain-timeout", "EXTPROC_DRAIN_TIMEOUT", "seconds to finish in-flight calls after SIGTERM"),
+    (
+        "--config-settle",
+        "EXTPROC_CONFIG_SETTLE",
+        "a config file written in place (or new) is read once unchanged this long; until then what it held "
+        "stays in force, so a file caught mid-write never drops policies (0 reads every change at once)",
+    ),
+    (
+        "--max-concurrent-rpcs",
+        "EXTPROC_MAX_CONCURRENT_RPCS",
+        "gRPC calls served at once (checks, ext_proc and access log streams); beyond it a call is refused "
+        "with RESOURCE_EXHAUSTED at once and Envoy applies its failure mode (0: no limit)",
+    ),
     ("--log-level", "EXTPROC_LOG_LEVEL", "debug, info, warning or error"),
     ("--log-format", "EXTPROC_LOG_FORMAT", "text or json"),
 )
@@ -264,6 +278,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otlp-endpoint", metavar="ADDRESS", help=helps["--otlp-endpoint"])
     p.add_argument("--trace-queue-size", type=int, metavar="N", help=helps["--trace-queue-size"] + " (default 2048)")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help=helps["--drain-timeout"] + " (default 10)")
+    p.add_argument("--config-settle", metavar="DURATION", help=helps["--config-settle"] + " (default 1s)")
+    p.add_argument("--max-concurrent-rpcs", type=int, metavar="N", help=helps["--max-concurrent-rpcs"] + " (default 0)")
     p.add_argument("--log-level", metavar="LEVEL", help=helps["--log-level"] + " (default info)")
     p.add_argument("--log-format", metavar="FORMAT", help=helps["--log-format"] + " (default text)")
 
@@ -422,6 +438,12 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
             pick("trace_queue_size", "EXTPROC_TRACE_QUEUE_SIZE", "2048") or "2048", "--trace-queue-size", 1
         ),
         drain_timeout_s=drain_s,
+        config_settle_s=_duration(
+            pick("config_settle", "EXTPROC_CONFIG_SETTLE", "1s") or "1s", "--config-settle", allow_zero=True
+        ),
+        max_concurrent_rpcs=_int(
+            pick("max_concurrent_rpcs", "EXTPROC_MAX_CONCURRENT_RPCS", "0") or "0", "--max-concurrent-rpcs"
+        ),
         log_level=log_level,
         log_format=log_format,
         central=central,

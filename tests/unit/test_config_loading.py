@@ -301,3 +301,12 @@ def test_two_mesh_configs(tmp_path: Path) -> None:
     write(tmp_path, "mesh.yaml", MESH_HEAD + p + "---\n" + MESH_HEAD + p)
     [err] = errors_of(tmp_path)
     assert "a second mesh config" in err
+
+
+def test_a_control_character_is_an_invalid_yaml_error_naming_the_line(tmp_path: Path) -> None:
+    """PyYAML reports it as a ReaderError, which is not a MarkedYAMLError: found by fuzzing."""
+    write(tmp_path / "cfg", "p.yaml", HEAD + "spec:\n  action: \x08DENY\n")
+    assert errors_of(tmp_path / "cfg") == [
+        f"{tmp_path / 'cfg' / 'p.yaml'}: document 1, line 5: error: invalid YAML: "
+        "unacceptable character #x0008: control characters are not allowed"
+    ]

@@ -73,3 +73,15 @@ def test_every_flag_has_a_variable_and_flags_win() -> None:
 def test_bad_settings(argv: list[str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         parse(argv)
+
+
+def test_config_settle_and_max_concurrent_rpcs() -> None:
+    s = parse(["--config-dir", "/c", "--namespace", "ns"])
+    assert (s.config_settle_s, s.max_concurrent_rpcs) == (1.0, 0)
+    s = parse(
+        ["--config-dir", "/c", "--namespace", "ns"],
+        {"EXTPROC_CONFIG_SETTLE": "0s", "EXTPROC_MAX_CONCURRENT_RPCS": "64"},
+    )
+    assert (s.config_settle_s, s.max_concurrent_rpcs) == (0.0, 64)
+    s = parse(["--config-dir", "/c", "--namespace", "ns", "--config-settle", "250ms", "--max-concurrent-rpcs", "8"])
+    assert (s.config_settle_s, s.max_concurrent_rpcs) == (0.25, 8)
