@@ -64,10 +64,8 @@ _PLAIN = frozenset(b"!$&'()*+,-/0123456789:;=@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcde
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
-# Anything the canonicalizer could change, in the path part; a path without any is returned as it
-# is (the common case: one regex search, no allocation).
-_MAY_CHANGE = re.compile(r"[%\\\x00-\x20\"<>^`{|}\x7f-\U0010ffff]|/\.")
-_MAY_CHANGE_OR_MERGE = re.compile(r"[%\\\x00-\x20\"<>^`{|}\x7f-\U0010ffff]|/\.|//")
+# The characters the canonicalizer copies as they are, "." included (a dot matters only after "/").
+_SAFE = re.compile(r"[!$&'()*+,\-./0-9:;=@A-Z\[\]_a-z~]*")
 _ESCAPED_SLASH = re.compile(rb"%(?:2[fF]|5[cC])")
 # A segment that starts with one or two literal dots and ";" (right after a literal "/").
 _DOT_PARAMS = re.compile(rb"(?<=/)(\.\.?);[^/]*")
@@ -80,15 +78,22 @@ def normalize(path: str, mode: Mode) -> str | None:
     not start with "/" (CONNECT's authority, OPTIONS' "*") is returned unchanged."""
     if mode is Mode.NONE or not path.startswith("/"):
         return path
+    # The common case in one C-level scan: only characters the canonicalizer copies as they are,
+    # up to the end or the query, and no "/." (nor "//" when merging) among them.
+    safe = _SAFE.match(path).end()  # type: ignore[union-attr]  # matches the empty string
+    merge = mode is not Mode.BASE
+    if (
+        (safe == len(path) or path[safe] in "?#")
+        and path.find("/.", 0, safe) == -1
+        and not (merge and path.find("//", 0, safe) != -1)
+    ):
+        return path
     end = len(path)
     for sep in "?#":
         i = path.find(sep, 0, end)
         if i != -1:
             end = i
     head = path[:end]
-    merge = mode is not Mode.BASE
-    if (_MAY_CHANGE_OR_MERGE if merge else _MAY_CHANGE).search(head) is None:
-        return path
     raw = head.encode("utf-8", "surrogateescape")
     if mode is Mode.DECODE_AND_MERGE_SLASHES:
         raw = _ESCAPED_SLASH.sub(lambda m: b"/" if m[0][1] == 0x32 else b"\\", raw)

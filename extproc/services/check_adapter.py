@@ -38,6 +38,10 @@ JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
 
 log = logging.getLogger(__name__)
 
+PATH_MEMO_SIZE = 4096
+PATH_MEMO_MAX_LENGTH = 256
+_SAME = "\x00same"  # never a path: a NUL makes a path invalid
+
 __all__ = [
     "JWT_AUTHN_FILTER",
     "CheckAdapter",
@@ -120,6 +124,9 @@ class CheckAdapter:
         # Requests whose path was not what an Envoy normalizing as `path_normalization` would
         # have sent: the Envoy in front is configured with less normalization (or none).
         self.unnormalized_paths = 0
+        # Recent paths and what policies match for them (_SAME: the path itself): most requests
+        # repeat a path, and a dict hit costs less than the canonicalizer's scan.
+        self._paths: dict[str, str] = {}
         self.jwt_payload_key = jwt_payload_key
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
@@ -133,24 +140,32 @@ class CheckAdapter:
         extproc/path_normalization.py), so a DENY holds behind an Envoy that does not normalize.
         Counts and reports (once) a path Envoy should already have normalized; raises
         MalformedRequest for a path Envoy would have rejected."""
-        mode = self.path_normalization
-        if mode is Mode.NONE:
-            return path
-        got = normalize(path, mode)
+        got = self._paths.get(path)
         if got is None:
-            raise MalformedRequest("invalid-path", "the path holds a NUL (raw or %00), which Envoy rejects")
-        if got != path:
-            self.unnormalized_paths += 1
-            if self.unnormalized_paths == 1:
-                log.warning(
-                    "a request arrived with the path %r, which an Envoy normalizing paths as --path-normalization "
-                    "%s would have sent as %r: policies match the normalized path, but the upstream may receive the "
-                    "raw one. Set the HTTP connection manager's normalization as Istio does (see README, Path "
-                    "normalization); further such requests are counted in extproc_unnormalized_paths_total",
-                    path[:200],
-                    mode.value,
-                    got[:200],
-                )
+            mode = self.path_normalization
+            got = path if mode is Mode.NONE else normalize(path, mode)
+            if got is None:
+                raise MalformedRequest("invalid-path", "the path holds a NUL (raw or %00), which Envoy rejects")
+            paths = self._paths
+            if len(paths) >= PATH_MEMO_SIZE:
+                paths.clear()
+            if got == path:
+                got = _SAME
+            if len(path) <= PATH_MEMO_MAX_LENGTH:  # bounded in bytes too, whatever clients send
+                paths[path] = got
+        if got is _SAME:
+            return path
+        self.unnormalized_paths += 1
+        if self.unnormalized_paths == 1:
+            log.warning(
+                "a request arrived with the path %r, which an Envoy normalizing paths as --path-normalization "
+                "%s would have sent as %r: policies match the normalized path, but the upstream may receive the "
+                "raw one. Set the HTTP connection manager's normalization as Istio does (see README, Path "
+                "normalization); further such requests are counted in extproc_unnormalized_paths_total",
+                path[:200],
+                self.path_normalization.value,
+                got[:200],
+            )
         return got
 
     def attributes(
