@@ -205,12 +205,20 @@ def _principal_regexes(preds: list[m.StrPredicate]) -> Test:
 
 
 def _header_test(name: str, values: Sequence[str], ignore_case: bool = False) -> Test:
+    """Envoy's RBAC HeaderMatcher: a name Envoy holds as several entries matches when any one
+    entry does (the joined value is never tested), so `notValues` holds only when no entry
+    matches. Entries Envoy merged itself (inline headers, HTTP/2 cookies) are one entry."""
     preds = [m.istio_header_value(val, ignore_case) for val in values]
 
     def test(a: Attributes) -> bool:
         http = a.http
         if http is None:
             return False
+        lines = http.lines
+        if lines:  # rare: something arrived as more than one entry
+            entries = lines.get(name)
+            if entries is not None:
+                return any(p(e) for e in entries for p in preds)
         h = http.headers.get(name)
         return any(p(h) for p in preds)
 

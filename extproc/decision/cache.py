@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from extproc.attributes import HeaderLines
 from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, CompiledRule
 from extproc.authz.engine import AuthzProgram
 from extproc.verdict import Verdict
@@ -76,6 +77,14 @@ def key_plan(snap: Snapshot) -> KeyPlan:
     # Without a RequestAuthentication, request.auth.* comes from jwt_authn's filter metadata.
     metadata = READS_METADATA in reads or (READS_JWT in reads and not authn.enabled)
     return KeyPlan(tuple(sorted(headers)), metadata)
+
+
+def repeated_key_part(plan: KeyPlan, lines: HeaderLines) -> tuple[object, ...]:
+    """What a key adds for a request some of whose headers arrived as several entries: the
+    entries of the plan's headers. The header matchers test entries one by one, so `x: a` +
+    `x: b` must not share a key with one line `x: a,b` (both join to "a,b"). Only requests
+    with repeated names pay for it; their keys are longer, so they never equal a plain one."""
+    return (tuple([lines.get(name) for name in plan.headers]),)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from extproc.attributes import NO_LINES, HeaderLines
 from extproc.config.snapshot import Snapshot
 from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
@@ -232,10 +233,10 @@ class ExternalProcessorService:
     ) -> tuple[bytes, bool]:
         hm = req.request_headers.headers
         try:
-            decided = decode_header_map(hm, self.adapter.max_headers, self.adapter.max_header_bytes)
+            decided, lines = decode_header_map(hm, self.adapter.max_headers, self.adapter.max_header_bytes)
             problem = None
         except MalformedRequest as e:
-            decided, problem = None, e
+            decided, lines, problem = None, NO_LINES, e
         headers = decided if decided is not None else header_map(hm)
         st.request_headers = headers
         st.grpc = headers.get("content-type", "").startswith("application/grpc")
@@ -268,7 +269,7 @@ class ExternalProcessorService:
             if parts is not None and got is not None:
                 reply.append(parts.inbound_request)
         else:
-            verdict = await self._decide(req, decided, problem, attrs)
+            verdict = await self._decide(req, decided, problem, attrs, lines)
             st.verdict = verdict
             if not verdict.allowed:
                 return self._denied(st, verdict, got is not None), True
@@ -287,6 +288,7 @@ class ExternalProcessorService:
         headers: dict[str, str] | None,
         problem: MalformedRequest | None,
         attrs: dict[str, str],
+        lines: HeaderLines = NO_LINES,
     ) -> Verdict:
         """Inbound enforcement, through the decision cache and the same Enforcer as ext_authz."""
         enforcer = self.enforcer
@@ -305,12 +307,12 @@ class ExternalProcessorService:
                 )
             cache = enforcer.cache(snap)
             now = int(self._clock())
-            key = pa.decision_key(cache.plan, headers, attrs, req) if cache is not None else None
+            key = pa.decision_key(cache.plan, headers, attrs, req, lines) if cache is not None else None
             if key is not None and cache is not None:
                 verdict = enforcer.cached(cache, key, now)
                 if verdict is not None:
                     return verdict
-            a = pa.attributes(self.adapter, headers, attrs, req)
+            a = pa.attributes(self.adapter, headers, attrs, req, lines)
             return await enforcer.decide(
                 snap,
                 a,
