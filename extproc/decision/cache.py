@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from extproc.attributes import HeaderLines
-from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, CompiledRule
+from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, READS_PEER, CompiledRule
 from extproc.authz.engine import AuthzProgram
 from extproc.verdict import Verdict
 
@@ -57,6 +57,16 @@ def _rules(program: AuthzProgram) -> list[CompiledRule]:
         out.extend(rs.enforced)
         out.extend(rs.shadow)
     return out
+
+
+def reads_physical_peer(snap: Snapshot) -> bool:
+    """Whether any HTTP rule reads the physical peer's address (ipBlocks, source.ip), which an
+    ext_proc request carries only when Envoy is configured to send it. Computed once per
+    snapshot."""
+    got = snap.memo.get("reads_physical_peer")
+    if got is None:
+        got = snap.memo["reads_physical_peer"] = any(READS_PEER in rule.reads for rule in _rules(snap.http))
+    return got  # type: ignore[no-any-return]
 
 
 def key_plan(snap: Snapshot) -> KeyPlan:

@@ -20,8 +20,12 @@ What ext_proc does not send by default must be asked for with the filter's
 the header's last entry (port 0), not the peer. ext_authz sends the peer, and `ipBlocks`
 (Envoy RBAC's `direct_remote_ip`) needs it, so envoy/extproc.yaml records
 %DOWNSTREAM_DIRECT_REMOTE_ADDRESS% in filter state with the set_filter_state filter and asks
-for it as an attribute. Filter state cannot be set by a client, so it is safe to trust;
-without it, `source.address` stands in.
+for it as an attribute. Filter state cannot be set by a client, so it is safe to trust.
+Without it `source.address` is all there is, and any client can choose it through
+x-forwarded-for: a request is then denied as malformed (`missing-peer-address`) while a
+policy reads `ipBlocks` or `source.ip`, and decided with `source.address` standing in
+otherwise; either way it is counted in `extproc_misconfigured_requests_total` and the log
+says once what to add (ExternalProcessorService._without_peer_address).
 
 A request without addresses is denied as malformed, the same as a CheckRequest without
 them: the server fails closed rather than evaluating `ipBlocks` against nothing.
@@ -47,6 +51,9 @@ EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 # The physical peer, recorded by set_filter_state before ext_proc (see the module docstring).
 PEER_ADDRESS_STATE = "extproc.peer_address"
 PEER_ADDRESS_ATTRIBUTE = f'filter_state["{PEER_ADDRESS_STATE}"]'
+# The kind counted (extproc_misconfigured_requests) for a request without it, and the kind of
+# its denial when the policies read the peer (extproc_malformed_requests).
+MISSING_PEER_ADDRESS = "missing-peer-address"
 # The namespace our decision metadata is written to; the filter must list it in
 # metadata_options.receiving_namespaces.untyped for Envoy to keep it.
 METADATA_NAMESPACE = "extproc"

@@ -40,6 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.attributes import NO_LINES, HeaderLines
 from extproc.config.snapshot import Snapshot
+from extproc.decision.cache import reads_physical_peer
 from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
 from extproc.services import processor_render as render
@@ -305,6 +306,8 @@ class ExternalProcessorService:
                     "ext_proc sent no source.address/destination.address: add them to the filter's "
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
+            elif not attrs.get(pa.PEER_ADDRESS_ATTRIBUTE):
+                self._without_peer_address(snap)
             cache = enforcer.cache(snap)
             now = int(self._clock())
             key = pa.decision_key(cache.plan, headers, attrs, req, lines) if cache is not None else None
@@ -334,6 +337,32 @@ class ExternalProcessorService:
             return error("internal error", http=True)
         finally:
             enforcer.stats.observe(started)
+
+    def _without_peer_address(self, snap: Snapshot) -> None:
+        """An inbound request without the physical peer's address (filter state set by
+        set_filter_state, asked for in request_attributes). ext_proc's `source.address` is
+        then all there is, and it is the client x-forwarded-for names whenever the HCM trusts
+        the header: any client could choose its `ipBlocks` / `source.ip`. So when the policies
+        read them the request is denied as malformed (fail closed); otherwise it is decided with
+        `source.address` standing in (remote.ip never needed the peer: it is x-forwarded-for's,
+        or the peer's when the header is absent, and then `source.address` is the peer).
+        Either way it is counted, and the log says once what to add."""
+        enforcer = self.enforcer
+        assert enforcer is not None
+        enforcer.stats.count(enforcer.stats.misconfigured, pa.MISSING_PEER_ADDRESS)
+        self._log_bad(
+            "ext-proc-without-peer-address",
+            f"ext_proc sent no {pa.PEER_ADDRESS_ATTRIBUTE}, so the physical peer is unknown and "
+            "source.address may be a client-chosen x-forwarded-for entry: add the set_filter_state filter "
+            f"before ext_proc (object_key: {pa.PEER_ADDRESS_STATE}, factory_key: envoy.string, format "
+            f"%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%) and '{pa.PEER_ADDRESS_ATTRIBUTE}' to the filter's "
+            "request_attributes (see envoy/extproc.yaml); until then requests are denied as malformed "
+            "while a policy uses ipBlocks or source.ip, and decided with source.address otherwise",
+        )
+        if reads_physical_peer(snap):
+            raise MalformedRequest(
+                pa.MISSING_PEER_ADDRESS, f"no {pa.PEER_ADDRESS_ATTRIBUTE}, and a policy reads ipBlocks or source.ip"
+            )
 
     def _denied(self, st: _Stream, verdict: Verdict, peer_sent_metadata: bool) -> bytes:
         """The local reply for a denial; the request is over, so its metrics and span are too."""
