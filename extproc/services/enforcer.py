@@ -188,7 +188,9 @@ class Enforcer:
         assert http is not None
 
         def run() -> AuthnResult:
-            return authenticate(snap.authn, http.method, http.headers, now, self.jwks.keys_for, self.token_cache)
+            return authenticate(
+                snap.authn, http.method, http.headers, now, self.jwks.keys_for, self.token_cache, http.lines
+            )
 
         result = run()
         if result.ok or not result.refresh_wanted:
