@@ -62,6 +62,16 @@ class HeaderState:
         self._lines = lines
         self._changed: dict[str, list[str]] = {}
 
+    def entries(self, name: str) -> tuple[str, ...] | None:
+        """The lines of a header as Envoy holds them (one, unless the transport kept several
+        apart), or None when it is absent."""
+        if name not in self._changed:
+            got = self._lines.get(name)
+            if got is not None:
+                return got
+        value = self.get(name)
+        return None if value is None else (value,)
+
     def cookie(self) -> str | None:
         """The cookie header as Envoy's cookie parser reads it: every cookie line on its own
         (jwt_authn finds `session=` on a second HTTP/1 line, and the first occurrence wins
@@ -458,15 +468,16 @@ def cookies(value: str | None, wanted: frozenset[str] | set[str]) -> dict[str, s
 def extract(ex: Extractor, hs: HeaderState, path: str) -> list[Found]:
     found: list[Found] = []
     for loc in ex.headers:
-        value = hs.get(loc.header)
-        if value is None:
+        entries = hs.entries(loc.header)
+        if entries is None:
             continue
-        if loc.prefix:
-            pos = value.find(loc.prefix)
-            if pos == -1:
-                continue  # the prefix is nowhere in the value: no token at this location
-            value = _jwt_after(value, pos + len(loc.prefix))
-        found.append(Found(value, loc.issuers, loc.header, f"header {loc.header}"))
+        for value in entries:  # jwt_authn takes a token from each line of the header
+            if loc.prefix:
+                pos = value.find(loc.prefix)
+                if pos == -1:
+                    continue  # the prefix is nowhere in the value: no token at this location
+                value = _jwt_after(value, pos + len(loc.prefix))
+            found.append(Found(value, loc.issuers, loc.header, f"header {loc.header}"))
     if ex.params and path:
         params = query_params(path)
         for name, issuers in ex.params:

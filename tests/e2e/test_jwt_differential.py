@@ -461,6 +461,11 @@ def locations_scenario(k: Keys) -> Scenario:
     cases = [
         Case("missing", 200),
         Case("prefixed-header", 200, {"x-jwt": f"Token {valid}"}),
+        # A header on two lines: jwt_authn takes a token from each line.
+        Case("header-second-line-garbage", 401, lines=(("x-jwt", f"Token {valid}"), ("x-jwt", "Token garbage"))),
+        Case("header-first-line-garbage", 401, lines=(("x-raw", "garbage"), ("x-raw", valid))),
+        Case("header-two-valid-lines", 200, lines=(("x-raw", valid), ("x-raw", valid))),
+        Case("header-second-line-no-prefix", 200, lines=(("x-jwt", f"Token {valid}"), ("x-jwt", "garbage"))),
         Case("prefixed-header-without-prefix", 200, {"x-jwt": valid}),
         Case("prefixed-header-junk", 200, {"x-jwt": f"Token   ,{valid}"}),
         Case("prefixed-header-prefix-later", 200, {"x-jwt": f"abc Token {valid}"}),

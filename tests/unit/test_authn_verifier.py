@@ -461,6 +461,15 @@ def test_cookie_lines_are_parsed_one_by_one_as_envoy_does() -> None:
     assert run(prog, {"cookie": f"theme=dark,session={token()}"}).payload is None
 
 
+def test_a_token_header_on_several_lines_gives_a_token_per_line() -> None:
+    """jwt_authn extracts from each line of a fromHeaders header (checked against Envoy 1.40):
+    one bad line fails the request, a line without the prefix carries no token."""
+    prog = one(from_headers=(("x-jwt", "Token "),))
+    assert run(prog, lines={"x-jwt": (f"Token {token()}", f"Token {token()}")}).ok
+    assert run(prog, lines={"x-jwt": (f"Token {token()}", "garbage")}).ok
+    assert run(prog, lines={"x-jwt": ("Token garbage", f"Token {token()}")}).status is Status.JWT_BAD_FORMAT
+
+
 def test_other_cookies_and_the_default_locations_carry_no_token() -> None:
     prog = one(from_cookies=("session",))
     r = run(
