@@ -16,11 +16,16 @@ import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 EMPTY_MAPPING: Mapping[str, Any] = {}
+
+# The entries of each header name Envoy delivered more than once, in order (see HttpRequest.lines).
+HeaderLines = Mapping[str, tuple[str, ...]]
+NO_LINES: HeaderLines = MappingProxyType({})  # shared and immutable: the common case allocates nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,12 @@ class HttpRequest:
     scheme: str = ""
     protocol: str = ""
     id: str = ""
+    # Only the names that arrived as more than one entry (ext_proc, ext_authz with
+    # encode_raw_headers), each with its entries in order; their `headers` value is the entries
+    # joined with ",". Envoy's RBAC matches a header condition against each entry on its own,
+    # so the header matchers read these first. Empty (the shared NO_LINES) when nothing
+    # repeats, or when Envoy joined the entries before we saw them (ext_authz's string map).
+    lines: HeaderLines = field(default_factory=lambda: NO_LINES)
 
     @property
     def url_path(self) -> str:

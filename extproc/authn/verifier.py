@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.attributes import NO_LINES, HeaderLines
 from extproc.authn.cache import TokenCache
 from extproc.authn.keys import KeySet
 from extproc.authn.program import (
@@ -54,11 +55,32 @@ KeyLookup = Callable[[Provider], KeySet | None]
 class HeaderState:
     """Request headers as the filter chain sees them, with changes recorded for the response."""
 
-    __slots__ = ("_changed", "_orig")
+    __slots__ = ("_changed", "_lines", "_orig")
 
-    def __init__(self, original: Mapping[str, str]) -> None:
+    def __init__(self, original: Mapping[str, str], lines: HeaderLines = NO_LINES) -> None:
         self._orig = original
+        self._lines = lines
         self._changed: dict[str, list[str]] = {}
+
+    def entries(self, name: str) -> tuple[str, ...] | None:
+        """The lines of a header as Envoy holds them (one, unless the transport kept several
+        apart), or None when it is absent."""
+        if name not in self._changed:
+            got = self._lines.get(name)
+            if got is not None:
+                return got
+        value = self.get(name)
+        return None if value is None else (value,)
+
+    def cookie(self) -> str | None:
+        """The cookie header as Envoy's cookie parser reads it: every cookie line on its own
+        (jwt_authn finds `session=` on a second HTTP/1 line, and the first occurrence wins
+        across lines). Joining the lines with ";" splits them apart again; joined with ","
+        (as the map form has them) the second line would be part of a value."""
+        entries = self._lines.get("cookie")
+        if entries is not None and "cookie" not in self._changed:
+            return ";".join(entries)
+        return self.get("cookie")
 
     def get(self, name: str) -> str | None:
         if name in self._changed:
@@ -195,10 +217,12 @@ def authenticate(
     now: int,
     keys: KeyLookup,
     cache: TokenCache | None = None,
+    lines: HeaderLines = NO_LINES,
 ) -> AuthnResult:
+    """`lines`: the entries of repeated header names, when the transport kept them apart."""
     if program.root is None:
         return SKIPPED
-    hs = HeaderState(headers)
+    hs = HeaderState(headers, lines)
     # Envoy 1.40 first removes every provider's payload and claim headers, whatever the
     # requirement and even for a CORS preflight, so no output header can be forged.
     if program.all_extractor is not None:
@@ -444,22 +468,23 @@ def cookies(value: str | None, wanted: frozenset[str] | set[str]) -> dict[str, s
 def extract(ex: Extractor, hs: HeaderState, path: str) -> list[Found]:
     found: list[Found] = []
     for loc in ex.headers:
-        value = hs.get(loc.header)
-        if value is None:
+        entries = hs.entries(loc.header)
+        if entries is None:
             continue
-        if loc.prefix:
-            pos = value.find(loc.prefix)
-            if pos == -1:
-                continue  # the prefix is nowhere in the value: no token at this location
-            value = _jwt_after(value, pos + len(loc.prefix))
-        found.append(Found(value, loc.issuers, loc.header, f"header {loc.header}"))
+        for value in entries:  # jwt_authn takes a token from each line of the header
+            if loc.prefix:
+                pos = value.find(loc.prefix)
+                if pos == -1:
+                    continue  # the prefix is nowhere in the value: no token at this location
+                value = _jwt_after(value, pos + len(loc.prefix))
+            found.append(Found(value, loc.issuers, loc.header, f"header {loc.header}"))
     if ex.params and path:
         params = query_params(path)
         for name, issuers in ex.params:
             if name in params:
                 found.append(Found(params[name], issuers, "", f"query parameter {name}", name))
     if ex.cookies:
-        jar = cookies(hs.get("cookie"), {n for n, _ in ex.cookies})
+        jar = cookies(hs.cookie(), {n for n, _ in ex.cookies})
         for name, issuers in ex.cookies:
             if name in jar:
                 found.append(Found(jar[name], issuers, "", f"cookie {name}"))

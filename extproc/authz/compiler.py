@@ -32,6 +32,9 @@ Test = Callable[[Attributes], bool]
 # headers, the verified JWT, Envoy's filter metadata. The decision cache keys on them.
 READS_JWT = "jwt"
 READS_METADATA = "metadata"
+# The physical peer's address (ipBlocks, source.ip: Envoy RBAC's direct_remote_ip), which the
+# ext_proc transport has only when Envoy is configured to send it (see processing_adapter).
+READS_PEER = "peer"
 HEADER_READ = "header:"
 
 
@@ -205,12 +208,20 @@ def _principal_regexes(preds: list[m.StrPredicate]) -> Test:
 
 
 def _header_test(name: str, values: Sequence[str], ignore_case: bool = False) -> Test:
+    """Envoy's RBAC HeaderMatcher: a name Envoy holds as several entries matches when any one
+    entry does (the joined value is never tested), so `notValues` holds only when no entry
+    matches. Entries Envoy merged itself (inline headers, HTTP/2 cookies) are one entry."""
     preds = [m.istio_header_value(val, ignore_case) for val in values]
 
     def test(a: Attributes) -> bool:
         http = a.http
         if http is None:
             return False
+        lines = http.lines
+        if lines:  # rare: something arrived as more than one entry
+            entries = lines.get(name)
+            if entries is not None:
+                return any(p(e) for e in entries for p in preds)
         h = http.headers.get(name)
         return any(p(h) for p in preds)
 
@@ -361,13 +372,16 @@ def _header(name: str) -> frozenset[str]:
 
 _XFF = _header("x-forwarded-for")  # remote.ip is derived from it
 _JWT = frozenset((READS_JWT,))
-_SOURCE_READS = {"remoteIpBlocks": _XFF, "requestPrincipals": _JWT}
+_PEER = frozenset((READS_PEER,))
+_SOURCE_READS = {"ipBlocks": _PEER, "remoteIpBlocks": _XFF, "requestPrincipals": _JWT}
 _OPERATION_READS = {"hosts": _header(":authority"), "methods": _header(":method"), "paths": _header(":path")}
 
 
 def _condition_reads(key: str) -> frozenset[str]:
     if key == "remote.ip":
         return _XFF
+    if key == "source.ip":
+        return _PEER
     if key.startswith("request.auth."):
         return _JWT
     if key.startswith(v.HEADER_PREFIX):

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, CompiledRule
+from extproc.attributes import HeaderLines
+from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, READS_PEER, CompiledRule
 from extproc.authz.engine import AuthzProgram
 from extproc.verdict import Verdict
 
@@ -58,6 +59,16 @@ def _rules(program: AuthzProgram) -> list[CompiledRule]:
     return out
 
 
+def reads_physical_peer(snap: Snapshot) -> bool:
+    """Whether any HTTP rule reads the physical peer's address (ipBlocks, source.ip), which an
+    ext_proc request carries only when Envoy is configured to send it. Computed once per
+    snapshot."""
+    got = snap.memo.get("reads_physical_peer")
+    if got is None:
+        got = snap.memo["reads_physical_peer"] = any(READS_PEER in rule.reads for rule in _rules(snap.http))
+    return got  # type: ignore[no-any-return]
+
+
 def key_plan(snap: Snapshot) -> KeyPlan:
     """Everything the snapshot's HTTP decision can read, from its compiled rules and jwtRules."""
     reads: set[str] = set()
@@ -76,6 +87,14 @@ def key_plan(snap: Snapshot) -> KeyPlan:
     # Without a RequestAuthentication, request.auth.* comes from jwt_authn's filter metadata.
     metadata = READS_METADATA in reads or (READS_JWT in reads and not authn.enabled)
     return KeyPlan(tuple(sorted(headers)), metadata)
+
+
+def repeated_key_part(plan: KeyPlan, lines: HeaderLines) -> tuple[object, ...]:
+    """What a key adds for a request some of whose headers arrived as several entries: the
+    entries of the plan's headers. The header matchers test entries one by one, so `x: a` +
+    `x: b` must not share a key with one line `x: a,b` (both join to "a,b"). Only requests
+    with repeated names pay for it; their keys are longer, so they never equal a plain one."""
+    return (tuple([lines.get(name) for name in plan.headers]),)
 
 
 @dataclass

@@ -249,6 +249,14 @@ class ExtprocCollector(Collector):
             )
             paths.add_metric([mode], n)
             yield paths
+        misconfigured = CounterMetricFamily(
+            "extproc_misconfigured_requests",
+            "Requests that arrived without a setting the Envoy filter needs (see the README's settings tables)",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.misconfigured.items()):
+            misconfigured.add_metric([kind], n)
+        yield misconfigured
         yield CounterMetricFamily(
             "extproc_internal_errors", "Checks denied because of an internal error", value=s.internal_errors
         )

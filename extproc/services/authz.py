@@ -30,9 +30,10 @@ from collections.abc import Callable
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
+from extproc.attributes import NO_LINES, HeaderLines
 from extproc.config.snapshot import Snapshot
 from extproc.decision import decide as stages
-from extproc.decision.cache import KeyPlan
+from extproc.decision.cache import KeyPlan, repeated_key_part
 from extproc.services import authz_render as render
 from extproc.services.central import ContextWorkloads, IdentityError
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest, http_headers
@@ -101,12 +102,14 @@ def decision_key(
     h: external_auth_pb2.AttributeContext.HttpRequest,
     headers,  # type: ignore[no-untyped-def]
     path: str,
+    lines: HeaderLines = NO_LINES,
 ) -> tuple[object, ...]:
     """What the decision of this HTTP request can depend on, read straight from the CheckRequest:
     the connection (addresses, principals, SNI; the source port is not, nothing reads it), the
     method, the path policies match (`CheckAdapter.policy_path`), the host and scheme fields,
-    the filter metadata when policies read it, and the headers the plan names. The adapter
-    builds Attributes from nothing else."""
+    the filter metadata when policies read it, and the headers the plan names, with their
+    separate entries when a name repeats (`x: a` + `x: b` and `x: a,b` decide differently).
+    The adapter builds Attributes from nothing else."""
     src = a.source
     dst = a.destination.address.socket_address
     key: tuple[object, ...] = (
@@ -125,7 +128,8 @@ def decision_key(
     if plan.metadata:
         key += (a.metadata_context.SerializeToString(deterministic=True),)
     get = headers.get
-    return key + tuple([get(name) for name in plan.headers])
+    key += tuple([get(name) for name in plan.headers])
+    return key + repeated_key_part(plan, lines) if lines else key
 
 
 class AuthorizationService:
@@ -226,29 +230,30 @@ class AuthorizationService:
         try:
             if raw and size is not None and size <= adapter.max_header_bytes and len(raw) <= adapter.max_headers:
                 headers = raw  # the whole request is smaller than the header limit
+                lines = NO_LINES  # the string map: Envoy joined repeated names already
                 # Envoy lower-cases header names; a map that is not is read the slow way, so the
                 # key sees exactly what the policies see.
                 keyed = "".join(raw).islower()
             else:
-                headers = http_headers(h, adapter.max_headers, adapter.max_header_bytes)
+                headers, lines = http_headers(h, adapter.max_headers, adapter.max_header_bytes)
                 keyed = True
             path = adapter.policy_path(h.path)
             cache = enforcer.cache(snap)
             now = int(self._clock())
             key = None
             if cache is not None and keyed:
-                key = decision_key(cache.plan, a, h, headers, path)
+                key = decision_key(cache.plan, a, h, headers, path, lines)
                 verdict = enforcer.cached(cache, key, now)
                 if verdict is not None:
                     return verdict, headers, None
-            attrs = adapter.attributes(request, headers, path)
+            attrs = adapter.attributes(request, headers, lines, path)
         except MalformedRequest as e:
             return self._malformed(e, http=True), raw, None
         return None, headers, (attrs, now, cache, key)
 
     def _headers_or_empty(self, h: external_auth_pb2.AttributeContext.HttpRequest):  # type: ignore[no-untyped-def]
         try:
-            return http_headers(h, self.adapter.max_headers, self.adapter.max_header_bytes)
+            return http_headers(h, self.adapter.max_headers, self.adapter.max_header_bytes)[0]
         except MalformedRequest:
             return {}
 

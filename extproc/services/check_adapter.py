@@ -7,8 +7,11 @@ What Envoy 1.40 actually sends, checked against a live Envoy:
   * `source.principal` is the first URI SAN, else the first DNS SAN, else the
     subject. Envoy's RBAC `authenticated` matcher tries every URI SAN and DNS SAN,
     so when the filter sets `include_peer_certificate` we read all of them.
-  * repeated request headers arrive joined with ","; with `encode_raw_headers` they
-    arrive one by one in `header_map` and we join them the same way.
+  * repeated request headers arrive joined with "," (`a=1,b=2` even for HTTP/1 cookie
+    lines); with `encode_raw_headers` they arrive one by one in `header_map`, as Envoy's
+    header map holds them, and the header matchers test each entry as Envoy's RBAC does
+    (see extproc/services/headers.py). Only then can extproc tell `x: a` + `x: b` from
+    `x: a,b`.
   * `tls_session` is present (empty) on plaintext connections when
     `include_tls_session` is set; only its `sni` means anything.
 """
@@ -23,7 +26,7 @@ from urllib.parse import unquote
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from extproc.attributes import Attributes, HttpRequest, parse_ip, remote_ip_from_xff
+from extproc.attributes import NO_LINES, Attributes, HeaderLines, HttpRequest, parse_ip, remote_ip_from_xff
 from extproc.path_normalization import DEFAULT_MODE, Mode, normalize
 from extproc.services.headers import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -169,10 +172,15 @@ class CheckAdapter:
         return got
 
     def attributes(
-        self, req: external_auth_pb2.CheckRequest, headers: Mapping[str, str] | None = None, path: str | None = None
+        self,
+        req: external_auth_pb2.CheckRequest,
+        headers: Mapping[str, str] | None = None,
+        lines: HeaderLines = NO_LINES,
+        path: str | None = None,
     ) -> Attributes:
-        """The request's Attributes; `headers`, when given, are its already decoded and checked
-        headers (from `http_headers`), and `path` its `policy_path`, so neither is worked out twice."""
+        """The request's Attributes; `headers` and `lines`, when given, are its already decoded
+        and checked headers (from `http_headers`), and `path` its `policy_path`, so none is
+        worked out twice."""
         a = req.attributes
         src = a.source
         dst = a.destination
@@ -191,10 +199,13 @@ class CheckAdapter:
         http = None
         if a.HasField("request"):
             h = a.request.http
-            checked = dict(headers) if headers is not None else http_headers(h, self.max_headers, self.max_header_bytes)
+            if headers is not None:
+                checked = dict(headers)
+            else:
+                checked, lines = http_headers(h, self.max_headers, self.max_header_bytes)
             if path is None:
                 path = self.policy_path(h.path)
-            http = http_request(checked, h.method, path, h.host, h.scheme, h.protocol, h.id)
+            http = http_request(checked, h.method, path, h.host, h.scheme, h.protocol, h.id, lines)
         return self.build(
             source=src.address.socket_address.address,
             source_port=src.address.socket_address.port_value,
@@ -246,7 +257,14 @@ class CheckAdapter:
 
 
 def http_request(
-    headers: dict[str, str], method: str, path: str, host: str, scheme: str = "", protocol: str = "", id: str = ""
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    host: str,
+    scheme: str = "",
+    protocol: str = "",
+    id: str = "",
+    lines: HeaderLines = NO_LINES,
 ) -> HttpRequest:
     """The HTTP part of Attributes. `method`, `path` and `host` are what the transport names
     apart from the headers (ext_authz's fields), if anything; the pseudo-headers stand in."""
@@ -264,21 +282,26 @@ def http_request(
         headers[":path"] = path
     if host:
         headers.setdefault(":authority", host)
-    return HttpRequest(method=method, path=path, host=host, headers=headers, scheme=scheme, protocol=protocol, id=id)
+    return HttpRequest(
+        method=method, path=path, host=host, headers=headers, scheme=scheme, protocol=protocol, id=id, lines=lines
+    )
 
 
 def http_headers(
     h: external_auth_pb2.AttributeContext.HttpRequest,
     max_headers: int = MAX_HEADERS,
     max_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-) -> dict[str, str]:
-    """A CheckRequest's request headers, lower-case names, from whichever shape Envoy used;
-    raises MalformedRequest for too many, too large or undecodable headers."""
+) -> tuple[dict[str, str], HeaderLines]:
+    """A CheckRequest's request headers, lower-case names, from whichever shape Envoy used, and
+    the entries of repeated names when Envoy sent them apart (`encode_raw_headers`; the string
+    map has them joined already); raises MalformedRequest for too many, too large or
+    undecodable headers."""
+    lines = NO_LINES
     if h.HasField("header_map") and len(h.header_map.headers) > 0:
-        headers = decode_header_map(h.header_map, max_headers)
+        headers, lines = decode_header_map(h.header_map, max_headers)
     else:
         if len(h.headers) > max_headers:
             raise MalformedRequest("too-many-headers", f"{len(h.headers)} headers")
         headers = {k.lower(): v for k, v in h.headers.items()}
     check_size(headers, max_bytes)
-    return headers
+    return headers, lines

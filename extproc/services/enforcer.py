@@ -45,6 +45,9 @@ class AuthzStats:
     checks: dict[str, int] = field(default_factory=lambda: {"http": 0, "tcp": 0})
     decisions: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (protocol, result, stage)
     malformed: dict[str, int] = field(default_factory=dict)
+    # Requests that arrived without something Envoy must be configured to send (kind -> count),
+    # whether or not they could still be decided; the log says once what to add.
+    misconfigured: dict[str, int] = field(default_factory=dict)
     internal_errors: int = 0
     custom_calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (provider, outcome)
     dry_run: dict[tuple[str, str], int] = field(default_factory=dict)  # (ALLOW|DENY, allowed|denied)
@@ -185,7 +188,9 @@ class Enforcer:
         assert http is not None
 
         def run() -> AuthnResult:
-            return authenticate(snap.authn, http.method, http.headers, now, self.jwks.keys_for, self.token_cache)
+            return authenticate(
+                snap.authn, http.method, http.headers, now, self.jwks.keys_for, self.token_cache, http.lines
+            )
 
         result = run()
         if result.ok or not result.refresh_wanted:

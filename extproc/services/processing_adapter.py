@@ -20,8 +20,12 @@ What ext_proc does not send by default must be asked for with the filter's
 the header's last entry (port 0), not the peer. ext_authz sends the peer, and `ipBlocks`
 (Envoy RBAC's `direct_remote_ip`) needs it, so envoy/extproc.yaml records
 %DOWNSTREAM_DIRECT_REMOTE_ADDRESS% in filter state with the set_filter_state filter and asks
-for it as an attribute. Filter state cannot be set by a client, so it is safe to trust;
-without it, `source.address` stands in.
+for it as an attribute. Filter state cannot be set by a client, so it is safe to trust.
+Without it `source.address` is all there is, and any client can choose it through
+x-forwarded-for: a request is then denied as malformed (`missing-peer-address`) while a
+policy reads `ipBlocks` or `source.ip`, and decided with `source.address` standing in
+otherwise; either way it is counted in `extproc_misconfigured_requests_total` and the log
+says once what to add (ExternalProcessorService._without_peer_address).
 
 A request without addresses is denied as malformed, the same as a CheckRequest without
 them: the server fails closed rather than evaluating `ipBlocks` against nothing.
@@ -37,8 +41,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from extproc.attributes import Attributes
-from extproc.decision.cache import KeyPlan
+from extproc.attributes import NO_LINES, Attributes, HeaderLines
+from extproc.decision.cache import KeyPlan, repeated_key_part
 from extproc.services.check_adapter import CheckAdapter, http_request
 from extproc.services.headers import MalformedRequest
 from extproc.services.protoconv import struct_to_dict
@@ -47,6 +51,9 @@ EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 # The physical peer, recorded by set_filter_state before ext_proc (see the module docstring).
 PEER_ADDRESS_STATE = "extproc.peer_address"
 PEER_ADDRESS_ATTRIBUTE = f'filter_state["{PEER_ADDRESS_STATE}"]'
+# The kind counted (extproc_misconfigured_requests) for a request without it, and the kind of
+# its denial when the policies read the peer (extproc_malformed_requests).
+MISSING_PEER_ADDRESS = "missing-peer-address"
 # The namespace our decision metadata is written to; the filter must list it in
 # metadata_options.receiving_namespaces.untyped for Envoy to keep it.
 METADATA_NAMESPACE = "extproc"
@@ -127,10 +134,15 @@ def _split_host_port(value: str) -> tuple[str, int] | None:
 
 
 def attributes(
-    adapter: CheckAdapter, headers: dict[str, str], attrs: Mapping[str, str], req: ep.ProcessingRequest | None = None
+    adapter: CheckAdapter,
+    headers: dict[str, str],
+    attrs: Mapping[str, str],
+    req: ep.ProcessingRequest | None = None,
+    lines: HeaderLines = NO_LINES,
 ) -> Attributes:
-    """The Attributes ext_authz's adapter gives for the same request (`headers` decoded and
-    checked by `headers.decode_header_map`); MalformedRequest when they cannot be built."""
+    """The Attributes ext_authz's adapter gives for the same request (`headers` and `lines`
+    decoded and checked by `headers.decode_header_map`: ext_proc always sends each entry of
+    Envoy's header map apart); MalformedRequest when they cannot be built."""
     peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
     local = _split_host_port(attrs.get(DESTINATION_ADDRESS, ""))
     if peer is None or local is None:
@@ -153,6 +165,7 @@ def attributes(
         headers.get(":scheme", ""),
         attrs.get(PROTOCOL, ""),
         attrs.get(REQUEST_ID, ""),
+        lines,
     )
     return adapter.build(
         source=peer[0],
@@ -167,12 +180,17 @@ def attributes(
 
 
 def decision_key(
-    plan: KeyPlan, headers: Mapping[str, str], attrs: Mapping[str, str], req: ep.ProcessingRequest
+    plan: KeyPlan,
+    headers: Mapping[str, str],
+    attrs: Mapping[str, str],
+    req: ep.ProcessingRequest,
+    lines: HeaderLines = NO_LINES,
 ) -> tuple[object, ...] | None:
     """What the decision of this request can depend on (see extproc/decision/cache.py): the
     peer's address without its port, our address, the client certificate or its URI SAN, the
-    SNI, the filter metadata when policies read it, and the headers the plan names. None when
-    the addresses cannot be read (the request is then decided, and denied, the slow way)."""
+    SNI, the filter metadata when policies read it, and the headers the plan names (with their
+    entries when a name repeats). None when the addresses cannot be read (the request is then
+    decided, and denied, the slow way)."""
     peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
     if peer is None:
         return None
@@ -187,7 +205,8 @@ def decision_key(
     if plan.metadata:
         key += (req.metadata_context.SerializeToString(deterministic=True),)
     get = headers.get
-    return key + tuple([get(name) for name in plan.headers])
+    key += tuple([get(name) for name in plan.headers])
+    return key + repeated_key_part(plan, lines) if lines else key
 
 
 def check_request(

@@ -38,7 +38,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from extproc.attributes import NO_LINES, HeaderLines
 from extproc.config.snapshot import Snapshot
+from extproc.decision.cache import reads_physical_peer
 from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
 from extproc.services import processor_render as render
@@ -232,10 +234,10 @@ class ExternalProcessorService:
     ) -> tuple[bytes, bool]:
         hm = req.request_headers.headers
         try:
-            decided = decode_header_map(hm, self.adapter.max_headers, self.adapter.max_header_bytes)
+            decided, lines = decode_header_map(hm, self.adapter.max_headers, self.adapter.max_header_bytes)
             problem = None
         except MalformedRequest as e:
-            decided, problem = None, e
+            decided, lines, problem = None, NO_LINES, e
         headers = decided if decided is not None else header_map(hm)
         st.request_headers = headers
         st.grpc = headers.get("content-type", "").startswith("application/grpc")
@@ -268,7 +270,7 @@ class ExternalProcessorService:
             if parts is not None and got is not None:
                 reply.append(parts.inbound_request)
         else:
-            verdict = await self._decide(req, decided, problem, attrs)
+            verdict = await self._decide(req, decided, problem, attrs, lines)
             st.verdict = verdict
             if not verdict.allowed:
                 return self._denied(st, verdict, got is not None), True
@@ -287,6 +289,7 @@ class ExternalProcessorService:
         headers: dict[str, str] | None,
         problem: MalformedRequest | None,
         attrs: dict[str, str],
+        lines: HeaderLines = NO_LINES,
     ) -> Verdict:
         """Inbound enforcement, through the decision cache and the same Enforcer as ext_authz."""
         enforcer = self.enforcer
@@ -303,18 +306,20 @@ class ExternalProcessorService:
                     "ext_proc sent no source.address/destination.address: add them to the filter's "
                     "request_attributes (see envoy/extproc.yaml); such requests are denied as malformed",
                 )
+            elif not attrs.get(pa.PEER_ADDRESS_ATTRIBUTE):
+                self._without_peer_address(snap)
             raw_path = headers.get(":path", "")
             path = self.adapter.policy_path(raw_path)
             if path != raw_path:
                 headers = {**headers, ":path": path}
             cache = enforcer.cache(snap)
             now = int(self._clock())
-            key = pa.decision_key(cache.plan, headers, attrs, req) if cache is not None else None
+            key = pa.decision_key(cache.plan, headers, attrs, req, lines) if cache is not None else None
             if key is not None and cache is not None:
                 verdict = enforcer.cached(cache, key, now)
                 if verdict is not None:
                     return verdict
-            a = pa.attributes(self.adapter, headers, attrs, req)
+            a = pa.attributes(self.adapter, headers, attrs, req, lines)
             return await enforcer.decide(
                 snap,
                 a,
@@ -336,6 +341,32 @@ class ExternalProcessorService:
             return error("internal error", http=True)
         finally:
             enforcer.stats.observe(started)
+
+    def _without_peer_address(self, snap: Snapshot) -> None:
+        """An inbound request without the physical peer's address (filter state set by
+        set_filter_state, asked for in request_attributes). ext_proc's `source.address` is
+        then all there is, and it is the client x-forwarded-for names whenever the HCM trusts
+        the header: any client could choose its `ipBlocks` / `source.ip`. So when the policies
+        read them the request is denied as malformed (fail closed); otherwise it is decided with
+        `source.address` standing in (remote.ip never needed the peer: it is x-forwarded-for's,
+        or the peer's when the header is absent, and then `source.address` is the peer).
+        Either way it is counted, and the log says once what to add."""
+        enforcer = self.enforcer
+        assert enforcer is not None
+        enforcer.stats.count(enforcer.stats.misconfigured, pa.MISSING_PEER_ADDRESS)
+        self._log_bad(
+            "ext-proc-without-peer-address",
+            f"ext_proc sent no {pa.PEER_ADDRESS_ATTRIBUTE}, so the physical peer is unknown and "
+            "source.address may be a client-chosen x-forwarded-for entry: add the set_filter_state filter "
+            f"before ext_proc (object_key: {pa.PEER_ADDRESS_STATE}, factory_key: envoy.string, format "
+            f"%DOWNSTREAM_DIRECT_REMOTE_ADDRESS%) and '{pa.PEER_ADDRESS_ATTRIBUTE}' to the filter's "
+            "request_attributes (see envoy/extproc.yaml); until then requests are denied as malformed "
+            "while a policy uses ipBlocks or source.ip, and decided with source.address otherwise",
+        )
+        if reads_physical_peer(snap):
+            raise MalformedRequest(
+                pa.MISSING_PEER_ADDRESS, f"no {pa.PEER_ADDRESS_ATTRIBUTE}, and a policy reads ipBlocks or source.ip"
+            )
 
     def _denied(self, st: _Stream, verdict: Verdict, peer_sent_metadata: bool) -> bytes:
         """The local reply for a denial; the request is over, so its metrics and span are too."""

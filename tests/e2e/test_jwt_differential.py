@@ -27,6 +27,7 @@ JWT_DIFF_DUMP=1 (with -s) prints every case, differing ones as a diff.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import difflib
 import json
 import os
@@ -227,6 +228,7 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
     path: str = "/get"
     method: str = "GET"
+    lines: tuple[tuple[str, str], ...] = ()  # more header lines, a name may repeat
 
 
 @dataclass
@@ -459,6 +461,11 @@ def locations_scenario(k: Keys) -> Scenario:
     cases = [
         Case("missing", 200),
         Case("prefixed-header", 200, {"x-jwt": f"Token {valid}"}),
+        # A header on two lines: jwt_authn takes a token from each line.
+        Case("header-second-line-garbage", 401, lines=(("x-jwt", f"Token {valid}"), ("x-jwt", "Token garbage"))),
+        Case("header-first-line-garbage", 401, lines=(("x-raw", "garbage"), ("x-raw", valid))),
+        Case("header-two-valid-lines", 200, lines=(("x-raw", valid), ("x-raw", valid))),
+        Case("header-second-line-no-prefix", 200, lines=(("x-jwt", f"Token {valid}"), ("x-jwt", "garbage"))),
         Case("prefixed-header-without-prefix", 200, {"x-jwt": valid}),
         Case("prefixed-header-junk", 200, {"x-jwt": f"Token   ,{valid}"}),
         Case("prefixed-header-prefix-later", 200, {"x-jwt": f"abc Token {valid}"}),
@@ -479,6 +486,8 @@ def locations_scenario(k: Keys) -> Scenario:
         Case("cookie-quoted", 200, {"cookie": f'session="{valid}"'}),
         Case("cookie-expired", 401, {"cookie": f"other=1;session={expired}"}),
         Case("cookie-twice", 401, {"cookie": f"session={expired}; session={valid}"}),
+        Case("cookie-second-line", 200, lines=(("cookie", "a=b"), ("cookie", f"session={valid}"))),
+        Case("cookie-first-line-wins", 401, lines=(("cookie", f"session={expired}"), ("cookie", f"session={valid}"))),
         Case("cookie-other-name", 200, {"cookie": f"sess={expired}"}),
         Case("header-valid-cookie-expired", 401, {"x-jwt": f"Token {valid}", "cookie": f"session={expired}"}),
         Case("header-expired-param-valid", 401, {"x-raw": expired}, path=f"/get?tok={valid}"),
@@ -736,8 +745,16 @@ def observe(r: Response) -> dict[str, Any]:
     return out
 
 
+def joined(case: Case) -> Case:
+    """The case with each repeated name of `lines` sent as one line, its values joined with ","."""
+    values: dict[str, list[str]] = {}
+    for k, v in case.lines:
+        values.setdefault(k, []).append(v)
+    return dataclasses.replace(case, lines=tuple((k, ",".join(vs)) for k, vs in values.items()))
+
+
 def send(client: HttpClient, case: Case) -> dict[str, Any]:
-    headers = {"host": HOST, **case.headers}
+    headers = [("host", HOST), *case.headers.items(), *case.lines]
     return observe(client.request(case.method, case.path, headers, body=b"x" if case.method == "POST" else None))
 
 
@@ -770,20 +787,27 @@ def test_extproc_authenticates_like_envoy_jwt_authn(harness: Harness, scenario: 
     native_client = HttpClient(h.native_ports[scenario])
     ext_client = HttpClient(h.ext_ports[mode])
     try:
-        results = [(c, send(native_client, c), send(ext_client, c)) for c in s.cases]
+        # (case, Envoy's answer, ours, the answer ours must equal). ext_authz's string map joins
+        # repeated lines with ",": there extproc must answer as jwt_authn answers the request
+        # with those lines joined into one.
+        results = []
+        for c in s.cases:
+            n, o = send(native_client, c), send(ext_client, c)
+            ref = send(native_client, joined(c)) if mode == "authz" and c.lines else n
+            results.append((c, n, o, ref))
     finally:
         native_client.close()
         ext_client.close()
 
     if os.environ.get("JWT_DIFF_DUMP"):
-        for c, n, o in results:
+        for c, _, o, n in results:
             print(render(c, n, o) if o != n else f"same: {c.name} {n['status']} {n.get('body', '')}")
 
     unexpected = [
         f"{c.name}: want {c.want}, Envoy gave {n['status']} {n.get('body', '')!r}"
-        for c, n, _ in results
+        for c, n, _, _ in results
         if n["status"] != c.want
     ]
     assert not unexpected, "the native side itself is not as expected:\n" + "\n".join(unexpected)
-    mismatches = [render(c, n, o) for c, n, o in results if n != o]
+    mismatches = [render(c, ref, o) for c, _, o, ref in results if ref != o]
     assert not mismatches, f"{len(mismatches)} of {len(results)} cases differ:\n" + "\n".join(mismatches)

@@ -170,9 +170,13 @@ def run(
     now: int = NOW,
     keys: Callable[[Provider], KeySet | None] = inline_keys,
     cache: TokenCache | None = None,
+    lines: Mapping[str, tuple[str, ...]] | None = None,
 ) -> AuthnResult:
+    """`lines`: header names sent on several lines (their `headers` value is the lines joined)."""
     hs = {":path": path, ":authority": "svc.example.com", ":method": method, **(headers or {})}
-    return authenticate(program, method, hs, now, keys, cache)
+    for name, entries in (lines or {}).items():
+        hs[name] = ",".join(entries)
+    return authenticate(program, method, hs, now, keys, cache, lines or {})
 
 
 def bearer(tok: str) -> dict[str, str]:

@@ -449,6 +449,27 @@ def test_first_cookie_occurrence_wins() -> None:
     assert run(prog, {"cookie": f"session=garbage; session={token()}"}).status is Status.JWT_BAD_FORMAT
 
 
+def test_cookie_lines_are_parsed_one_by_one_as_envoy_does() -> None:
+    """HTTP/1 cookie lines reach extproc apart (ext_proc; ext_authz with encode_raw_headers);
+    jwt_authn finds the token on any line, the first occurrence winning across lines."""
+    prog = one(from_cookies=("session",))
+    r = run(prog, lines={"cookie": ("theme=dark", f"session={token()}")})
+    assert r.ok and r.payload is not None
+    assert run(prog, lines={"cookie": (f"session={token()}", "session=garbage")}).payload is not None
+    assert run(prog, lines={"cookie": ("session=garbage", f"session={token()}")}).status is Status.JWT_BAD_FORMAT
+    # Joined with "," (ext_authz's string map) the second line is part of the first's value.
+    assert run(prog, {"cookie": f"theme=dark,session={token()}"}).payload is None
+
+
+def test_a_token_header_on_several_lines_gives_a_token_per_line() -> None:
+    """jwt_authn extracts from each line of a fromHeaders header (checked against Envoy 1.40):
+    one bad line fails the request, a line without the prefix carries no token."""
+    prog = one(from_headers=(("x-jwt", "Token "),))
+    assert run(prog, lines={"x-jwt": (f"Token {token()}", f"Token {token()}")}).ok
+    assert run(prog, lines={"x-jwt": (f"Token {token()}", "garbage")}).ok
+    assert run(prog, lines={"x-jwt": ("Token garbage", f"Token {token()}")}).status is Status.JWT_BAD_FORMAT
+
+
 def test_other_cookies_and_the_default_locations_carry_no_token() -> None:
     prog = one(from_cookies=("session",))
     r = run(
