@@ -116,3 +116,19 @@ def remote_ip_from_xff(xff: str | None, direct: IPAddress | None, trusted_hops: 
     s = s.strip(" \t")
     ip = parse_ip(s)
     return ip if ip is not None else direct
+
+
+def split_host_port(value: str) -> tuple[str, int] | None:
+    """ "10.0.0.1:8080" or "[::1]:8080" -> (ip, port). Envoy's CEL prints addresses this way."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end == -1 or value[end + 1 : end + 2] != ":":
+            return None
+        host, port = value[1:end], value[end + 2 :]
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            return None
+    if not port.isdigit() or not host:
+        return None
+    return host, int(port)

@@ -50,9 +50,13 @@ __all__ = [
     "CheckAdapter",
     "MalformedRequest",
     "PeerCertificateCache",
+    "forwarded_check_request",
     "http_headers",
     "http_request",
 ]
+
+# CheckRequest.http fields that Envoy also sends as pseudo-headers.
+_HEADER_FIELDS = {":method": "method", ":path": "path", ":authority": "host", ":scheme": "scheme"}
 
 
 class PeerCertificateCache:
@@ -305,3 +309,49 @@ def http_headers(
         headers = {k.lower(): v for k, v in h.headers.items()}
     check_size(headers, max_bytes)
     return headers, lines
+
+
+def forwarded_check_request(
+    headers: Mapping[str, str],
+    *,
+    source: tuple[str, int] | None,
+    destination: tuple[str, int] | None,
+    principal: str = "",
+    certificate: str = "",
+    sni: str = "",
+    protocol: str = "",
+    request_id: str = "",
+    body: bytes = b"",
+    metadata_context: Any = None,
+) -> external_auth_pb2.CheckRequest:
+    """The CheckRequest Envoy's gRPC ext_authz filter would send, for a CUSTOM gRPC provider
+    asked on behalf of a transport that received something else (ext_proc, HTTP checks).
+    `headers` hold the pseudo-headers; `certificate` is URL-encoded PEM, as Envoy sends it."""
+    req = external_auth_pb2.CheckRequest()
+    a = req.attributes
+    for hp, side in ((source, a.source), (destination, a.destination)):
+        if hp is not None:
+            side.address.socket_address.address, side.address.socket_address.port_value = hp
+    if certificate:
+        a.source.certificate = certificate
+    else:
+        a.source.principal = principal
+    if sni:
+        a.tls_session.sni = sni
+    http = a.request.http
+    for name, value in headers.items():
+        field = _HEADER_FIELDS.get(name)
+        if field is not None:
+            setattr(http, field, value)
+    http.headers.update(headers)
+    http.protocol = protocol
+    http.id = request_id
+    if body:
+        try:
+            http.body = body.decode()
+        except UnicodeDecodeError:
+            http.raw_body = body  # what Envoy sends with `pack_as_bytes`
+        http.size = len(body)
+    if metadata_context is not None:
+        a.metadata_context.CopyFrom(metadata_context)
+    return req

@@ -41,9 +41,9 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from extproc.attributes import NO_LINES, Attributes, HeaderLines
+from extproc.attributes import NO_LINES, Attributes, HeaderLines, split_host_port
 from extproc.decision.cache import KeyPlan, repeated_key_part
-from extproc.services.check_adapter import CheckAdapter, http_request
+from extproc.services.check_adapter import CheckAdapter, forwarded_check_request, http_request
 from extproc.services.headers import MalformedRequest
 from extproc.services.protoconv import struct_to_dict
 
@@ -57,8 +57,6 @@ MISSING_PEER_ADDRESS = "missing-peer-address"
 # The namespace our decision metadata is written to; the filter must list it in
 # metadata_options.receiving_namespaces.untyped for Envoy to keep it.
 METADATA_NAMESPACE = "extproc"
-
-_HEADER_FIELDS = {":method": "method", ":path": "path", ":authority": "host", ":scheme": "scheme"}
 
 
 # The attributes read per request (see the module docstring and envoy/extproc.yaml).
@@ -117,22 +115,6 @@ def _strings(s: struct_pb2.Struct) -> dict[str, str]:
     return out
 
 
-def _split_host_port(value: str) -> tuple[str, int] | None:
-    """ "10.0.0.1:8080" or "[::1]:8080" -> (ip, port). Envoy's CEL prints addresses this way."""
-    if value.startswith("["):
-        end = value.find("]")
-        if end == -1 or value[end + 1 : end + 2] != ":":
-            return None
-        host, port = value[1:end], value[end + 2 :]
-    else:
-        host, sep, port = value.rpartition(":")
-        if not sep:
-            return None
-    if not port.isdigit() or not host:
-        return None
-    return host, int(port)
-
-
 def attributes(
     adapter: CheckAdapter,
     headers: dict[str, str],
@@ -143,8 +125,8 @@ def attributes(
     """The Attributes ext_authz's adapter gives for the same request (`headers` and `lines`
     decoded and checked by `headers.decode_header_map`: ext_proc always sends each entry of
     Envoy's header map apart); MalformedRequest when they cannot be built."""
-    peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
-    local = _split_host_port(attrs.get(DESTINATION_ADDRESS, ""))
+    peer = split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
+    local = split_host_port(attrs.get(DESTINATION_ADDRESS, ""))
     if peer is None or local is None:
         raise MalformedRequest("missing-address", "source and destination socket addresses are required")
     pem = attrs.get(PEER_CERTIFICATE, "")
@@ -191,7 +173,7 @@ def decision_key(
     SNI, the filter metadata when policies read it, and the headers the plan names (with their
     entries when a name repeats). None when the addresses cannot be read (the request is then
     decided, and denied, the slow way)."""
-    peer = _split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
+    peer = split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
     if peer is None:
         return None
     key: tuple[object, ...] = (
@@ -217,32 +199,21 @@ def check_request(
     `headers` are the request headers (lower-case, repeated values joined with ","), as
     ext_authz sends them when `encode_raw_headers` is off.
     """
-    req = external_auth_pb2.CheckRequest()
-    a = req.attributes
-    peer = attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get("source.address", "")
-    for value, side in ((peer, a.source), (attrs.get("destination.address", ""), a.destination)):
-        hp = _split_host_port(value)
-        if hp is not None:
-            side.address.socket_address.address, side.address.socket_address.port_value = hp
-    pem = attrs.get("connection.peer_certificate", "")
-    if pem:
-        a.source.certificate = quote(pem, safe="")  # ext_authz sends it URL-encoded
-    else:
-        a.source.principal = attrs.get("connection.uri_san_peer_certificate", "")
-    sni = attrs.get("connection.requested_server_name", "")
-    if sni:
-        a.tls_session.sni = sni
-    http = a.request.http
-    for name, value in headers.items():
-        field = _HEADER_FIELDS.get(name)
-        if field is not None:
-            setattr(http, field, value)
-    http.headers.update(headers)
-    http.protocol = attrs.get("request.protocol", "")
-    http.id = attrs.get("request.id", "")
-    if metadata is not None and metadata.HasField("metadata_context"):
-        a.metadata_context.CopyFrom(metadata.metadata_context)
-    return req
+    peer = split_host_port(attrs.get(PEER_ADDRESS_ATTRIBUTE) or attrs.get(SOURCE_ADDRESS, ""))
+    pem = attrs.get(PEER_CERTIFICATE, "")
+    return forwarded_check_request(
+        headers,
+        source=peer,
+        destination=split_host_port(attrs.get(DESTINATION_ADDRESS, "")),
+        principal="" if pem else attrs.get(PEER_URI_SAN, ""),
+        certificate=quote(pem, safe="") if pem else "",  # ext_authz sends it URL-encoded
+        sni=attrs.get(SNI, ""),
+        protocol=attrs.get(PROTOCOL, ""),
+        request_id=attrs.get(REQUEST_ID, ""),
+        metadata_context=metadata.metadata_context
+        if metadata is not None and metadata.HasField("metadata_context")
+        else None,
+    )
 
 
 def rewrite_query(path: str, remove: set[str], overwrite: list[tuple[str, str]]) -> bytes:
