@@ -43,6 +43,11 @@ CUSTOM_POLICY = "extproc_custom_policy_id"  # the CUSTOM rule whose provider den
 # Span ids handed from the Check to the access log entry (see extproc/tracing/tracer.py).
 TRACE = "extproc_trace"  # "<trace 32 hex>-<span 16 hex>-<parent 16 hex>"
 TRACESTATE = "extproc_tracestate"
+# The peer's metadata exchange pair, handed from an HTTP check (`authz-http`) to the access log
+# entry. Over gRPC it travels under the exchange header's own name; over HTTP that name is
+# taken by our answer to the client (see extproc/services/http_check_render.py).
+PEER_METADATA = "extproc_peer_metadata"
+PEER_METADATA_ID = "extproc_peer_metadata_id"
 # What a span reports of the decision.
 SPAN_DECISION_KEYS = (ENGINE_RESULT, STAGE, EFFECTIVE_POLICY)
 

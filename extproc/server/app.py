@@ -33,7 +33,7 @@ from extproc.config.errors import ConfigError
 from extproc.config.reload import SnapshotHolder
 from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.path_normalization import Mode as PathNormalization
-from extproc.server import http
+from extproc.server import check_http, http
 from extproc.server.admin import (
     AdminApp,
     CentralCollector,
@@ -49,6 +49,7 @@ from extproc.services.central import ContextWorkloads, NodeWorkloads
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
 from extproc.services.enforcer import AuthzStats, Enforcer
+from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.processor import CentralModeProcessor, ExternalProcessorService
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
@@ -64,6 +65,7 @@ AUTHZ_SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorizatio
 ALS_SERVICE_NAME = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 EXT_PROC_SERVICE_NAME = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 TELEMETRY_TICK_S = 10.0
+HTTP_CHECK_HEAD_SLACK = 16 * 1024
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024  # Envoy may send up to ~8 MiB of headers (max_request_headers_kb=8192)
 
 
@@ -222,6 +224,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         tracing=tracing,
         central=checks,
     )
+    http_checks = (
+        HttpAuthorizationService(holder.get, adapter, enforcer, exchange=exchange, direction=direction, tracing=tracing)
+        if settings.http_listen is not None
+        else None
+    )
     als = AccessLogService(
         telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing, central=nodes
     )
@@ -307,6 +314,21 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         log.error("cannot listen on admin address %s: %s", settings.admin.text, e)
         return 1
 
+    check_server: check_http.CheckServer | None = None
+    if http_checks is not None and settings.http_listen is not None:
+        try:
+            check_server = await check_http.serve(
+                http_checks,
+                settings.http_listen.text,
+                # Envoy's own limit on the client's headers, plus room for the request line and
+                # the headers Envoy adds to a check; the exact limit is applied per request.
+                max_head=settings.max_request_headers_kb * 1024 + HTTP_CHECK_HEAD_SLACK,
+            )
+        except OSError as e:
+            log.error("cannot listen on %s (--http-listen): %s", settings.http_listen.text, e)
+            await admin_server.close()
+            return 1
+
     await server.start()
     served = (AUTHZ_SERVICE_NAME, ALS_SERVICE_NAME) + (() if holder.central else (EXT_PROC_SERVICE_NAME,))
     for name in ("", *served):
@@ -335,7 +357,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     log.info("shutting down: draining in-flight calls for up to %.1fs", settings.drain_timeout_s)
     admin.draining = True
     await health_servicer.enter_graceful_shutdown()
+    if check_server is not None:
+        check_server.server.close()  # no new connections; the open ones are answered while gRPC drains
     await server.stop(grace=settings.drain_timeout_s)
+    if check_server is not None:
+        await check_server.close()
     for task in (watcher, upkeep):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -351,9 +377,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
 
 def _log_sidecar_start(settings: ServeSettings, holder: SnapshotHolder) -> None:
     log.info(
-        "serving ext_authz, ext_proc and access logs on %s (%s), admin on %s; workload %s/%s labels=%s; "
+        "serving ext_authz, ext_proc and access logs on %s%s (%s), admin on %s; workload %s/%s labels=%s; "
         "snapshot %d with %d policies, %d JWT rules",
         settings.listen.text,
+        f", HTTP ext_authz checks on {settings.http_listen.text}" if settings.http_listen is not None else "",
         settings.direction,
         settings.admin.text,
         settings.namespace,

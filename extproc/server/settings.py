@@ -103,12 +103,19 @@ class ServeSettings:
     log_level: str = "info"
     log_format: str = "text"
     central: bool = False
+    http_listen: ListenAddress | None = None  # Envoy's HTTP ext_authz (authz-http); None: not served
 
 
 # (flag, env var, help) for every serve option; the single place that names them.
 SERVE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--config-dir", "EXTPROC_CONFIG_DIR", "directory of policy YAML, repeatable (env: ':'-separated)"),
     ("--listen", "EXTPROC_LISTEN", "gRPC address for Envoy: HOST:PORT or unix:PATH"),
+    (
+        "--http-listen",
+        "EXTPROC_HTTP_LISTEN",
+        "address for Envoy's HTTP ext_authz checks (http_service, the authz-http mode): HOST:PORT or unix:PATH; "
+        "gRPC stays on --listen for access logs and TCP checks",
+    ),
     ("--admin", "EXTPROC_ADMIN", "admin HTTP address (/healthz, /readyz, /metrics, /debug): HOST:PORT"),
     (
         "--central",
@@ -227,6 +234,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     helps = {flag: f"{text} [env {env}]" for flag, env, text in SERVE_FLAGS}
     p.add_argument("--config-dir", action="append", dest="config_dirs", metavar="DIR", help=helps["--config-dir"])
     p.add_argument("--listen", metavar="HOST:PORT|unix:PATH", help=helps["--listen"] + " (default 127.0.0.1:9001)")
+    p.add_argument("--http-listen", metavar="HOST:PORT|unix:PATH", help=helps["--http-listen"] + " (default off)")
     p.add_argument("--admin", metavar="HOST:PORT", help=helps["--admin"] + " (default 127.0.0.1:9902)")
     p.add_argument("--central", action="store_const", const="true", help=helps["--central"])
     p.add_argument("--namespace", metavar="NS", help=helps["--namespace"])
@@ -340,6 +348,13 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
             )
     elif not namespace:
         raise SettingsError("--namespace is required (or EXTPROC_NAMESPACE), unless --central")
+    http_listen_text = pick("http_listen", "EXTPROC_HTTP_LISTEN", "") or ""
+    http_listen = ListenAddress.parse(http_listen_text, "--http-listen") if http_listen_text else None
+    if http_listen is not None and central:
+        raise SettingsError(
+            "--http-listen cannot be combined with --central: a central server learns each check's workload from "
+            "the gRPC filter's context extensions, which ext_authz over HTTP does not send"
+        )
     aliases = ns.trust_domain_aliases or [
         a.strip() for a in env.get("EXTPROC_TRUST_DOMAIN_ALIAS", "").split(",") if a.strip()
     ]
@@ -397,6 +412,7 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
         ),
         config_dirs=tuple(config_dirs),
         listen=ListenAddress.parse(pick("listen", "EXTPROC_LISTEN", "127.0.0.1:9001") or "", "--listen"),
+        http_listen=http_listen,
         admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),
         namespace=namespace or "",
         labels=parse_labels(pick("labels", "EXTPROC_LABELS", "") or ""),

@@ -51,6 +51,7 @@ from extproc.telemetry.peer import METADATA_HEADER, PeerCache
 from extproc.telemetry.record import Direction, HttpRecord, Peer
 from extproc.telemetry.recorder import Recorder, TcpTracker
 from extproc.tracing.tracer import DECISION_KEYS, TRACE_KEY, TRACESTATE_KEY, SpanIds, Tracing
+from extproc.verdict import PEER_METADATA
 
 log = logging.getLogger("extproc.accesslog")
 
@@ -244,7 +245,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         fm = c.metadata.filter_metadata
         value = ""
         for ns in (AUTHZ_NAMESPACE, PEER_NAMESPACE) if direction is Direction.INBOUND else (PEER_NAMESPACE,):
-            if ns in fm and (value := _string(fm[ns], METADATA_HEADER)):
+            if ns in fm and (value := _string(fm[ns], METADATA_HEADER) or _string(fm[ns], PEER_METADATA)):
                 break
         if not value:
             value = logged.get(METADATA_HEADER, "")
@@ -304,6 +305,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 fields = fm[AUTHZ_NAMESPACE].fields
                 if METADATA_HEADER in fields:
                     value = fields[METADATA_HEADER].string_value
+                elif PEER_METADATA in fields:  # from an HTTP check (authz-http)
+                    value = fields[PEER_METADATA].string_value
             if not value and PEER_NAMESPACE in fm:
                 value = _string(fm[PEER_NAMESPACE], METADATA_HEADER)
         if not value:

@@ -48,7 +48,7 @@ log = logging.getLogger("extproc.authz")
 SERVICE = "envoy.service.auth.v3.Authorization"
 DIRECTION_HEADER = "x-extproc-direction"
 
-__all__ = ["LATENCY_BUCKETS_S", "AuthorizationService", "AuthzStats", "LogOnce", "direction_of"]
+__all__ = ["LATENCY_BUCKETS_S", "AuthorizationService", "AuthzStats", "LogOnce", "direction_of", "malformed"]
 
 
 class LogOnce:
@@ -130,6 +130,16 @@ def decision_key(
     get = headers.get
     key += tuple([get(name) for name in plan.headers])
     return key + repeated_key_part(plan, lines) if lines else key
+
+
+def malformed(stats: AuthzStats, log_bad: LogOnce, e: MalformedRequest, *, http: bool, what: str) -> Verdict:
+    """The denial of a request extproc refuses to evaluate: counted, logged once per kind."""
+    protocol = "http" if http else "tcp"
+    stats.checks[protocol] += 1
+    stats.count(stats.malformed, e.kind)
+    stats.count(stats.decisions, (protocol, "denied", Stage.MALFORMED.value))
+    log_bad(e.kind, f"denied a malformed {what}: {e}")
+    return stages.malformed(e.kind, http=http)
 
 
 class AuthorizationService:
@@ -270,13 +280,7 @@ class AuthorizationService:
         return render.encoded(verdict)
 
     def _malformed(self, e: MalformedRequest, *, http: bool) -> Verdict:
-        stats = self.stats
-        protocol = "http" if http else "tcp"
-        stats.checks[protocol] += 1
-        stats.count(stats.malformed, e.kind)
-        stats.count(stats.decisions, (protocol, "denied", Stage.MALFORMED.value))
-        self._log_bad(e.kind, f"denied a malformed CheckRequest: {e}")
-        return stages.malformed(e.kind, http=http)
+        return malformed(self.stats, self._log_bad, e, http=http, what="CheckRequest")
 
     def _exchange_parts(self, exchange: mx.PeerExchange | None) -> render.ExchangeParts | None:
         """Central mode: each workload answers the exchange with its own metadata."""
