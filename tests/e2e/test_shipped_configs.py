@@ -40,7 +40,7 @@ def test_sample_policies_load_without_warnings() -> None:
     ]
 
 
-@pytest.mark.parametrize("mode", ["authz", "extproc"])
+@pytest.mark.parametrize("mode", ["authz", "authz-http", "extproc"])
 def test_demo_check_serves_the_promised_answers(envoy_binary: Path, mode: str) -> None:
     r = subprocess.run(
         [str(VENV_BIN / "extproc"), "demo", "--check", "--mode", mode], capture_output=True, text=True, timeout=120
