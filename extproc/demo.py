@@ -226,7 +226,8 @@ def run_demo(check: bool = False, mode: str = "authz") -> int:
         print(f"  Envoy HTTP :{PORTS['http']}  TCP :{PORTS['tcp']}  admin :{PORTS['envoy_admin']}")
         checks = f"  HTTP checks :{HTTP_CHECK_PORT}" if mode == "authz-http" else ""
         print(
-            f"  extproc gRPC :{PORTS['extproc']}{checks}  admin :{PORTS['extproc_admin']} (/readyz /metrics /debug/config)"
+            f"  extproc gRPC :{PORTS['extproc']}{checks}  admin :{PORTS['extproc_admin']}"
+            " (/readyz /metrics /debug/config)"
         )
         print(f"  policies: {POLICIES}  (edit them: extproc reloads on save)\n")
         if check:
