@@ -65,7 +65,7 @@ class HttpAuthorizationService:
         self.tracing = tracing if tracing is not None and tracing.propagates else None
         self.lines = render.ExchangeLines(exchange) if exchange is not None else None
         self._log_bad = LogOnce(log)
-        # Allowed requests whose query-parameter changes http_service could not carry.
+        # Allowed requests whose query parameters a CUSTOM provider wanted set: http_service cannot.
         self.dropped_query_changes = 0
 
     def __call__(
@@ -143,8 +143,8 @@ class HttpAuthorizationService:
                 key=key,
                 custom_request=lambda: self.adapter.check_request(attrs, conn, body),
             )
-            if verdict.set_query or verdict.remove_query:
-                self._query_changes(verdict)
+            if verdict.set_query:
+                self._query_changes()
             return self._answer(verdict, headers, head_only)
         except Exception:
             return self._internal_error()
@@ -172,15 +172,14 @@ class HttpAuthorizationService:
         out.append(r.tail_no_body if head_only else r.tail)
         return b"".join(out)
 
-    def _query_changes(self, verdict: Verdict) -> None:
-        """http_service cannot change the query: counted, and logged once."""
+    def _query_changes(self) -> None:
+        """http_service cannot set query parameters: counted, and logged once."""
         self.dropped_query_changes += 1
-        if verdict.set_query:
-            self._log_bad(
-                "query-changes",
-                "a CUSTOM provider asked to set query parameters, which ext_authz over HTTP cannot do; they were "
-                "not set (use authz+als or extproc for such providers)",
-            )
+        self._log_bad(
+            "query-changes",
+            "a CUSTOM provider asked to set query parameters, which ext_authz over HTTP cannot do; they were "
+            "not set (use authz+als or extproc for such providers)",
+        )
 
     def _internal_error(self) -> bytes:
         """A bug denies the request as the gRPC Check does (403, metadata saying `error`)."""

@@ -19,9 +19,13 @@ metadata exchange, the trace context), `content-length` and the body. The verdic
 rendered once and kept in `Verdict.memo`, like the gRPC renderer's encoded CheckResponse.
 
 What `http_service` cannot carry, and what happens instead (the README says the same):
-query-parameter changes (`remove_query`: envoy/authz-http.yaml strips `access_token` with a
-header_mutation filter after ext_authz; `set_query`: dropped, counted by the service),
-append/add-if-absent header actions (written as a set), and headers to remove on a denial.
+query-parameter changes. When a parameter must go (a JWT verified from `?access_token=` and
+not forwarded), `x-extproc-remove-query` names it, as an upstream header; envoy/authz-http.yaml
+runs a header_mutation filter after ext_authz behind a matcher on that header, which removes
+the parameters it lists by name (a name the client percent-encoded too) and the header, so
+the query changes exactly when jwt_authn would have changed it (checked against Envoy 1.40).
+Parameters to set (a CUSTOM gRPC provider's `query_parameters_to_set`) are dropped and
+counted by the service. Append/add-if-absent header actions are written as a set.
 A denial's status is kept within what Envoy reads as a denial: 1xx, 200 and 5xx become 403.
 """
 
@@ -39,6 +43,7 @@ from extproc.verdict import PEER_METADATA, PEER_METADATA_ID, HeaderOp, Verdict
 
 MEMO_KEY = "ext_authz_http"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+REMOVE_QUERY_HEADER = "x-extproc-remove-query"  # see the module docstring
 PEER_FRAGMENTS = 1024  # distinct peer metadata values whose lines are kept rendered
 
 # Control characters end or split a header line; a value holding one (a claim copied to a
@@ -109,6 +114,7 @@ def _render(v: Verdict) -> Rendered:
                 _STATUS_LINES[200],
                 _lines(v.headers),
                 remove_line(v.remove_headers),
+                header_line(REMOVE_QUERY_HEADER, ", ".join(v.remove_query)) if v.remove_query else b"",
                 _lines(v.response_headers),
                 metadata_lines(v.metadata),
             )

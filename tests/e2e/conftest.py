@@ -24,12 +24,17 @@ from tests.fixtures.stack import ClientCert, ExtprocProcess, HttpClient, tcp_rou
 pytestmark = pytest.mark.e2e
 
 
-MODES = ("authz", "extproc")
+MODES = ("authz", "authz-http", "extproc")
 
 
-def http_filters(mode: str) -> list[dict[str, Any]]:
-    """The HTTP filters of a deployment mode: ext_authz (`authz+als`) or ext_proc (`extproc`)."""
-    return [ec.ext_authz_http()] if mode == "authz" else ec.ext_proc_chain()
+def http_filters(mode: str, **kw: Any) -> list[dict[str, Any]]:
+    """The HTTP filters of a deployment mode: ext_authz over gRPC (`authz+als`), over HTTP
+    (`authz-http`) or ext_proc (`extproc`)."""
+    if mode == "authz":
+        return [ec.ext_authz_http(**kw)]
+    if mode == "authz-http":
+        return ec.http_check_chain(**kw)
+    return ec.ext_proc_chain(**kw)
 
 
 @dataclass
@@ -106,10 +111,7 @@ def build_stack(
         ec.TcpListener("tcp_tls", tcp_tls_port, [ec.ext_authz_network()], tls=tls),
         ec.TcpListener("tcp", tcp_port, [ec.ext_authz_network()]),
     ]
-    clusters = [
-        ec.cluster("upstream", "127.0.0.1", upstream_port),
-        ec.cluster("extproc", "127.0.0.1", extproc.grpc_port, http2=True),
-    ]
+    clusters = [ec.cluster("upstream", "127.0.0.1", upstream_port), *extproc.clusters()]
     envoy = ec.EnvoyProcess(ec.bootstrap(admin, listeners, clusters), tmp / "envoy", admin)
     envoy.wait_ready()
     return Stack(tmp, config_dir, extproc, envoy, http_port, https_port, tcp_tls_port, tcp_port, access_log, pki, mode)
@@ -121,7 +123,9 @@ def run_stack(
     tmp = tmp_path_factory.mktemp(f"stack-{mode}")
     config_dir = tmp / "policies"
     config_dir.mkdir()
-    extproc = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin,version=v1")
+    extproc = ExtprocProcess(
+        [config_dir], tmp, namespace="foo", labels="app=httpbin,version=v1", http=mode == "authz-http"
+    )
     envoy: ec.EnvoyProcess | None = None
     try:
         extproc.wait_ready()

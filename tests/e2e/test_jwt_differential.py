@@ -680,7 +680,7 @@ class Harness:
     keys: Keys
     scenarios: dict[str, Scenario]
     native_ports: dict[str, int]
-    ext_ports: dict[str, int]  # by deployment mode: ext_authz ("authz") or ext_proc ("extproc")
+    ext_ports: dict[str, int]  # by deployment mode: ext_authz ("authz", "authz-http") or ext_proc ("extproc")
     config_dir: Path
     extproc: ExtprocProcess
 
@@ -694,7 +694,9 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     config_dir.mkdir()
     echo = HeaderEcho().start()
     # No trace headers: the native side has no tracer, and only the JWT semantics are compared.
-    x = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin", extra_args=["--trace-formats", "none"])
+    x = ExtprocProcess(
+        [config_dir], tmp, namespace="foo", labels="app=httpbin", extra_args=["--trace-formats", "none"], http=True
+    )
     envoy: ec.EnvoyProcess | None = None
     try:
         native_ports = {name: free_port() for name in scenarios}
@@ -704,11 +706,19 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             ec.HttpListener(f"native-{name}", native_ports[name], native_filters(s.docs))
             for name, s in scenarios.items()
         ]
-        listeners += [ec.HttpListener(f"extproc-{mode}", port, http_filters(mode)) for mode, port in ext_ports.items()]
-        clusters = [
-            ec.cluster("upstream", "127.0.0.1", echo.port),
-            ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+        # authz-http: the Envoy filter that removes a verified token's query parameter names
+        # every fromParams name the scenarios use, as the README tells users to.
+        listeners += [
+            ec.HttpListener(
+                f"extproc-{mode}",
+                port,
+                http_filters(mode, query_params=("access_token", "tok"))
+                if mode == "authz-http"
+                else http_filters(mode),
+            )
+            for mode, port in ext_ports.items()
         ]
+        clusters = [ec.cluster("upstream", "127.0.0.1", echo.port), *x.clusters()]
         envoy = ec.EnvoyProcess(ec.bootstrap(admin, listeners, clusters), tmp / "envoy", admin)
         x.wait_ready()
         envoy.wait_ready()
