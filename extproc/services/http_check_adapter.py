@@ -25,6 +25,16 @@ never empty, so this header is always written by Envoy and no client value reach
 whatever the connection. The shipped configs also drop every client header named
 `x-extproc-*` (`disallowed_headers`) so nothing of the sort reaches us either way.
 
+Envoy's dynamic metadata, which a gRPC check carries for `metadata_context_namespaces`
+(jwt_authn's verified claims for `requestPrincipals`, a filter's namespace for
+`experimental.envoy.filters.*` conditions), comes one namespace per header:
+
+    x-extproc-md-<namespace>: =%DYNAMIC_METADATA(<namespace>)%
+
+the namespace as JSON after a "=", which keeps the value from ever being empty (an absent
+namespace formats as nothing), so Envoy always overwrites a client's header of that name;
+a value without the "=" did not come from that formatter and the check is malformed.
+
 Attributes are built as the gRPC adapter builds them, through `CheckAdapter.build`, from a
 header map shaped like the CheckRequest's: pseudo-headers `:method`, `:path`, `:authority`
 (and `:scheme` from `x-forwarded-proto`), without `host`, Envoy's three headers and ours.
@@ -32,9 +42,12 @@ header map shaped like the CheckRequest's: pseudo-headers `:method`, `:path`, `:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.attributes import NO_LINES, Attributes, HeaderLines, split_host_port
@@ -45,6 +58,7 @@ from extproc.services.headers import MalformedRequest, check_size
 CONNECTION_HEADER = "x-extproc-connection"
 DIRECTION_HEADER = "x-extproc-direction"
 OUR_PREFIX = "x-extproc-"
+METADATA_PREFIX = "x-extproc-md-"
 # Envoy's HTTP ext_authz client adds these to every check itself; they are not the client's.
 ENVOY_ADDED = frozenset({"content-length", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "host"})
 # Names whose value in the policies' header map is not the check's header of that name.
@@ -54,6 +68,7 @@ CONNECTION_MEMO_SIZE = 4096
 __all__ = [
     "CONNECTION_HEADER",
     "DIRECTION_HEADER",
+    "METADATA_PREFIX",
     "Connection",
     "HttpCheckAdapter",
     "parse_connection",
@@ -105,6 +120,8 @@ class HttpCheckAdapter:
         self.adapter = adapter
         # A connection sends the same value with every request: parsed once.
         self._connections: dict[str, Connection] = {}
+        # Metadata values repeat too (a token's claims): parsed once.
+        self._metadata: dict[str, dict[str, Any]] = {}
         self._reshaped_plans: dict[int, tuple[KeyPlan, bool]] = {}
 
     def connection(self, headers: Mapping[str, str]) -> Connection:
@@ -137,6 +154,8 @@ class HttpCheckAdapter:
         get = headers.get
         key: tuple[object, ...] = ("ext_authz_http", method, path, get("host"), get("x-forwarded-proto"))
         key += conn.key
+        if plan.metadata:
+            key += tuple(sorted((k, v) for k, v in headers.items() if k.startswith(METADATA_PREFIX)))
         if self._reshapes(plan):
             seen = self.policy_headers(method, path, headers)
             key += tuple([seen.get(name) for name in plan.headers])
@@ -154,6 +173,32 @@ class HttpCheckAdapter:
             reshapes = any(n in _RESHAPED or n.startswith(OUR_PREFIX) for n in plan.headers)
             got = self._reshaped_plans[id(plan)] = (plan, reshapes)
         return got[1]
+
+    def filter_metadata(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """Envoy's dynamic metadata by namespace, from the x-extproc-md-* headers."""
+        out: dict[str, Any] = {}
+        for name, value in headers.items():
+            if not name.startswith(METADATA_PREFIX):
+                continue
+            if not value.startswith("="):
+                raise MalformedRequest(
+                    "bad-metadata-header", f"{name} must be '=%DYNAMIC_METADATA(...)%' (see envoy/authz-http.yaml)"
+                )
+            if len(value) == 1:
+                continue  # the namespace is absent for this request
+            got = self._metadata.get(value)
+            if got is None:
+                try:
+                    got = json.loads(value[1:])
+                except ValueError:
+                    raise MalformedRequest("bad-metadata-header", f"{name} is not JSON") from None
+                if not isinstance(got, dict):
+                    raise MalformedRequest("bad-metadata-header", f"{name} is not a JSON object")
+                if len(self._metadata) >= CONNECTION_MEMO_SIZE:
+                    self._metadata.clear()
+                self._metadata[value] = got
+            out[name[len(METADATA_PREFIX) :]] = got
+        return out
 
     @staticmethod
     def policy_headers(method: str, target: str, headers: Mapping[str, str]) -> dict[str, str]:
@@ -205,7 +250,7 @@ class HttpCheckAdapter:
             principals=conn.principals,
             sni=conn.sni,
             http=http,
-            filter_metadata={},
+            filter_metadata=self.filter_metadata(headers),
         )
 
     @staticmethod
@@ -222,4 +267,12 @@ class HttpCheckAdapter:
             sni=conn.sni,
             request_id=http.id,
             body=body,
+            metadata_context=_metadata_proto(attrs.filter_metadata) if attrs.filter_metadata else None,
         )
+
+
+def _metadata_proto(metadata: Mapping[str, Any]) -> base_pb2.Metadata:
+    md = base_pb2.Metadata()
+    for namespace, fields in metadata.items():
+        md.filter_metadata[namespace].update(fields)
+    return md

@@ -319,6 +319,7 @@ def envoy_config(
     tcp_filters: list[dict],
     extproc_port: int | None,
     hcm: dict[str, Any],
+    http_port: int | None = None,
 ) -> dict[str, Any]:
     server = pki["server"]
     tls = ec.Tls(server.cert_path, server.key_path, pki["ca"].cert_path)
@@ -330,7 +331,7 @@ def envoy_config(
     ]
     clusters = [ec.cluster("upstream", "127.0.0.1", upstream)]
     if extproc_port is not None:
-        clusters.append(ec.cluster("extproc", "127.0.0.1", extproc_port, http2=True))
+        clusters += ec.extproc_clusters(extproc_port, http_port)
     return ec.bootstrap(ports.admin, listeners, clusters)
 
 
@@ -436,7 +437,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Any], upstr
     extra = [a for alias in ALIASES for a in ("--trust-domain-alias", alias)]
     # No trace headers: Envoy's RBAC adds none, and only the decisions are compared.
     extra += ["--trace-formats", "none"]
-    x = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin", extra_args=extra)
+    x = ExtprocProcess([config_dir], tmp, namespace="foo", labels="app=httpbin", extra_args=extra, http=True)
     try:
         x.wait_ready()
         yield Harness(tmp, pki, upstream, issuer, tokens, ports, config_dir, x)
@@ -487,10 +488,13 @@ def native_filters(h: Harness, applied: list[AuthorizationPolicy]) -> tuple[list
 
 def extproc_filters(h: Harness, mode: str) -> tuple[list[dict], list[dict]]:
     """The filters of a mode: `authz` (ext_authz, string map), `authz-raw` (ext_authz with
-    `encode_raw_headers`: every header line apart) or `extproc` (ext_proc)."""
+    `encode_raw_headers`: every header line apart), `authz-http` (ext_authz over HTTP) or
+    `extproc` (ext_proc)."""
     namespaces = ["envoy.filters.http.jwt_authn", CUSTOM_NS]
     if mode == "extproc":
         check = ec.ext_proc_chain(metadata_namespaces=tuple(namespaces))
+    elif mode == "authz-http":
+        check = ec.http_check_chain(metadata_namespaces=tuple(namespaces))
     else:
         check = [ec.ext_authz_http(metadata_context_namespaces=namespaces, encode_raw_headers=mode == "authz-raw")]
     return [jwt_filter(h.issuer.jwks(), normalize=False), header_to_metadata(), *check], [ec.ext_authz_network()]
@@ -519,7 +523,7 @@ def run_both(
     ours = run_side(
         h,
         f"extproc-{mode}-{name}",
-        envoy_config(h.ports, h.pki, h.upstream, ext_http, ext_tcp, h.extproc.grpc_port, hcm),
+        envoy_config(h.ports, h.pki, h.upstream, ext_http, ext_tcp, h.extproc.grpc_port, hcm, h.extproc.http_port),
         http_cases,
         tcp_cases,
     )
