@@ -26,7 +26,8 @@ the parameters it lists by name (a name the client percent-encoded too) and the 
 the query changes exactly when jwt_authn would have changed it (checked against Envoy 1.40).
 Parameters to set (a CUSTOM gRPC provider's `query_parameters_to_set`) are dropped and
 counted by the service. Append/add-if-absent header actions are written as a set.
-A denial's status is kept within what Envoy reads as a denial: 1xx, 200 and 5xx become 403.
+A denial's status is one Envoy reads as a denial (1xx and 200 become 403) or, for a 5xx, as an
+error: the filter's `status_on_error` applies, without the body and headers.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def status_line(status: int) -> bytes:
 
 
 def denial_status(status: int) -> int:
-    """The status a denial is sent with: Envoy allows on 200, waits past a 1xx, and treats a 5xx
-    as an error (`status_on_error`), so those become 403."""
-    return status if 201 <= status <= 499 else 403
+    """The status a denial is sent with: Envoy allows on 200 and waits past a 1xx, so those (and
+    a missing status) become 403. A 5xx (a CUSTOM provider's statusOnError) is sent as it is:
+    Envoy treats it as an error and answers the filter's `status_on_error`, which a user with
+    such a provider sets to the same code (README)."""
+    return status if 201 <= status <= 599 else 403
 
 
 def header_line(name: str, value: str) -> bytes:

@@ -154,6 +154,11 @@ class Pair:
     native: int
     extproc: int  # ext_authz pointed at extproc (`authz+als` mode)
     ext_proc: int  # ext_proc pointed at extproc (`extproc` mode); no request body in this mode
+    http_check: int  # ext_authz over HTTP pointed at extproc (`authz-http` mode)
+
+    @property
+    def ours(self) -> tuple[int, int, int]:
+        return (self.extproc, self.http_check, self.ext_proc)
 
 
 def start_pair(
@@ -173,25 +178,38 @@ def start_pair(
     cfg = tmp / f"cfg-{kind}"
     cfg.mkdir()
     (cfg / "p.yaml").write_text(mesh_config(kind, provider, timeout, fail_open, status_on_error, body, service))
-    x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}", launcher=launcher)
+    x = ExtprocProcess([cfg], tmp, name=f"extproc-{kind}", launcher=launcher, http=True)
     x.wait_ready()
-    native, via, via_proc, admin = free_port(), free_port(), free_port(), free_port()
+    native, via, via_proc, via_http, admin = (free_port() for _ in range(5))
     listeners: list[Any] = [
         ec.HttpListener("native", native, istio_custom_filters(kind, timeout, fail_open, status_on_error, body)),
         ec.HttpListener("extproc", via, [ec.ext_authz_http(**({"with_request_body": BODY_SETTINGS} if body else {}))]),
         # extproc waits for the provider itself: Envoy must wait longer than the provider timeout.
         ec.HttpListener("ext_proc", via_proc, ec.ext_proc_chain(message_timeout="10s")),
+        # The provider's response header for the client on allow is listed, as the README says
+        # for headersToDownstreamOnAllow.
+        ec.HttpListener(
+            "http_check",
+            via_http,
+            ec.http_check_chain(
+                timeout="10s",
+                client_headers_on_success=("x-ext-authz-response",),
+                # A provider's statusOnError reaches the client as the filter's status_on_error.
+                **({"status_on_error": {"code": status_on_error}} if status_on_error else {}),
+                **({"with_request_body": BODY_SETTINGS} if body else {}),
+            ),
+        ),
     ]
     clusters = [
         ec.cluster("upstream", "127.0.0.1", upstream),
-        ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
+        *x.clusters(),
         ec.cluster("provider-grpc", "127.0.0.1", provider.grpc_port, http2=True),
         ec.cluster("provider-http", "127.0.0.1", provider.http_port),
     ]
     # extproc waits for the provider itself, so give the outer call more room than the provider timeout
     listeners[1].filters[0]["typed_config"]["grpc_service"]["timeout"] = "10s"
     start_envoy(ec.bootstrap(admin, listeners, clusters), admin, name=f"envoy-{kind}")
-    return Pair(native, via, via_proc), x
+    return Pair(native, via, via_proc, via_http), x
 
 
 CLIENT_HEADERS = ("x-ext-authz-check-result", "x-ext-authz-response", "x-ext-authz-extra", "content-type")
@@ -240,10 +258,11 @@ def test_custom_matches_envoys_own_ext_authz(
             ours = observe(HttpClient(pair.extproc).get(path, headers))
             assert ours == native, (path, headers)
             assert observe(HttpClient(pair.ext_proc).get(path, headers)) == native, ("ext_proc", path, headers)
+            assert observe(HttpClient(pair.http_check).get(path, headers)) == native, ("authz-http", path, headers)
         # the provider saw the same request from both (HTTP: method, path, the headers it is allowed to see)
         if kind == "http":
             calls = [c for c in provider.received() if c["kind"] == "http" and c["path"].startswith("/check/ext/q")]
-            native_call, our_call, proc_call = calls[-3], calls[-2], calls[-1]
+            native_call, our_call, proc_call, http_call = calls[-4], calls[-3], calls[-2], calls[-1]
             assert proc_call["path"] == native_call["path"] and proc_call["method"] == native_call["method"]
             assert our_call["method"] == native_call["method"] == "GET"
             assert our_call["path"] == native_call["path"] == "/check/ext/q?a=1&b=2"
@@ -261,6 +280,8 @@ def test_custom_matches_envoys_own_ext_authz(
 
             assert stable(our_call["headers"]) == stable(native_call["headers"])
             assert stable(proc_call["headers"]) == stable(native_call["headers"])
+            assert stable(http_call["headers"]) == stable(native_call["headers"])
+            assert http_call["path"] == native_call["path"] and http_call["method"] == native_call["method"]
     finally:
         x.stop()
 
@@ -339,9 +360,9 @@ def test_provider_named_namespace_slash_host_is_called(
         cases = [CASES[0], CASES[1], CASES[5]]  # allowed, denied, not matched by the CUSTOM rule
         native = [observe(HttpClient(pair.native).get(path, headers)) for path, headers in cases]
         before = len(provider.received())
-        for port in (pair.extproc, pair.ext_proc):
+        for port in pair.ours:
             assert [observe(HttpClient(port).get(path, headers)) for path, headers in cases] == native, port
-        assert len(provider.received()) - before == 4  # two CUSTOM requests on each listener
+        assert len(provider.received()) - before == 6  # two CUSTOM requests on each listener
         allowed, denied, _ = native
         assert allowed["status"] == 200 and allowed["upstream"]["x-ext-authz-check-result"] == "allowed"
         assert denied["status"] == 403 and denied["headers"]["x-ext-authz-check-result"] == "denied"
@@ -365,7 +386,7 @@ def test_invalid_provider_denies_its_custom_rules_and_serves_the_rest(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: foo}\n"
         "spec:\n  action: DENY\n  rules:\n  - to: [{operation: {paths: ['/deny']}}]\n"
     )
-    x = ExtprocProcess([cfg], tmp_path)
+    x = ExtprocProcess([cfg], tmp_path, http=True)
     x.wait_ready()  # the configuration loads
 
     def deny_rbac(policy: str, prefix: str) -> dict[str, Any]:
@@ -382,7 +403,7 @@ def test_invalid_provider_denies_its_custom_rules_and_serves_the_rest(
         }
 
     try:
-        native, via, via_proc, admin = free_port(), free_port(), free_port(), free_port()
+        native, via, via_proc, via_http, admin = (free_port() for _ in range(5))
         istio = [
             deny_rbac(RULE_ID + "-deny-due-to-bad-CUSTOM-action", "/ext"),
             deny_rbac("ns[foo]-policy[deny]-rule[0]", "/deny"),
@@ -391,16 +412,14 @@ def test_invalid_provider_denies_its_custom_rules_and_serves_the_rest(
             ec.HttpListener("native", native, istio),
             ec.HttpListener("extproc", via, [ec.ext_authz_http()]),
             ec.HttpListener("ext_proc", via_proc, ec.ext_proc_chain()),
+            ec.HttpListener("http_check", via_http, ec.http_check_chain()),
         ]
-        clusters = [
-            ec.cluster("upstream", "127.0.0.1", upstream),
-            ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
-        ]
+        clusters = [ec.cluster("upstream", "127.0.0.1", upstream), *x.clusters()]
         start_envoy(ec.bootstrap(admin, listeners, clusters), admin)
         for path in ("/ext/a", "/deny", "/ok"):
             want = HttpClient(native).get(path, {})
             assert want.status == (200 if path == "/ok" else 403), path
-            for port in (via, via_proc):
+            for port in (via, via_proc, via_http):
                 got = HttpClient(port).get(path, {})
                 assert (got.status, got.body if got.status != 200 else b"") == (
                     want.status,

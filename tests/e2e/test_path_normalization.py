@@ -151,26 +151,35 @@ def test_no_spelling_gets_past_a_policy_that_envoys_rbac_would_apply(kind: str, 
     paths = [*ADMIN_SPELLINGS, *generated(150, seed=len(kind))]
 
     extprocs = {
-        m: ExtprocProcess([config], tmp_path, name=f"extproc-{m.value}", extra_args=["--path-normalization", m.value])
+        m: ExtprocProcess(
+            [config],
+            tmp_path,
+            name=f"extproc-{m.value}",
+            extra_args=["--path-normalization", m.value],
+            http=transport == "authz-http",
+        )
         for m in NORMALIZING
     }
     listeners: list[ec.HttpListener] = []
     clusters = []
-    taken = {x.grpc_port for x in extprocs.values()} | {x.admin_port for x in extprocs.values()}
+    taken = {p for x in extprocs.values() for p in (x.grpc_port, x.admin_port, x.http_port) if p is not None}
     native_ports, ours_ports = {}, {}
     for m in NORMALIZING:
         native_ports[m], ours_ports[m] = distinct_port(taken), distinct_port(taken)
         native = rbac_filters([policy], for_tcp=False)
         listeners.append(ec.HttpListener(f"native-{m.value}", native_ports[m], native, hcm={**HCM[m], **ANSWER}))
         cluster = f"extproc-{m.value}"
-        ours = (
-            [ec.ext_authz_http(cluster)]
-            if transport == "authz"
-            else ec.ext_proc_chain(cluster, observability_mode=False)
-        )
+        if transport == "authz":
+            ours = [ec.ext_authz_http(cluster)]
+        elif transport == "authz-http":
+            ours = ec.http_check_chain(f"{cluster}-http")
+        else:
+            ours = ec.ext_proc_chain(cluster, observability_mode=False)
         # Envoy itself does not normalize here: extproc's own normalization is what holds.
         listeners.append(ec.HttpListener(f"ours-{m.value}", ours_ports[m], ours, hcm={**HCM[Mode.NONE], **ANSWER}))
         clusters.append(ec.cluster(cluster, "127.0.0.1", extprocs[m].grpc_port, http2=True))
+        if extprocs[m].http_port is not None:
+            clusters.append(ec.cluster(f"{cluster}-http", "127.0.0.1", extprocs[m].http_port))
     admin = distinct_port(taken)
     envoy = ec.EnvoyProcess(ec.bootstrap(admin, listeners, clusters), tmp_path, admin)
     try:

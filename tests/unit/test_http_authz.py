@@ -231,7 +231,7 @@ def test_a_verdict_renders_as_envoy_reads_it() -> None:
     assert "x-admin" not in got and "bad name" not in got
     assert got["x-envoy-auth-headers-to-remove"] == ["authorization"]
     assert got["extproc_snapshot"] == ["7"] and got["n"] == ['{"a":[1]}'] and got["flag"] == ["true"]
-    for st_in, st_out in ((401, 401), (302, 302), (200, 403), (503, 403), (100, 403), (0, 403)):
+    for st_in, st_out in ((401, 401), (302, 302), (200, 403), (503, 503), (100, 403), (0, 403)):
         denied = Verdict(allowed=False, stage=Stage.DENY, status=st_in, body="no")
         assert parse(render.rendered(denied).head + render.rendered(denied).tail)[0] == st_out
 
