@@ -57,7 +57,8 @@ def _sidecar(mode: str, direction: str) -> tuple[list[dict[str, Any]], list[dict
     """(HTTP filters, HTTP access logs) of one sidecar in a deployment mode."""
     if mode == "extproc":
         return [*ec.ext_proc_chain(direction=direction), mesh.grpc_stats()], []
-    authz = [mesh.ext_authz(direction)] + ([mesh.peer_from_response()] if direction == "outbound" else [])
+    check = ec.http_check_chain(direction=direction) if mode == "authz-http" else [mesh.ext_authz(direction)]
+    authz = check + ([mesh.peer_from_response()] if direction == "outbound" else [])
     return [*authz, mesh.grpc_stats()], [mesh.http_als(direction)]
 
 
@@ -83,6 +84,7 @@ def mesh_stack(
             namespace="foo",
             labels="app=httpbin,version=v1",
             name="extproc-server",
+            http=mode == "authz-http",
             extra_args=[
                 "--workload",
                 "httpbin",
@@ -103,6 +105,7 @@ def mesh_stack(
             namespace="bar",
             labels="app=other,version=v2",
             name="extproc-client",
+            http=mode == "authz-http",
             extra_args=["--workload", "other", "--direction", "outbound", "--service-account", "other"],
         )
         started.append(client_x)
@@ -148,7 +151,7 @@ def mesh_stack(
             [
                 ec.cluster("app", "127.0.0.1", upstream),
                 ec.cluster("grpc_app", "127.0.0.1", grpc_app, http2=True),
-                ec.cluster("extproc", "127.0.0.1", server_x.grpc_port, http2=True),
+                *server_x.clusters(),
             ],
         )
         server_envoy = ec.EnvoyProcess(server_cfg, tmp / "server-envoy", s_admin, "server-envoy")
@@ -169,7 +172,7 @@ def mesh_stack(
             [
                 mesh.tls_cluster("server_http", s_http, client_cert, ca, http2=True),
                 mesh.tls_cluster("server_tcp", s_tcp, client_cert, ca, http2=False),
-                ec.cluster("extproc", "127.0.0.1", client_x.grpc_port, http2=True),
+                *client_x.clusters(),
             ],
         )
         client_envoy = ec.EnvoyProcess(client_cfg, tmp / "client-envoy", c_admin, "client-envoy")
@@ -315,7 +318,7 @@ def test_applications_never_see_the_exchange_headers(mesh_stack: Mesh) -> None:
 def test_denials_are_counted_with_their_flags_on_both_sides(mesh_stack: Mesh) -> None:
     server = samples(mesh_stack.server_x.metrics(), "istio_requests_total", response_code="403")
     # ext_authz's denial carries Envoy's UAEX flag; ext_proc's local reply carries none.
-    flag = "UAEX" if mesh_stack.mode == "authz" else "-"
+    flag = "UAEX" if mesh_stack.mode in ("authz", "authz-http") else "-"
     assert [(lbl["response_flags"], v) for lbl, v in server] == [(flag, HTTP_DENIED)]
     # The denied request still came from a known peer: the metadata is read before the decision.
     assert server[0][0]["source_workload"] == "other"

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import MODES
 from tests.fixtures import envoy_config as ec
 from tests.fixtures import mesh
 from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan
@@ -70,16 +71,19 @@ def _context(headers: dict[str, str]) -> tuple[str, str, str]:
 def _filters(mode: str, direction: str) -> list[dict[str, Any]]:
     if mode == "extproc":
         return ec.ext_proc_chain(direction=direction, failure_mode_allow=direction == "outbound")
-    authz = mesh.ext_authz(direction)
-    return [authz, mesh.peer_from_response()] if direction == "outbound" else [authz]
+    if mode == "authz-http":
+        authz = ec.http_check_chain(direction=direction, failure_mode_allow=direction == "outbound")
+    else:
+        authz = [mesh.ext_authz(direction)]
+    return [*authz, mesh.peer_from_response()] if direction == "outbound" else authz
 
 
 def _hcm(mode: str, direction: str) -> dict[str, Any]:
-    # authz+als: the spans come from the access log entries.
-    return {"access_log": [mesh.http_als(direction)]} if mode == "authz" else {}
+    # authz+als and authz-http: the spans come from the access log entries.
+    return {"access_log": [mesh.http_als(direction)]} if mode in ("authz", "authz-http") else {}
 
 
-@pytest.fixture(scope="module", params=("authz", "extproc"))
+@pytest.fixture(scope="module", params=MODES)
 def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, upstream: int) -> Iterator[Traced]:
     mode: str = request.param
     tmp: Path = tmp_path_factory.mktemp(f"tracing-{mode}")
@@ -88,14 +92,16 @@ def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     (policies / "p.yaml").write_text(POLICIES)
     receiver = OtlpReceiver()
     common = ["--otlp-endpoint", receiver.endpoint, "--trace-sampling", "100", "--trace-formats", "w3c,b3,b3-single"]
+    http = mode == "authz-http"
     server_x = ExtprocProcess(
-        [policies], tmp, labels="app=httpbin,version=v1", extra_args=[*common, "--workload", "httpbin"]
+        [policies], tmp, labels="app=httpbin,version=v1", extra_args=[*common, "--workload", "httpbin"], http=http
     )
     client_x = ExtprocProcess(
         [policies],
         tmp,
         labels="app=sleep,version=v2",
         name="extproc-client",
+        http=http,
         extra_args=[*common, "--workload", "sleep", "--direction", "outbound"],
     )
     envoys: list[ec.EnvoyProcess] = []
@@ -109,10 +115,7 @@ def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         ):
             admin = free_port()
             listener = ec.HttpListener(name, port, _filters(mode, direction), hcm=_hcm(mode, direction))
-            clusters = [
-                ec.cluster("upstream", "127.0.0.1", target),
-                ec.cluster("extproc", "127.0.0.1", x.grpc_port, http2=True),
-            ]
+            clusters = [ec.cluster("upstream", "127.0.0.1", target), *x.clusters()]
             envoy = ec.EnvoyProcess(ec.bootstrap(admin, [listener], clusters), tmp / name, admin, name)
             envoys.append(envoy)
             envoy.wait_ready()
