@@ -45,6 +45,7 @@ log = logging.getLogger("extproc.http_check")
 DEFAULT_MAX_HEAD_BYTES = 128 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_PENDING = 64  # answers owed on one connection before it stops reading
+LINGER_S = 2.0  # how long a refused connection is read and discarded before it is closed
 
 # method, target, headers, lines, body, bad, head size -> the response, or something to await for it
 Handler = Callable[[str, str, dict[str, str], HeaderLines, bytes, str, int], "bytes | Awaitable[bytes]"]
@@ -155,6 +156,11 @@ class CheckProtocol(asyncio.Protocol):
         seen = lines.get(key)
         lines[key] = (prev, text) if seen is None else (*seen, text)
 
+    def on_headers_complete(self) -> None:
+        declared = self._headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise _Refused(413)  # refused before the body is read, not after
+
     def on_body(self, body: bytes) -> None:
         if len(self._body) + len(body) > self.max_body:
             raise _Refused(413)
@@ -214,8 +220,15 @@ class CheckProtocol(asyncio.Protocol):
             if t is None or t.is_closing():
                 continue
             if data is _CLOSE:
-                t.close()
                 pending.clear()
+                if self.refused and t.can_write_eof():
+                    # Lingering close: a client still sending its oversized request would get a
+                    # reset, and lose our answer, if we closed with its bytes unread. Stop
+                    # writing, read and discard (data_received) for a moment, then close.
+                    t.write_eof()
+                    asyncio.get_running_loop().call_later(LINGER_S, t.close)
+                else:
+                    t.close()
                 return
             t.write(data)
         if self.paused and t is not None and not t.is_closing():

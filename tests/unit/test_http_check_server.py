@@ -221,3 +221,24 @@ def test_a_unix_socket_listener(tmp_path: Any) -> None:
     assert b"GET /u" in uvloop.run(main())
     with pytest.raises(FileNotFoundError):
         socket.socket(socket.AF_UNIX).connect(path)
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_read() -> None:
+    req = b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 999999999\r\n\r\n" + b"b" * 10
+    raw = run(_echo, lambda port: exchange(port, req), max_body=1000)
+    assert raw.startswith(b"HTTP/1.1 413 ")
+
+
+def test_a_refused_client_still_sending_gets_the_answer_not_a_reset() -> None:
+    async def script(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 2000)  # over the limit, and more to come
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"x-b: c\r\n" * 2000 + b"\r\n")  # still sending after the refusal
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return data
+
+    assert run(_echo, script, max_head=4096).startswith(b"HTTP/1.1 431 ")
