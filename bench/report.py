@@ -6,8 +6,8 @@ The report is built for someone who knows Istio's performance pages: every numbe
 next to the same number for the `none` baseline (Envoy alone: what the whole mesh layer
 costs), for `noop` (Envoy's ext_authz calling an empty Python gRPC server), and for the
 mode's own floor: the empty server of the same transport (`noop` for `authz+als` and
-`mixer`, `noop-extproc` for `extproc`), so what a mode adds over its floor is extproc's own
-work. All are taken from the same run, the same run kind and the same offered load. Absolute
+`mixer`, `noop-http` for `authz-http`, `noop-extproc` for `extproc`), so what a mode adds over
+its floor is extproc's own work. All are taken from the same run, the same run kind and the same offered load. Absolute
 numbers from a shared two-core machine move between runs; the ratios within one run hold.
 
 Everything except the chart drawing is a pure function of the results dict, so the tests
@@ -50,14 +50,16 @@ MODE_COLOURS = {
     "none": "#7f7f7f",
     "native": "#009E73",
     "noop": "#56B4E9",
+    "noop-http": "#999933",
     "noop-extproc": "#CC79A7",
     "authz+als": "#0072B2",
+    "authz-http": "#117733",
     "extproc": "#E69F00",
     "mixer": "#D55E00",
 }
 SPARE_COLOURS = ("#F0E442", "#000000", "#8c564b", "#17becf", "#bcbd22")
 # Each mode that calls Python, and the empty server of its transport: the floor it is read against.
-FLOORS = {"authz+als": "noop", "mixer": "noop", "extproc": "noop-extproc"}
+FLOORS = {"authz+als": "noop", "mixer": "noop", "authz-http": "noop-http", "extproc": "noop-extproc"}
 ROLE_COLOURS = {"envoy": "#8da0cb", "extproc": "#fc8d62", "central": "#e78ac3", "hop": "#a6d854"}
 
 Results = Mapping[str, Any]
@@ -429,7 +431,11 @@ def _hop_sentence(results: Results, load: float) -> str | None:
     if none_p90 is None:
         return None
     hops = []
-    for floor, transport in (("noop", "ext_authz over gRPC"), ("noop-extproc", "ext_proc")):
+    for floor, transport in (
+        ("noop", "ext_authz over gRPC"),
+        ("noop-http", "ext_authz over HTTP"),
+        ("noop-extproc", "ext_proc"),
+    ):
         p90 = metric(find_run(mode_by_name(results, floor), "fixed", load), "p90")
         if p90 is not None:
             hops.append(f"{fmt_ms(p90 - none_p90)} ms with {transport} ({_code(floor)})")
@@ -976,7 +982,9 @@ def _how_to_read(results: Results) -> list[str]:
         "- **× noop** divides by `noop` (Envoy's ext_authz calling a Python gRPC server that answers OK at once): "
         "the floor of a Python ext_authz hop.",
         "- **× floor** divides by the mode's own floor, named in the cell: the empty Python server of the same "
-        "transport, `noop` for `authz+als` and `mixer`, `noop-extproc` (Envoy's ext_proc filter as shipped, "
+        "transport, `noop` for `authz+als` and `mixer`, `noop-http` (extproc's HTTP check listener answering "
+        "200 at once behind envoy/authz-http.yaml's filter) for `authz-http`, `noop-extproc` (Envoy's ext_proc "
+        "filter as shipped, "
         "each stream answered with empty replies and ended after the last message) for `extproc`. What a mode "
         "adds over its floor is extproc's own work (JWT, policy, telemetry, tracing), the part that optimisation "
         "in Python can shrink.",

@@ -35,18 +35,24 @@ from bench.harness import profile as prof
 from bench.harness import scenario as sc
 from bench.harness.procs import Process
 
-MODES = ("none", "native", "noop", "noop-extproc", "authz+als", "extproc", "mixer")
-ENFORCING = frozenset({"native", "authz+als", "extproc", "mixer"})
+MODES = ("none", "native", "noop", "noop-http", "noop-extproc", "authz+als", "authz-http", "extproc", "mixer")
+ENFORCING = frozenset({"native", "authz+als", "authz-http", "extproc", "mixer"})
 # The empty Python servers of the baselines: the module each mode runs.
-NOOP_SERVERS = {"noop": "bench.harness.noop_authz", "noop-extproc": "bench.harness.noop_extproc"}
+NOOP_SERVERS = {
+    "noop": "bench.harness.noop_authz",
+    "noop-http": "bench.harness.noop_http_authz",
+    "noop-extproc": "bench.harness.noop_extproc",
+}
 SCHEMA = "extproc-bench/1"
 
 TITLES = {
     "none": "Envoy only",
     "native": "Envoy jwt_authn + RBAC",
     "noop": "empty Python ext_authz",
+    "noop-http": "empty Python HTTP ext_authz",
     "noop-extproc": "empty Python ext_proc",
     "authz+als": "extproc: ext_authz + access log",
+    "authz-http": "extproc: HTTP ext_authz + access log",
     "extproc": "extproc: ext_proc",
     "mixer": "Mixer-style central check",
 }
@@ -57,11 +63,16 @@ DESCRIPTIONS = {
     "AuthorizationPolicies as istiod would, plus Envoy's built-in stats. In-proxy enforcement, no external call.",
     "noop": "envoy/authz.yaml's ext_authz filter pointed at a Python server (grpc.aio on uvloop, like extproc) that "
     "allows everything: the floor cost of a Python gRPC hop on the request path.",
+    "noop-http": "envoy/authz-http.yaml's ext_authz filter (http_service) pointed at extproc's own HTTP check "
+    "listener (a raw asyncio protocol with httptools on uvloop) answering 200 at once: the floor cost of a "
+    "Python HTTP authorization hop, against which `authz-http` is read.",
     "noop-extproc": "envoy/extproc.yaml's ext_proc filter pointed at a Python server (grpc.aio on uvloop, like "
     "extproc) that answers every message with an empty reply and ends the stream after the last one, as extproc "
     "does: the floor cost of a Python ext_proc hop, against which `extproc` is read.",
     "authz+als": "envoy/authz.yaml with extproc next to it: JWT, policies and trace headers on the Check; Istio "
     "metrics from the batched gRPC access log.",
+    "authz-http": "envoy/authz-http.yaml with extproc next to it: JWT, policies and trace headers on a plain "
+    "HTTP/1.1 check served by a raw uvloop protocol; Istio metrics from the batched gRPC access log.",
     "extproc": "envoy/extproc.yaml with extproc next to it: one ext_proc stream per request does JWT, policies, "
     "trace headers, the peer metadata exchange and the metrics.",
     "mixer": "Istio 1.0-1.4's topology: each sidecar's ext_authz Check and unbatched per-request access-log Report "
@@ -133,13 +144,19 @@ class Served:
 
     port: int  # gRPC
     admin_port: int  # /metrics, /readyz
+    http_port: int | None = None  # HTTP checks (authz-http)
 
 
-def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool) -> Served:
+def start_extproc(
+    stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool, http: bool = False
+) -> Served:
     """Start `extproc serve` with its defaults for the scenario's workload, as part of the stack; wait for /readyz."""
     port, admin = procs.free_port(), procs.free_port()
+    http_port = procs.free_port() if http else None
     argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
     argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
+    if http_port is not None:
+        argv += ["--http-listen", f"127.0.0.1:{http_port}"]
     if central:
         argv += ["--central"]
     else:
@@ -148,7 +165,7 @@ def start_extproc(stack: Stack, name: str, role: str, policy_dir: Path, workdir:
         argv += ["--service-account", sc.SERVICE_ACCOUNT]
     stack.processes.append(Process(name, role, argv, workdir, cwd=topology.REPO).start())
     procs.wait_until(name, lambda: procs.http_ok(f"http://127.0.0.1:{admin}/readyz"), stack.processes, timeout=60)
-    return Served(port, admin)
+    return Served(port, admin, http_port)
 
 
 def start_stack(
@@ -172,14 +189,23 @@ def start_stack(
         elif mode in NOOP_SERVERS:
             port = procs.free_port()
             argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
-            name = "noop-authz" if mode == "noop" else "noop-extproc"
+            name = {"noop": "noop-authz", "noop-http": "noop-http-authz"}.get(mode, mode)
             stack.processes.append(Process(name, "extproc", argv, workdir, cwd=topology.REPO).start())
             procs.wait_until(name, lambda: procs.tcp_open(port), stack.processes)
-            config = topology.noop_sidecar if mode == "noop" else topology.noop_extproc_sidecar
+            config = {
+                "noop": topology.noop_sidecar,
+                "noop-http": topology.noop_http_sidecar,
+                "noop-extproc": topology.noop_extproc_sidecar,
+            }[mode]
             sidecar("sidecar", lambda **kw: config(ext_port=port, **kw))
-        elif mode in ("authz+als", "extproc"):
-            port = start_extproc(stack, "extproc", "extproc", policy_dir, workdir, central=False).port
-            sidecar("sidecar", lambda **kw: topology.extproc_sidecar(mode, ext_port=port, **kw))
+        elif mode in ("authz+als", "authz-http", "extproc"):
+            served = start_extproc(
+                stack, "extproc", "extproc", policy_dir, workdir, central=False, http=mode == "authz-http"
+            )
+            sidecar(
+                "sidecar",
+                lambda **kw: topology.extproc_sidecar(mode, ext_port=served.port, http_port=served.http_port, **kw),
+            )
         elif mode == "mixer":
             port = start_extproc(stack, "central", "central", policy_dir, workdir, central=True).port
             hop_admin, hop_port = procs.free_port(), procs.free_port()

@@ -1,11 +1,13 @@
 """Envoy bootstraps for each mode, built from the configs users run.
 
-The sidecars of `authz+als`, `noop` and `mixer` are `envoy/authz.yaml`, and the sidecars of
+The sidecars of `authz+als`, `noop` and `mixer` are `envoy/authz.yaml`, those of `authz-http`
+and `noop-http` are `envoy/authz-http.yaml`, and the sidecars of
 `extproc` and `noop-extproc` are `envoy/extproc.yaml`, exactly as shipped except for what a benchmark has to
 change: addresses and ports, no TCP listener (the load is HTTP), and no stdout access log
 (Istio's default is off, and writing a line per request would be measured in every mode).
-The empty baselines keep only their transport's filters (`noop`: ext_authz; `noop-extproc`:
-set_filter_state and ext_proc) and no access log, so they cost the bare hop.
+The empty baselines keep only their transport's filters (`noop`: ext_authz; `noop-http`:
+ext_authz over HTTP and its query-token filter; `noop-extproc`: set_filter_state and ext_proc)
+and no access log, so they cost the bare hop.
 `none` and `native` start from the same file with the extension filters removed; `native`
 then gets Envoy's jwt_authn and RBAC filters translated from the very policies extproc
 enforces (``extproc/authn/envoy_jwt.py``, ``extproc/authz/envoy_rbac.py``, both checked
@@ -39,6 +41,7 @@ HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 EXT_PROC = "envoy.filters.http.ext_proc"
+STRIP_QUERY_TOKEN = "strip_verified_access_token"  # envoy/authz-http.yaml, after ext_authz
 # Feeds the ext_proc filter's filter_state["extproc.peer_address"] request attribute.
 SET_FILTER_STATE = "envoy.filters.http.set_filter_state"
 ROUTER = {
@@ -130,6 +133,21 @@ def noop_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_p
     return cfg
 
 
+def noop_http_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: int) -> dict[str, Any]:
+    """envoy/authz-http.yaml's check filters as shipped (ext_authz over HTTP, and the filter that
+    strips a verified query token, skipped unless the check asks), pointed at the empty
+    server; no access log and no gRPC cluster."""
+    cfg = _base("authz-http", admin_port=admin_port, listen_port=listen_port, upstream_port=upstream_port)
+    hcm = _hcm(_listener(cfg, "http"))
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] in (EXT_AUTHZ, STRIP_QUERY_TOKEN, ROUTER["name"])
+    ]
+    hcm.pop("access_log", None)
+    _drop_cluster(cfg, "extproc")
+    _point(cfg, "extproc_http", ext_port)
+    return cfg
+
+
 def noop_extproc_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: int) -> dict[str, Any]:
     """envoy/extproc.yaml's ext_proc filter as shipped, pointed at the empty server; no access log.
 
@@ -144,17 +162,25 @@ def noop_extproc_sidecar(*, admin_port: int, listen_port: int, upstream_port: in
     return cfg
 
 
+SHIPPED_OF = {"authz+als": "authz", "authz-http": "authz-http", "extproc": "extproc"}
+
+
 def extproc_sidecar(
-    mode: str, *, admin_port: int, listen_port: int, upstream_port: int, ext_port: int
+    mode: str,
+    *,
+    admin_port: int,
+    listen_port: int,
+    upstream_port: int,
+    ext_port: int,
+    http_port: int | None = None,
 ) -> dict[str, Any]:
-    """`authz+als` (envoy/authz.yaml) or `extproc` (envoy/extproc.yaml), as shipped."""
-    cfg = _base(
-        "authz" if mode == "authz+als" else "extproc",
-        admin_port=admin_port,
-        listen_port=listen_port,
-        upstream_port=upstream_port,
-    )
+    """`authz+als` (envoy/authz.yaml), `authz-http` (envoy/authz-http.yaml: HTTP checks on
+    `http_port`, access logs over gRPC on `ext_port`) or `extproc` (envoy/extproc.yaml), as shipped."""
+    cfg = _base(SHIPPED_OF[mode], admin_port=admin_port, listen_port=listen_port, upstream_port=upstream_port)
     _point(cfg, "extproc", ext_port)
+    if mode == "authz-http":
+        assert http_port is not None
+        _point(cfg, "extproc_http", http_port)
     return cfg
 
 

@@ -136,6 +136,8 @@ def test_every_mode_config_is_valid_envoy(tmp_path: Path) -> None:
     _validate(topology.noop_extproc_sidecar(ext_port=19003, **PORTS), tmp_path, "noop-extproc")
     _validate(topology.extproc_sidecar("authz+als", ext_port=19003, **PORTS), tmp_path, "authz")
     _validate(topology.extproc_sidecar("extproc", ext_port=19003, **PORTS), tmp_path, "extproc")
+    _validate(topology.noop_http_sidecar(ext_port=19003, **PORTS), tmp_path, "noop-http")
+    _validate(topology.extproc_sidecar("authz-http", ext_port=19003, http_port=19008, **PORTS), tmp_path, "authz-http")
     opts = topology.MixerOptions(rtt_ms=1.5, sidecars=2, check_cache_hit_percent=80)
     _validate(topology.mixer_sidecar(0, opts, hop_port=19004, **PORTS), tmp_path, "mixer")
     _validate(topology.hop(1.5, admin_port=19005, listen_port=19004, central_port=19006), tmp_path, "hop")
@@ -175,6 +177,30 @@ def test_noop_extproc_sidecar_is_the_shipped_ext_proc_filter_without_access_log(
     endpoint = topology._cluster(noop, "extproc")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 19003
     assert [ln["name"] for ln in noop["static_resources"]["listeners"]] == ["http"]
+
+
+def test_noop_http_sidecar_is_the_shipped_http_check_filters_without_access_log() -> None:
+    noop = topology.noop_http_sidecar(ext_port=19003, **PORTS)
+    shipped = topology.extproc_sidecar("authz-http", ext_port=1, http_port=19003, **PORTS)
+    filters = _hcm(noop)["http_filters"]
+    assert [f["name"] for f in filters] == [topology.EXT_AUTHZ, topology.STRIP_QUERY_TOKEN, "envoy.filters.http.router"]
+    # The check filters of the `authz-http` mode, settings and all (headers_to_add, allowlists).
+    assert filters == [f for f in _hcm(shipped)["http_filters"] if f["name"] in {f["name"] for f in filters}]
+    assert "access_log" not in _hcm(noop)
+    assert [c["name"] for c in noop["static_resources"]["clusters"]] == ["app", "extproc_http"]
+    endpoint = topology._cluster(noop, "extproc_http")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 19003
+    # The full mode logs to extproc over gRPC and checks over HTTP.
+    grpc = topology._cluster(shipped, "extproc")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert grpc["endpoint"]["address"]["socket_address"]["port_value"] == 1
+    assert [a["name"] for a in _hcm(shipped)["access_log"]] == ["envoy.access_loggers.http_grpc"]
+
+
+def test_noop_http_server_allows_every_check() -> None:
+    from bench.harness import noop_http_authz
+
+    answer = noop_http_authz.allow("DELETE", "/x", {}, {}, b"", "", 0)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"content-length: 0\r\n\r\n")
 
 
 def test_mixer_sidecar_names_its_workload_and_reports_per_request() -> None:
@@ -323,8 +349,10 @@ def test_expected_share_and_tolerance() -> None:
         0.0,  # none
         0.1,  # native
         0.0,  # noop
+        0.0,  # noop-http
         0.0,  # noop-extproc
         0.1,  # authz+als
+        0.1,  # authz-http
         0.1,  # extproc
         0.05,  # mixer: half the Checks are skipped by the check-cache model, and let through
     ]
@@ -462,7 +490,17 @@ def test_cli_options() -> None:
     assert o.mixer.check_cache_hit_percent == 80
     assert o.command.startswith("python -m bench --quick")
     assert o.memory_series == 10_000 and cli.options(["--memory-series", "0"]).memory_series == 0
-    assert list(cli.options([]).modes) == ["none", "native", "noop", "noop-extproc", "authz+als", "extproc", "mixer"]
+    assert list(cli.options([]).modes) == [
+        "none",
+        "native",
+        "noop",
+        "noop-http",
+        "noop-extproc",
+        "authz+als",
+        "authz-http",
+        "extproc",
+        "mixer",
+    ]
     with pytest.raises(SystemExit):
         cli.options(["--modes", "none,istio"])
     with pytest.raises(SystemExit):
