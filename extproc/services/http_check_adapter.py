@@ -122,7 +122,7 @@ class HttpCheckAdapter:
         self._connections: dict[str, Connection] = {}
         # Metadata values repeat too (a token's claims): parsed once.
         self._metadata: dict[str, dict[str, Any]] = {}
-        self._reshaped_plans: dict[int, tuple[KeyPlan, bool]] = {}
+        self._direct_names: dict[int, tuple[KeyPlan, tuple[str, ...]]] = {}
 
     def connection(self, headers: Mapping[str, str]) -> Connection:
         value = headers.get(CONNECTION_HEADER)
@@ -149,29 +149,30 @@ class HttpCheckAdapter:
         conn: Connection,
     ) -> tuple[object, ...]:
         """What the decision can depend on (see extproc/decision/cache.py): the method, the path
-        policies match, the host, the connection without the peer's port, and the headers the
-        plan names, read from the map the policies see."""
+        policies match, the host and scheme, the connection without the peer's port, and the
+        other headers the plan names."""
         get = headers.get
         key: tuple[object, ...] = ("ext_authz_http", method, path, get("host"), get("x-forwarded-proto"))
         key += conn.key
         if plan.metadata:
             key += tuple(sorted((k, v) for k, v in headers.items() if k.startswith(METADATA_PREFIX)))
-        if self._reshapes(plan):
-            seen = self.policy_headers(method, path, headers)
-            key += tuple([seen.get(name) for name in plan.headers])
+        key += tuple([get(name) for name in self._direct(plan)])
+        if lines:
             lines = {k: v for k, v in lines.items() if k not in ENVOY_ADDED and not k.startswith(OUR_PREFIX)}
-        else:
-            key += tuple([get(name) for name in plan.headers])
-        return key + repeated_key_part(plan, lines) if lines else key
+            if lines:
+                key += repeated_key_part(plan, lines)
+        return key
 
-    def _reshapes(self, plan: KeyPlan) -> bool:
-        """Whether the plan reads a header whose policy value is not the check's header (cached per plan)."""
-        got = self._reshaped_plans.get(id(plan))
+    def _direct(self, plan: KeyPlan) -> tuple[str, ...]:
+        """The plan's headers whose policy value is the check's header of that name (cached per
+        plan): the pseudo-headers' values are in every key already (method, the path policies
+        match, host, x-forwarded-proto), and Envoy's headers and ours are never a policy's."""
+        got = self._direct_names.get(id(plan))
         if got is None or got[0] is not plan:
-            if len(self._reshaped_plans) >= 64:
-                self._reshaped_plans.clear()
-            reshapes = any(n in _RESHAPED or n.startswith(OUR_PREFIX) for n in plan.headers)
-            got = self._reshaped_plans[id(plan)] = (plan, reshapes)
+            if len(self._direct_names) >= 64:
+                self._direct_names.clear()
+            names = tuple(n for n in plan.headers if n not in _RESHAPED and not n.startswith(OUR_PREFIX))
+            got = self._direct_names[id(plan)] = (plan, names)
         return got[1]
 
     def filter_metadata(self, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -146,7 +146,13 @@ def trace_lines(
     out = b""
     if allowed:
         if headers:
-            out = b"".join(header_line(name, value) for name, value in headers)
+            # The names are the propagator's own and the values its output (ids it made, or
+            # parsed and checked from the request), so the common case is written as it
+            # stands; anything that would need cleaning takes the careful path.
+            if _CONTROL.search("".join([value for _, value in headers])):
+                out = b"".join(header_line(name, value) for name, value in headers)
+            else:
+                out = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode()
         if remove:
             out += remove_line(remove)
     if metadata:

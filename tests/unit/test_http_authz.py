@@ -243,6 +243,9 @@ def test_trace_headers_go_upstream_only_when_allowed() -> None:
     denied = render.trace_lines(headers, ("b3",), False, md)
     assert b"traceparent" not in denied and b"x-envoy-auth-headers-to-remove" not in denied
     assert b"extproc_trace: t" in denied
+    # A value that would end the line (a client's tracestate, say) is never written as it is.
+    injected = render.trace_lines((("tracestate", "a=1\r\nx-admin: yes"),), (), True, None)
+    assert injected == b"tracestate: a=1  x-admin: yes\r\n"
 
 
 def test_a_direction_header_picks_the_side(snap: Snapshot) -> None:
