@@ -982,8 +982,9 @@ def _how_to_read(results: Results) -> list[str]:
         "- **× noop** divides by `noop` (Envoy's ext_authz calling a Python gRPC server that answers OK at once): "
         "the floor of a Python ext_authz hop.",
         "- **× floor** divides by the mode's own floor, named in the cell: the empty Python server of the same "
-        "transport, `noop` for `authz+als` and `mixer`, `noop-http` (extproc's HTTP check listener answering "
-        "200 at once behind envoy/authz-http.yaml's filter) for `authz-http`, `noop-extproc` (Envoy's ext_proc "
+        "transport, `noop` for `authz+als` and `mixer`, `noop-http` (envoy/authz-http.yaml as shipped, access "
+        "log included, in front of extproc's HTTP check listener answering 200 at once and an access log "
+        "service dropping every entry) for `authz-http`, `noop-extproc` (Envoy's ext_proc "
         "filter as shipped, "
         "each stream answered with empty replies and ended after the last message) for `extproc`. What a mode "
         "adds over its floor is extproc's own work (JWT, policy, telemetry, tracing), the part that optimisation "

@@ -63,9 +63,10 @@ DESCRIPTIONS = {
     "AuthorizationPolicies as istiod would, plus Envoy's built-in stats. In-proxy enforcement, no external call.",
     "noop": "envoy/authz.yaml's ext_authz filter pointed at a Python server (grpc.aio on uvloop, like extproc) that "
     "allows everything: the floor cost of a Python gRPC hop on the request path.",
-    "noop-http": "envoy/authz-http.yaml's ext_authz filter (http_service) pointed at extproc's own HTTP check "
-    "listener (a raw asyncio protocol with httptools on uvloop) answering 200 at once: the floor cost of a "
-    "Python HTTP authorization hop, against which `authz-http` is read.",
+    "noop-http": "envoy/authz-http.yaml as shipped, access log included, pointed at an empty server: extproc's "
+    "own HTTP check listener (a raw asyncio protocol with httptools on uvloop) answering 200 at once, and a "
+    "grpc.aio access log service dropping every entry. The floor of the fast path: the sidecar does all of "
+    "`authz-http`'s work, so the ratio between them is extproc's own.",
     "noop-extproc": "envoy/extproc.yaml's ext_proc filter pointed at a Python server (grpc.aio on uvloop, like "
     "extproc) that answers every message with an empty reply and ends the stream after the last one, as extproc "
     "does: the floor cost of a Python ext_proc hop, against which `extproc` is read.",
@@ -186,17 +187,20 @@ def start_stack(
             sidecar("sidecar", topology.none_sidecar)
         elif mode == "native":
             sidecar("sidecar", lambda **kw: topology.native_sidecar(scenario, **kw))
+        elif mode == "noop-http":
+            port, als_port = procs.free_port(), procs.free_port()
+            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
+            argv += ["--als-listen", f"127.0.0.1:{als_port}"]
+            stack.processes.append(Process("noop-http-authz", "extproc", argv, workdir, cwd=topology.REPO).start())
+            procs.wait_until("noop-http-authz", lambda: procs.tcp_open(port), stack.processes)
+            sidecar("sidecar", lambda **kw: topology.noop_http_sidecar(ext_port=port, als_port=als_port, **kw))
         elif mode in NOOP_SERVERS:
             port = procs.free_port()
             argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
-            name = {"noop": "noop-authz", "noop-http": "noop-http-authz"}.get(mode, mode)
+            name = "noop-authz" if mode == "noop" else "noop-extproc"
             stack.processes.append(Process(name, "extproc", argv, workdir, cwd=topology.REPO).start())
             procs.wait_until(name, lambda: procs.tcp_open(port), stack.processes)
-            config = {
-                "noop": topology.noop_sidecar,
-                "noop-http": topology.noop_http_sidecar,
-                "noop-extproc": topology.noop_extproc_sidecar,
-            }[mode]
+            config = topology.noop_sidecar if mode == "noop" else topology.noop_extproc_sidecar
             sidecar("sidecar", lambda **kw: config(ext_port=port, **kw))
         elif mode in ("authz+als", "authz-http", "extproc"):
             served = start_extproc(

@@ -136,7 +136,7 @@ def test_every_mode_config_is_valid_envoy(tmp_path: Path) -> None:
     _validate(topology.noop_extproc_sidecar(ext_port=19003, **PORTS), tmp_path, "noop-extproc")
     _validate(topology.extproc_sidecar("authz+als", ext_port=19003, **PORTS), tmp_path, "authz")
     _validate(topology.extproc_sidecar("extproc", ext_port=19003, **PORTS), tmp_path, "extproc")
-    _validate(topology.noop_http_sidecar(ext_port=19003, **PORTS), tmp_path, "noop-http")
+    _validate(topology.noop_http_sidecar(ext_port=19003, als_port=19009, **PORTS), tmp_path, "noop-http")
     _validate(topology.extproc_sidecar("authz-http", ext_port=19003, http_port=19008, **PORTS), tmp_path, "authz-http")
     opts = topology.MixerOptions(rtt_ms=1.5, sidecars=2, check_cache_hit_percent=80)
     _validate(topology.mixer_sidecar(0, opts, hop_port=19004, **PORTS), tmp_path, "mixer")
@@ -179,21 +179,16 @@ def test_noop_extproc_sidecar_is_the_shipped_ext_proc_filter_without_access_log(
     assert [ln["name"] for ln in noop["static_resources"]["listeners"]] == ["http"]
 
 
-def test_noop_http_sidecar_is_the_shipped_http_check_filters_without_access_log() -> None:
-    noop = topology.noop_http_sidecar(ext_port=19003, **PORTS)
-    shipped = topology.extproc_sidecar("authz-http", ext_port=1, http_port=19003, **PORTS)
-    filters = _hcm(noop)["http_filters"]
-    assert [f["name"] for f in filters] == [topology.EXT_AUTHZ, topology.STRIP_QUERY_TOKEN, "envoy.filters.http.router"]
-    # The check filters of the `authz-http` mode, settings and all (headers_to_add, allowlists).
-    assert filters == [f for f in _hcm(shipped)["http_filters"] if f["name"] in {f["name"] for f in filters}]
-    assert "access_log" not in _hcm(noop)
-    assert [c["name"] for c in noop["static_resources"]["clusters"]] == ["app", "extproc_http"]
-    endpoint = topology._cluster(noop, "extproc_http")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 19003
-    # The full mode logs to extproc over gRPC and checks over HTTP.
-    grpc = topology._cluster(shipped, "extproc")["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    assert grpc["endpoint"]["address"]["socket_address"]["port_value"] == 1
-    assert [a["name"] for a in _hcm(shipped)["access_log"]] == ["envoy.access_loggers.http_grpc"]
+def test_noop_http_sidecar_is_the_whole_authz_http_sidecar_in_front_of_the_empty_server() -> None:
+    noop = topology.noop_http_sidecar(ext_port=19003, als_port=19009, **PORTS)
+    shipped = topology.extproc_sidecar("authz-http", ext_port=19009, http_port=19003, **PORTS)
+    assert noop == shipped  # the same Envoy work: checks, query-token filter, grpc_stats, access log
+    names = [f["name"] for f in _hcm(noop)["http_filters"]]
+    assert names[:2] == [topology.EXT_AUTHZ, topology.STRIP_QUERY_TOKEN] and names[-1] == "envoy.filters.http.router"
+    assert [a["name"] for a in _hcm(noop)["access_log"]] == ["envoy.access_loggers.http_grpc"]
+    for cluster, port in (("extproc_http", 19003), ("extproc", 19009)):
+        endpoint = topology._cluster(noop, cluster)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == port
 
 
 def test_noop_http_server_allows_every_check() -> None:
