@@ -58,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"modes to run, in this order (default {','.join(runner.MODES)})",
     )
     p.add_argument(
+        "--unix-sockets",
+        action="store_true",
+        help="Envoy reaches the co-located Python servers (extproc and the empty baselines) over unix sockets "
+        "instead of loopback TCP; mixer's central server stays on TCP",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 1 s warm-up, one 2 s run at 200 req/s and 2 s at saturation per mode; "
@@ -174,6 +180,7 @@ def options(argv: list[str]) -> runner.Options:
         profile=ns.profile is not None,
         profile_native=ns.profile == "native",
         memory_series=ns.memory_series,
+        unix_sockets=ns.unix_sockets,
         command=shlex.join(["python", "-m", "bench", *argv]),
     )
 

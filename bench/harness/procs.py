@@ -145,6 +145,15 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def listening(address: int | str) -> bool:
+    """Whether something accepts connections on a port of 127.0.0.1 or on "unix:PATH"."""
+    if isinstance(address, int):
+        return tcp_open(address)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(address.removeprefix("unix:")) == 0
+
+
 def tcp_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -99,6 +99,9 @@ class Options:
     profile: bool = False  # py-spy on every Python server during the saturation run
     profile_native: bool = False  # ... with C frames too
     memory_series: int = 10_000  # series the memory step makes extproc hold; 0 skips the step
+    # Envoy reaches the co-located Python servers over unix sockets instead of loopback TCP
+    # (the central server of `mixer` stays on TCP: it is remote by design).
+    unix_sockets: bool = False
     command: str = ""
 
     @property
@@ -143,21 +146,38 @@ def envoy_process(name: str, role: str, config: dict[str, Any], workdir: Path, w
 class Served:
     """Where a started `extproc serve` listens."""
 
-    port: int  # gRPC
+    port: topology.Address  # gRPC
     admin_port: int  # /metrics, /readyz
-    http_port: int | None = None  # HTTP checks (authz-http)
+    http_port: topology.Address | None = None  # HTTP checks (authz-http)
+
+
+def server_address(workdir: Path, name: str, unix: bool) -> topology.Address:
+    """A free port on 127.0.0.1, or a unix socket in the mode's directory."""
+    return f"unix:{workdir.resolve() / name}.sock" if unix else procs.free_port()
+
+
+def listen_text(address: topology.Address) -> str:
+    return address if isinstance(address, str) else f"127.0.0.1:{address}"
 
 
 def start_extproc(
-    stack: Stack, name: str, role: str, policy_dir: Path, workdir: Path, *, central: bool, http: bool = False
+    stack: Stack,
+    name: str,
+    role: str,
+    policy_dir: Path,
+    workdir: Path,
+    *,
+    central: bool,
+    http: bool = False,
+    unix: bool = False,
 ) -> Served:
     """Start `extproc serve` with its defaults for the scenario's workload, as part of the stack; wait for /readyz."""
-    port, admin = procs.free_port(), procs.free_port()
-    http_port = procs.free_port() if http else None
+    port, admin = server_address(workdir, f"{name}-grpc", unix), procs.free_port()
+    http_port = server_address(workdir, f"{name}-checks", unix) if http else None
     argv = [sys.executable, "-m", "extproc", "serve", "--config-dir", str(policy_dir)]
-    argv += ["--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
+    argv += ["--listen", listen_text(port), "--admin", f"127.0.0.1:{admin}", "--root-namespace", sc.ROOT_NAMESPACE]
     if http_port is not None:
-        argv += ["--http-listen", f"127.0.0.1:{http_port}"]
+        argv += ["--http-listen", listen_text(http_port)]
     if central:
         argv += ["--central"]
     else:
@@ -188,23 +208,31 @@ def start_stack(
         elif mode == "native":
             sidecar("sidecar", lambda **kw: topology.native_sidecar(scenario, **kw))
         elif mode == "noop-http":
-            port, als_port = procs.free_port(), procs.free_port()
-            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
-            argv += ["--als-listen", f"127.0.0.1:{als_port}"]
+            port = server_address(workdir, "noop-checks", opts.unix_sockets)
+            als_port = server_address(workdir, "noop-grpc", opts.unix_sockets)
+            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", listen_text(port)]
+            argv += ["--als-listen", listen_text(als_port)]
             stack.processes.append(Process("noop-http-authz", "extproc", argv, workdir, cwd=topology.REPO).start())
-            procs.wait_until("noop-http-authz", lambda: procs.tcp_open(port), stack.processes)
+            procs.wait_until("noop-http-authz", lambda: procs.listening(port), stack.processes)
             sidecar("sidecar", lambda **kw: topology.noop_http_sidecar(ext_port=port, als_port=als_port, **kw))
         elif mode in NOOP_SERVERS:
-            port = procs.free_port()
-            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", f"127.0.0.1:{port}"]
+            port = server_address(workdir, "noop-grpc", opts.unix_sockets)
+            argv = [sys.executable, "-m", NOOP_SERVERS[mode], "--listen", listen_text(port)]
             name = "noop-authz" if mode == "noop" else "noop-extproc"
             stack.processes.append(Process(name, "extproc", argv, workdir, cwd=topology.REPO).start())
-            procs.wait_until(name, lambda: procs.tcp_open(port), stack.processes)
+            procs.wait_until(name, lambda: procs.listening(port), stack.processes)
             config = topology.noop_sidecar if mode == "noop" else topology.noop_extproc_sidecar
             sidecar("sidecar", lambda **kw: config(ext_port=port, **kw))
         elif mode in ("authz+als", "authz-http", "extproc"):
             served = start_extproc(
-                stack, "extproc", "extproc", policy_dir, workdir, central=False, http=mode == "authz-http"
+                stack,
+                "extproc",
+                "extproc",
+                policy_dir,
+                workdir,
+                central=False,
+                http=mode == "authz-http",
+                unix=opts.unix_sockets,
             )
             sidecar(
                 "sidecar",
@@ -212,6 +240,7 @@ def start_stack(
             )
         elif mode == "mixer":
             port = start_extproc(stack, "central", "central", policy_dir, workdir, central=True).port
+            assert isinstance(port, int)  # the central server is remote by design: always TCP
             hop_admin, hop_port = procs.free_port(), procs.free_port()
             hop_cfg = topology.hop(opts.mixer.rtt_ms, admin_port=hop_admin, listen_port=hop_port, central_port=port)
             hop = envoy_process("hop", "hop", hop_cfg, workdir, workers).start()
@@ -542,6 +571,7 @@ def scenario_record(opts: Options, scenario: sc.Scenario) -> dict[str, Any]:
         "saturation_duration_s": opts.saturation_duration_s,
         "envoy_workers": opts.envoy_workers,
         "loadgen_threads": opts.loadgen_threads,
+        "unix_sockets": opts.unix_sockets,
         "denied_share": scenario.denied_share,
         "mix": scenario.mix(),
         "mixer": {

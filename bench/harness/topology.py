@@ -77,9 +77,16 @@ def _cluster(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in cfg["static_resources"]["clusters"] if c["name"] == name)
 
 
-def _point(cfg: dict[str, Any], cluster: str, port: int) -> None:
+# Where a Python server listens: a port on 127.0.0.1, or "unix:PATH" (`--unix-sockets`).
+Address = int | str
+
+
+def _point(cfg: dict[str, Any], cluster: str, port: Address) -> None:
     ep = _cluster(cfg, cluster)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    ep["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    if isinstance(port, str):
+        ep["address"] = {"pipe": {"path": port.removeprefix("unix:")}}
+    else:
+        ep["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
 def _drop_cluster(cfg: dict[str, Any], name: str) -> None:
@@ -124,7 +131,7 @@ def native_sidecar(scenario: sc.Scenario, *, admin_port: int, listen_port: int, 
     return cfg
 
 
-def noop_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: int) -> dict[str, Any]:
+def noop_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: Address) -> dict[str, Any]:
     """The shipped ext_authz filter alone, pointed at the empty server; no access log."""
     cfg = _base("authz", admin_port=admin_port, listen_port=listen_port, upstream_port=upstream_port)
     hcm = _hcm(_listener(cfg, "http"))
@@ -135,7 +142,7 @@ def noop_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_p
 
 
 def noop_http_sidecar(
-    *, admin_port: int, listen_port: int, upstream_port: int, ext_port: int, als_port: int
+    *, admin_port: int, listen_port: int, upstream_port: int, ext_port: Address, als_port: Address
 ) -> dict[str, Any]:
     """envoy/authz-http.yaml as shipped, the `authz-http` mode's sidecar, pointed at the empty
     server: its checks on `ext_port`, its access logs on `als_port` (read and dropped). Unlike
@@ -151,7 +158,7 @@ def noop_http_sidecar(
     )
 
 
-def noop_extproc_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: int) -> dict[str, Any]:
+def noop_extproc_sidecar(*, admin_port: int, listen_port: int, upstream_port: int, ext_port: Address) -> dict[str, Any]:
     """envoy/extproc.yaml's ext_proc filter as shipped, pointed at the empty server; no access log.
 
     The set_filter_state filter stays: it feeds one of the filter's request_attributes, and
@@ -174,8 +181,8 @@ def extproc_sidecar(
     admin_port: int,
     listen_port: int,
     upstream_port: int,
-    ext_port: int,
-    http_port: int | None = None,
+    ext_port: Address,
+    http_port: Address | None = None,
 ) -> dict[str, Any]:
     """`authz+als` (envoy/authz.yaml), `authz-http` (envoy/authz-http.yaml: HTTP checks on
     `http_port`, access logs over gRPC on `ext_port`) or `extproc` (envoy/extproc.yaml), as shipped."""

@@ -527,3 +527,16 @@ def test_profile_summary_ranks_functions_by_own_and_inclusive_samples() -> None:
     assert "100.0%  main (app.py)" in inclusive
     assert "90.0%  Check (authz.py)" in inclusive
     assert profile.summarize("") == "no samples\n"
+
+
+def test_unix_sockets_point_the_sidecar_at_socket_paths(tmp_path: Path) -> None:
+    cfg = topology.extproc_sidecar(
+        "authz-http", ext_port=f"unix:{tmp_path}/g.sock", http_port=f"unix:{tmp_path}/c.sock", **PORTS
+    )
+    for cluster, name in (("extproc", "g.sock"), ("extproc_http", "c.sock")):
+        endpoint = topology._cluster(cfg, cluster)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert endpoint["endpoint"]["address"] == {"pipe": {"path": f"{tmp_path}/{name}"}}
+    _validate(cfg, tmp_path, "authz-http-unix")
+    assert cli.options(["--unix-sockets"]).unix_sockets and not cli.options([]).unix_sockets
+    assert runner.listen_text(f"unix:{tmp_path}/x.sock") == f"unix:{tmp_path}/x.sock"
+    assert runner.listen_text(9001) == "127.0.0.1:9001"
