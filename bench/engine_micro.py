@@ -4,6 +4,8 @@
   * pipeline: one whole ext_authz Check as the server handles it (the request already parsed
               by gRPC): direction, decision key, decision cache, the JWT and policy stages on
               a miss, the peer metadata exchange, the trace context, the encoded response;
+              the same over HTTP (authz-http: the check already parsed by the listener, the
+              answer rendered as the HTTP response);
               an ext_proc stream (request headers, response headers, the request's metrics);
               an access log entry (the authz+als mode's metrics);
   * stages:   the engines on their own (adapter, 20 policies, JWT with its token cache);
@@ -37,6 +39,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
 from bench.harness import scenario as sc
+from extproc.attributes import NO_LINES
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authn.verifier import authenticate
@@ -48,6 +51,7 @@ from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
+from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.processor import ExternalProcessorService
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload, encode
@@ -96,6 +100,23 @@ def headers(token: str, path: str, traced: bool) -> dict[str, str]:
     }
     if traced:
         out["traceparent"] = TRACEPARENT
+    return out
+
+
+def http_check_headers(token: str, traced: bool) -> dict[str, str]:
+    """The headers of the HTTP check Envoy sends for the same request (envoy/authz-http.yaml)."""
+    out = {k: v for k, v in headers(token, "", traced).items() if not k.startswith(":")}
+    out.update(
+        {
+            "host": "productpage.bench:9080",
+            "content-length": "0",
+            "x-extproc-connection": "10.1.2.3:33956 10.1.2.4:9080    ",
+            "x-extproc-direction": "inbound",
+            "x-extproc-md-envoy.filters.http.jwt_authn": "=",
+            "x-envoy-internal": "true",
+            "x-envoy-expected-rq-timeout-ms": "1000",
+        }
+    )
     return out
 
 
@@ -262,6 +283,24 @@ def main() -> None:
     entry_us = per_call_us(lambda: als.http_entry(entry, Direction.INBOUND), 20000, args.repeat)
     rows.append(("access log entry (authz+als metrics)", entry_us))
     rows.append(("authz+als per request: cached mesh Check + its log entry", rows[0][1] + entry_us))
+
+    checks = HttpAuthorizationService(lambda: snap, CheckAdapter(), Enforcer(), exchange=exchange, tracing=tracing)
+    for traced in (True, False):
+        check = http_check_headers(token, traced)
+        first = checks("GET", path, dict(check), NO_LINES, b"", "", 900)  # decided, then cached
+        if not isinstance(first, bytes):
+            loop.run_until_complete(first)  # type: ignore[arg-type]
+        answer = checks("GET", path, dict(check), NO_LINES, b"", "", 900)
+        assert isinstance(answer, bytes), "the check must be decided from the cache"
+        assert answer.startswith(b"HTTP/1.1 200 "), "the load request must be allowed"
+        label = "mesh request (trace context in)" if traced else "no trace context in"
+        rows.append(
+            (
+                f"HTTP check (authz-http), decision cached, {label}",
+                per_call_us(lambda check=check: checks("GET", path, check, NO_LINES, b"", "", 900), n, args.repeat),
+            )
+        )
+    rows.append(("authz-http per request: cached mesh check + its log entry", rows[-2][1] + entry_us))
 
     adapter = CheckAdapter()
     attrs = adapter.attributes(req)
