@@ -63,7 +63,7 @@ def test_every_mode_served_its_load_with_the_mix_statuses(
     for m in results["modes"]:
         kinds = [r["kind"] for r in m["runs"]]
         assert kinds == ["fixed", "saturation"], m["mode"]
-        enforcing = m["mode"] in ("native", "authz+als", "extproc", "mixer")
+        enforcing = m["mode"] in ("native", "authz+als", "authz-http", "extproc", "mixer")
         assert (m["expected_denied_share"] > 0) == enforcing, m["mode"]
         for r in m["runs"]:
             assert r["requests"] > 0 and r["errors"] == 0, (m["mode"], r)
@@ -73,13 +73,13 @@ def test_every_mode_served_its_load_with_the_mix_statuses(
 def test_modes_that_enforce_deny_and_the_others_do_not(
     quick_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
-    """The probes show the policies are really applied in native, authz+als, extproc and mixer."""
+    """The probes show the policies are really applied in native, authz+als, authz-http, extproc and mixer."""
     by_mode = {m["mode"]: {p["name"]: p["got"] for p in m["probes"]} for m in _results(quick_run[1])["modes"]}
-    for mode in ("native", "authz+als", "extproc", "mixer"):
+    for mode in ("native", "authz+als", "authz-http", "extproc", "mixer"):
         got = by_mode[mode]
         assert (got["allowed"], got["no token"], got["bad signature"], got["no ALLOW matches"]) == (200, 403, 401, 403)
         assert got["mesh-wide DENY"] == 403 and got["blocked user"] == 403
-    for mode in ("none", "noop", "noop-extproc"):
+    for mode in ("none", "noop", "noop-http", "noop-extproc"):
         assert set(by_mode[mode].values()) == {200}
     assert by_mode["mixer"]["allowed via sidecar-2"] == 200
 
@@ -94,8 +94,10 @@ def test_each_mode_runs_the_processes_it_describes(quick_run: tuple[subprocess.C
         "none": ["envoy"],
         "native": ["envoy"],
         "noop": ["envoy", "extproc"],
+        "noop-http": ["envoy", "extproc"],
         "noop-extproc": ["envoy", "extproc"],
         "authz+als": ["envoy", "extproc"],
+        "authz-http": ["envoy", "extproc"],
         "extproc": ["envoy", "extproc"],
         "mixer": ["central", "envoy", "envoy", "hop"],
     }
@@ -104,6 +106,10 @@ def test_each_mode_runs_the_processes_it_describes(quick_run: tuple[subprocess.C
     assert "--central" in central["argv"]
     noop_extproc = next(m for m in results["modes"] if m["mode"] == "noop-extproc")
     assert any("bench.harness.noop_extproc" in p["argv"] for p in noop_extproc["processes"])
+    noop_http = next(m for m in results["modes"] if m["mode"] == "noop-http")
+    assert any("bench.harness.noop_http_authz" in p["argv"] for p in noop_http["processes"])
+    authz_http = next(m for m in results["modes"] if m["mode"] == "authz-http")
+    assert any("--http-listen" in p["argv"] for p in authz_http["processes"])
     for m in results["modes"]:
         for p in m["processes"]:
             assert p["idle_rss_mib"] > 0, (m["mode"], p)
