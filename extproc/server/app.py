@@ -273,6 +273,20 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         log.error("cannot listen on %s", settings.listen.text)
         return 1
 
+    check_server: check_http.CheckServer | None = None
+    if http_checks is not None and settings.http_listen is not None:
+        try:
+            check_server = await check_http.serve(
+                http_checks,
+                settings.http_listen.text,
+                # Envoy's own limit on the client's headers, plus room for the request line and
+                # the headers Envoy adds to a check; the exact limit is applied per request.
+                max_head=settings.max_request_headers_kb * 1024 + HTTP_CHECK_HEAD_SLACK,
+            )
+        except OSError as e:
+            log.error("cannot listen on %s (--http-listen): %s", settings.http_listen.text, e)
+            return 1
+
     central: CentralCollector | None = None
     if checks is not None:
         assert telemetry.workloads is not None
@@ -306,28 +320,17 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     )
     if central is not None:
         extra += (central,)
+    if check_server is not None and http_checks is not None:
+        extra += (check_http.CheckListenerCollector(check_server, lambda: http_checks.dropped_query_changes),)
     admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
     host, port = settings.admin.host_port()
     try:
         admin_server = await http.serve(admin.routes, host, port)
     except OSError as e:
         log.error("cannot listen on admin address %s: %s", settings.admin.text, e)
+        if check_server is not None:
+            await check_server.close()
         return 1
-
-    check_server: check_http.CheckServer | None = None
-    if http_checks is not None and settings.http_listen is not None:
-        try:
-            check_server = await check_http.serve(
-                http_checks,
-                settings.http_listen.text,
-                # Envoy's own limit on the client's headers, plus room for the request line and
-                # the headers Envoy adds to a check; the exact limit is applied per request.
-                max_head=settings.max_request_headers_kb * 1024 + HTTP_CHECK_HEAD_SLACK,
-            )
-        except OSError as e:
-            log.error("cannot listen on %s (--http-listen): %s", settings.http_listen.text, e)
-            await admin_server.close()
-            return 1
 
     await server.start()
     served = (AUTHZ_SERVICE_NAME, ALS_SERVICE_NAME) + (() if holder.central else (EXT_PROC_SERVICE_NAME,))

@@ -33,10 +33,12 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httptools
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extproc.attributes import NO_LINES, HeaderLines
 
@@ -65,11 +67,45 @@ class _Refused(Exception):
         self.status = status
 
 
+class ListenerStats:
+    """What the listener refused or failed to answer, counted, and logged once per kind: a
+    client sending garbage learns nothing from the log, and an operator still sees it."""
+
+    _WHY = {
+        400: "a request that is not HTTP/1.1",
+        413: "a body over the limit",
+        431: "a request head over the limit",
+        500: "an internal error",
+    }
+
+    def __init__(self) -> None:
+        self.refused: dict[int, int] = {}
+
+    def refuse(self, status: int) -> None:
+        n = self.refused.get(status, 0)
+        self.refused[status] = n + 1
+        if n == 0:
+            log.warning(
+                "HTTP check listener: answered %s to %s and closed the connection (further ones are counted in "
+                "extproc_http_check_refused_total, not logged)",
+                status,
+                self._WHY.get(status, "a bad request"),
+            )
+
+
 class CheckProtocol(asyncio.Protocol):
     """One connection from Envoy's ext_authz HTTP client."""
 
-    def __init__(self, handler: Handler, max_head: int, max_body: int, live: set[CheckProtocol]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_head: int,
+        max_body: int,
+        live: set[CheckProtocol],
+        stats: ListenerStats | None = None,
+    ) -> None:
         self.handler = handler
+        self.stats = stats if stats is not None else ListenerStats()
         self.max_head = max_head
         self.max_body = max_body
         self.live = live
@@ -179,6 +215,7 @@ class CheckProtocol(asyncio.Protocol):
             answer = self.handler(method, target, self._headers, lines, self._body, bad, self._size)
         except Exception:
             log.exception("internal error while answering a check; answering 500 (Envoy fails it closed)")
+            self.stats.refused[500] = self.stats.refused.get(500, 0) + 1
             answer = INTERNAL_ERROR
         keep_alive = self.parser.should_keep_alive()
         if isinstance(answer, bytes):
@@ -213,6 +250,7 @@ class CheckProtocol(asyncio.Protocol):
                         raise TypeError(f"a check answered {type(data).__name__}, not bytes")
                 except Exception:
                     log.exception("internal error while answering a check; answering 500 (Envoy fails it closed)")
+                    self.stats.refused[500] = self.stats.refused.get(500, 0) + 1
                     data = INTERNAL_ERROR
             else:
                 data = item
@@ -245,16 +283,20 @@ class CheckProtocol(asyncio.Protocol):
     def _refuse(self, status: int) -> None:
         """Bad input: the requests before it are answered, then this status, then the connection closes."""
         self.refused = True
+        self.stats.refuse(status)
         self._finish(_REFUSALS[status])
 
 
 class CheckServer:
     """A listening socket and its connections; `close` ends both."""
 
-    def __init__(self, server: asyncio.AbstractServer, live: set[CheckProtocol], path: str | None) -> None:
+    def __init__(
+        self, server: asyncio.AbstractServer, live: set[CheckProtocol], path: str | None, stats: ListenerStats
+    ) -> None:
         self.server = server
         self.live = live
         self.path = path
+        self.stats = stats
 
     @property
     def port(self) -> int:
@@ -282,9 +324,10 @@ async def serve(
     """Listen on HOST:PORT, [V6]:PORT or unix:PATH. Raises OSError when the address cannot be bound."""
     loop = asyncio.get_running_loop()
     live: set[CheckProtocol] = set()
+    stats = ListenerStats()
 
     def factory() -> CheckProtocol:
-        return CheckProtocol(handler, max_head, max_body, live)
+        return CheckProtocol(handler, max_head, max_body, live, stats)
 
     if address.startswith("unix:"):
         path = address[len("unix:") :]
@@ -292,7 +335,36 @@ async def serve(
             if stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)  # a socket left by a previous run; anything else is an error below
         server = await loop.create_unix_server(factory, path)
-        return CheckServer(server, live, path)
+        return CheckServer(server, live, path, stats)
     host, _, port = address.rpartition(":")
     server = await loop.create_server(factory, host.strip("[]"), int(port), reuse_address=True, backlog=1024)
-    return CheckServer(server, live, None)
+    return CheckServer(server, live, None, stats)
+
+
+class CheckListenerCollector(Collector):
+    """The listener's own metrics, rendered at scrape time (prometheus_client's Collector protocol)."""
+
+    def __init__(self, server: CheckServer, dropped_query_changes: Callable[[], int]) -> None:
+        self.server = server
+        self.dropped_query_changes = dropped_query_changes
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "extproc_http_check_connections",
+            "Open connections from Envoy's HTTP ext_authz client (--http-listen)",
+            value=len(self.server.live),
+        )
+        refused = CounterMetricFamily(
+            "extproc_http_check_refused",
+            "Requests the HTTP check listener answered with a 4xx or 500 of its own, by status: not HTTP/1.1 "
+            "(400), a body or head over the limit (413, 431), an internal error (500)",
+            labels=["status"],
+        )
+        for status, n in sorted(self.server.stats.refused.items()):
+            refused.add_metric([str(status)], n)
+        yield refused
+        yield CounterMetricFamily(
+            "extproc_http_check_query_changes_dropped",
+            "Allowed checks whose query parameters a CUSTOM provider wanted set, which http_service cannot carry",
+            value=self.dropped_query_changes(),
+        )

@@ -132,6 +132,17 @@ def test_hostile_bytes_straight_to_the_listener_break_nothing(stack: Stack) -> N
     ]
     kinds = {line.split('kind="')[1].split('"')[0] for line in malformed}
     assert {"missing-connection-header", "bad-header-encoding", "bad-metadata-header"} <= kinds, malformed
+    # What the listener refused itself is counted by status, and logged once per status.
+    metrics = stack.extproc.metrics()
+    refused = {
+        line.split('status="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("extproc_http_check_refused_total{")
+    }
+    assert refused.get("400", 0) >= 2 and refused.get("431") == 1 and refused.get("413") == 1, refused
+    assert "extproc_http_check_connections " in metrics
+    log = stack.extproc.proc.log()
+    assert log.count("HTTP check listener: answered 400") == 1, log[-2000:]
 
 
 def test_every_method_is_checked_and_head_gets_no_body(stack: Stack) -> None:
