@@ -85,3 +85,15 @@ def test_config_settle_and_max_concurrent_rpcs() -> None:
     assert (s.config_settle_s, s.max_concurrent_rpcs) == (0.0, 64)
     s = parse(["--config-dir", "/c", "--namespace", "ns", "--config-settle", "250ms", "--max-concurrent-rpcs", "8"])
     assert (s.config_settle_s, s.max_concurrent_rpcs) == (0.25, 8)
+
+
+def test_http_listen_is_off_by_default_and_refused_with_central() -> None:
+    assert parse(["--config-dir", "/c", "--namespace", "ns"]).http_listen is None
+    s = parse(["--config-dir", "/c", "--namespace", "ns", "--http-listen", "unix:/run/checks.sock"])
+    assert s.http_listen is not None and s.http_listen.text == "unix:/run/checks.sock"
+    env = {"EXTPROC_HTTP_LISTEN": "127.0.0.1:9003"}
+    assert parse(["--config-dir", "/c", "--namespace", "ns"], env).http_listen.text == "127.0.0.1:9003"
+    with pytest.raises(SettingsError, match="--http-listen cannot be combined with --central"):
+        parse(["--config-dir", "/c", "--central", "--http-listen", "127.0.0.1:9003"])
+    with pytest.raises(SettingsError, match="--http-listen"):
+        parse(["--config-dir", "/c", "--namespace", "ns", "--http-listen", "nowhere"])
