@@ -75,11 +75,14 @@ class ListenerStats:
         400: "a request that is not HTTP/1.1",
         413: "a body over the limit",
         431: "a request head over the limit",
-        500: "an internal error",
     }
 
     def __init__(self) -> None:
         self.refused: dict[int, int] = {}
+
+    def failed(self) -> None:
+        """A handler raised (logged with its traceback where it happened): answered 500."""
+        self.refused[500] = self.refused.get(500, 0) + 1
 
     def refuse(self, status: int) -> None:
         n = self.refused.get(status, 0)
@@ -215,7 +218,7 @@ class CheckProtocol(asyncio.Protocol):
             answer = self.handler(method, target, self._headers, lines, self._body, bad, self._size)
         except Exception:
             log.exception("internal error while answering a check; answering 500 (Envoy fails it closed)")
-            self.stats.refused[500] = self.stats.refused.get(500, 0) + 1
+            self.stats.failed()
             answer = INTERNAL_ERROR
         keep_alive = self.parser.should_keep_alive()
         if isinstance(answer, bytes):
@@ -250,7 +253,7 @@ class CheckProtocol(asyncio.Protocol):
                         raise TypeError(f"a check answered {type(data).__name__}, not bytes")
                 except Exception:
                     log.exception("internal error while answering a check; answering 500 (Envoy fails it closed)")
-                    self.stats.refused[500] = self.stats.refused.get(500, 0) + 1
+                    self.stats.failed()
                     data = INTERNAL_ERROR
             else:
                 data = item

@@ -63,7 +63,13 @@ METADATA_PREFIX = "x-extproc-md-"
 ENVOY_ADDED = frozenset({"content-length", "x-envoy-internal", "x-envoy-expected-rq-timeout-ms", "host"})
 # Names whose value in the policies' header map is not the check's header of that name.
 _RESHAPED = ENVOY_ADDED | {":method", ":path", ":authority", ":scheme"}
-CONNECTION_MEMO_SIZE = 4096
+MEMO_SIZE = 4096  # connection and metadata values kept parsed
+
+
+def _clients(items: Mapping[str, Any]) -> dict[str, Any]:
+    """`items` without Envoy's own headers and ours: what the client sent."""
+    return {k: v for k, v in items.items() if k not in ENVOY_ADDED and not k.startswith(OUR_PREFIX)}
+
 
 __all__ = [
     "CONNECTION_HEADER",
@@ -134,7 +140,7 @@ class HttpCheckAdapter:
         got = self._connections.get(value)
         if got is None:
             got = parse_connection(value)
-            if len(self._connections) >= CONNECTION_MEMO_SIZE:
+            if len(self._connections) >= MEMO_SIZE:
                 self._connections.clear()  # bounded; the connections of the moment fill it again
             self._connections[value] = got
         return got
@@ -158,7 +164,7 @@ class HttpCheckAdapter:
             key += tuple(sorted((k, v) for k, v in headers.items() if k.startswith(METADATA_PREFIX)))
         key += tuple([get(name) for name in self._direct(plan)])
         if lines:
-            lines = {k: v for k, v in lines.items() if k not in ENVOY_ADDED and not k.startswith(OUR_PREFIX)}
+            lines = _clients(lines)
             if lines:
                 key += repeated_key_part(plan, lines)
         return key
@@ -195,7 +201,7 @@ class HttpCheckAdapter:
                     raise MalformedRequest("bad-metadata-header", f"{name} is not JSON") from None
                 if not isinstance(got, dict):
                     raise MalformedRequest("bad-metadata-header", f"{name} is not a JSON object")
-                if len(self._metadata) >= CONNECTION_MEMO_SIZE:
+                if len(self._metadata) >= MEMO_SIZE:
                     self._metadata.clear()
                 self._metadata[value] = got
             out[name[len(METADATA_PREFIX) :]] = got
@@ -204,7 +210,7 @@ class HttpCheckAdapter:
     @staticmethod
     def policy_headers(method: str, target: str, headers: Mapping[str, str]) -> dict[str, str]:
         """The header map a gRPC CheckRequest would carry for this request."""
-        out = {k: v for k, v in headers.items() if k not in ENVOY_ADDED and not k.startswith(OUR_PREFIX)}
+        out = _clients(headers)
         out[":method"] = method
         out[":path"] = target
         host = headers.get("host")
@@ -231,8 +237,7 @@ class HttpCheckAdapter:
             raise MalformedRequest("too-many-headers", f"{len(seen)} headers")
         check_size(seen, adapter.max_header_bytes)
         if lines:
-            lines = {k: v for k, v in lines.items() if k not in ENVOY_ADDED and not k.startswith(OUR_PREFIX)}
-            lines = lines or NO_LINES
+            lines = _clients(lines) or NO_LINES
         http = http_request(
             seen,
             method,
