@@ -118,17 +118,13 @@ def local_workload(settings: ServeSettings) -> Workload:
         return Workload.from_labels(
             {}, workload_name=CENTRAL_WORKLOAD, namespace=settings.root_namespace, cluster=settings.cluster
         )
-    identity = (
-        f"spiffe://{settings.trust_domain}/ns/{settings.namespace}/sa/{settings.service_account}"
-        if settings.service_account
-        else ""
-    )
+    # No IDENTITY in what the exchange sends: a sidecar's node metadata has none, and a peer
+    # must learn our principal from our certificate, as from Istio's sidecars.
     return Workload.from_labels(
         settings.labels,
         workload_name=settings.workload,
         namespace=settings.namespace,
         cluster=settings.cluster,
-        identity=identity,
     )
 
 

@@ -48,10 +48,10 @@ from extproc.services.authz import LogOnce, direction_of
 from extproc.services.central import IdentityError, NodeWorkloads
 from extproc.telemetry.labels import RESPONSE_FLAG_CODES
 from extproc.telemetry.peer import METADATA_HEADER, PeerCache
-from extproc.telemetry.record import Direction, HttpRecord, Peer
+from extproc.telemetry.record import Direction, HttpRecord, Peer, ServiceInfo, service_of_metadata
 from extproc.telemetry.recorder import Recorder, TcpTracker
 from extproc.tracing.tracer import DECISION_KEYS, TRACE_KEY, TRACESTATE_KEY, SpanIds, Tracing
-from extproc.verdict import PEER_METADATA
+from extproc.verdict import PEER_METADATA, STAGE, Stage
 
 log = logging.getLogger("extproc.accesslog")
 
@@ -74,6 +74,20 @@ _INBOUND = Direction.INBOUND
 # Bound of the memos of principals and response flags by their submessage's bytes.
 MEMO_SIZE = 1024
 
+# What the shipped outbound Envoy configs log as `common_config.custom_tags`: the upstream
+# connection's identities (no AccessLogCommon field carries upstream TLS), the cluster's
+# `istio.services` metadata, and the route's cluster, also logged for a local reply.
+UPSTREAM_PEER_SAN_TAG = "upstream_peer_uri_san"  # %UPSTREAM_PEER_URI_SAN%
+UPSTREAM_LOCAL_SAN_TAG = "upstream_local_uri_san"  # %UPSTREAM_LOCAL_URI_SAN%
+SERVICES_TAG = "istio_services"  # %CLUSTER_METADATA(istio:services)%
+CLUSTER_TAG = "upstream_cluster"  # %UPSTREAM_CLUSTER%
+
+# Decision stages Istio enforces with Envoy's own RBAC and jwt_authn filters, which set no
+# response flag on their local replies; extproc's ext_authz denial carries UAEX instead.
+# A CUSTOM denial is ext_authz in Istio too, so it keeps UAEX, as do extproc's own refusals.
+_NATIVE_STAGES = frozenset({Stage.JWT, Stage.DENY, Stage.NO_MATCH})
+NETWORK_AUTHZ_NAMESPACE = "envoy.filters.network.ext_authz"
+
 # Envoy's Grpc::Utility::httpToGrpcStatus, for gRPC requests answered without grpc-status.
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
@@ -92,6 +106,35 @@ def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
         if san.uri:
             return san.uri
     return ""
+
+
+def _tag(tags: Mapping[str, str], key: str) -> str:
+    """A custom tag's value; "" when absent or `-` (a formatter with nothing to print)."""
+    value = tags.get(key, "")
+    return "" if value == "-" else value
+
+
+def _first_san(value: str) -> str:
+    """The first of a formatter's comma-joined SANs: istio_stats.cc reads uriSan...()[0]."""
+    return value.split(",", 1)[0] if "," in value else value
+
+
+def istio_flags(flags: str, decision: struct_pb2.Struct | None, *, tcp: bool = False) -> str:
+    """The response flags Istio's sidecar would report for the same request.
+
+    An ext_authz denial sets UAEX. When extproc's decision was one Istio makes with Envoy's
+    RBAC or jwt_authn filters (a DENY or ALLOW policy, a rejected token), those filters set no
+    flag, so UAEX is dropped; a CUSTOM denial, an error, or an ext_authz failure with no
+    decision of extproc's keeps it. On TCP a denial whose stage was not logged is taken as
+    the network RBAC filter's (Istio's TCP policies), which sets none either.
+    """
+    if "UAEX" not in flags:
+        return flags
+    stage = _string(decision, STAGE) if decision is not None else ""
+    if stage in _NATIVE_STAGES or (tcp and not stage):
+        rest = [f for f in flags.split(",") if f != "UAEX"]
+        return ",".join(rest) if rest else "-"
+    return flags
 
 
 def _principals(tls: accesslog_pb2.TLSProperties) -> tuple[str, str]:
@@ -250,10 +293,22 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         if not value:
             value = logged.get(METADATA_HEADER, "")
         tls = c.tls_properties
+        tags = c.custom_tags
         peer_san = local_san = ""
-        if direction is Direction.INBOUND and c.HasField("tls_properties"):
-            peer_san = _uri_san(tls.peer_certificate_properties)
-            local_san = _uri_san(tls.local_certificate_properties)
+        if direction is Direction.INBOUND:
+            if c.HasField("tls_properties"):
+                peer_san = _uri_san(tls.peer_certificate_properties)
+                local_san = _uri_san(tls.local_certificate_properties)
+        elif tags:
+            peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
+            local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
+        service: ServiceInfo | None = None
+        cluster = c.upstream_cluster
+        if tags:
+            if SERVICES_TAG in tags:
+                service = service_of_metadata(tags[SERVICES_TAG])
+            if not cluster:
+                cluster = _tag(tags, CLUSTER_TAG)
         return Peer(
             direction=direction,
             workload=self.peers.get(value) if value else None,
@@ -261,8 +316,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             peer_principal=peer_san,
             local_principal=local_san,
             host=host,
-            upstream_cluster=c.upstream_cluster,
+            upstream_cluster=cluster,
             route_name=c.route_name,
+            service=service,
         )
 
     def http_entry(
@@ -291,14 +347,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         )
         code = resp.response_code.value  # an absent UInt32Value reads as 0, Istio's "no response"
         status = grpc_status(True, code, resp.response_trailers, resp.response_headers) if is_grpc else ""
+        inbound = direction is _INBOUND
+        fm = c.metadata.filter_metadata
         if c.HasField("response_flags"):
             msg = c.response_flags
             raw = msg.SerializeToString()
             flags = self._flags.get(raw) or self._flags.miss(raw, msg)
+            if "UAEX" in flags:
+                flags = istio_flags(flags, fm.get(AUTHZ_NAMESPACE))
         else:
             flags = "-"
-        inbound = direction is _INBOUND
-        fm = c.metadata.filter_metadata
         value = ""
         if fm:
             if inbound and AUTHZ_NAMESPACE in fm:
@@ -313,12 +371,26 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             logged = req_headers if inbound else resp.response_headers
             if logged:
                 value = logged.get(METADATA_HEADER, "")
-        if inbound and c.HasField("tls_properties"):
-            msg = c.tls_properties
-            raw = msg.SerializeToString()
-            peer_san, local_san = self._principals.get(raw) or self._principals.miss(raw, msg)
+        tags = c.custom_tags
+        service = None
+        if inbound:
+            if c.HasField("tls_properties"):
+                msg = c.tls_properties
+                raw = msg.SerializeToString()
+                peer_san, local_san = self._principals.get(raw) or self._principals.miss(raw, msg)
+            else:
+                peer_san = local_san = ""
+        elif tags:
+            peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
+            local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
         else:
             peer_san = local_san = ""
+        cluster = c.upstream_cluster
+        if tags:
+            if SERVICES_TAG in tags:
+                service = service_of_metadata(tags[SERVICES_TAG])
+            if not cluster:
+                cluster = _tag(tags, CLUSTER_TAG)  # a local reply has no upstream host
         workload = self.peers.get(value) if value else None
         d = c.duration  # an absent Duration reads as zero: HasField only tells 0 from absent
         nanos = d.seconds * 1_000_000_000 + d.nanos
@@ -334,13 +406,12 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             md = fm[AUTHZ_NAMESPACE]
             ids = SpanIds.decode(_string(md, TRACE_KEY), _string(md, TRACESTATE_KEY))
         host = req.authority
-        cluster = c.upstream_cluster
         route = c.route_name
         request_bytes = c.downstream_wire_bytes_received
         response_bytes = c.downstream_wire_bytes_sent
         request_id = req.request_id if recorder.claims else ""  # only ext_proc's claims need it
         if ids is None and recorder.http_shape(
-            (not inbound, value, peer_san, local_san, host, cluster, route, is_grpc, code, status, flags),
+            (not inbound, value, peer_san, local_san, host, cluster, route, is_grpc, code, status, flags, service),
             workload,
             duration_ms,
             request_bytes,
@@ -351,7 +422,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         ):
             return
         rec = HttpRecord(
-            peer=Peer(direction, workload, value, peer_san, local_san, host, cluster, route),
+            peer=Peer(direction, workload, value, peer_san, local_san, host, cluster, route, service),
             grpc=is_grpc,
             response_code=code,
             grpc_status=status,
@@ -411,6 +482,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             e.connection_properties.sent_bytes,
             e.connection_properties.received_bytes,
             end,
-            response_flags(c.response_flags) if c.HasField("response_flags") else "-",
+            istio_flags(
+                response_flags(c.response_flags), c.metadata.filter_metadata.get(NETWORK_AUTHZ_NAMESPACE), tcp=True
+            )
+            if c.HasField("response_flags")
+            else "-",
             (_address(c.downstream_remote_address), _address(c.downstream_local_address)),
         )

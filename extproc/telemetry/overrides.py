@@ -264,7 +264,7 @@ def _dst_principal(m: Any) -> Getter:
         p = r.peer
         if p.direction is Direction.INBOUND:
             return p.local_principal or m
-        return p.peer_principal or (p.workload.identity if p.workload is not None else "") or m
+        return p.peer_principal or m  # only a certificate names a principal, as in the labels
 
     return get
 

@@ -10,8 +10,12 @@ into the ordered label tuple of `labels.LABELS`, with the rules of istio/proxy's
 * outbound (reporter `source`): the reverse, and `connection_security_policy` is
   `unknown`;
 * the peer's namespace comes from `/ns/<ns>/` in its SPIFFE id first, then its metadata;
-* `destination_service` is the Host header, unless `ServiceInfo` says which service the
-  local workload serves (Istio takes that from cluster metadata).
+* principals come only from certificates: a peer's self-declared identity is never one;
+* `destination_service` is the service of the upstream cluster: Istio reads it from the
+  cluster metadata istiod writes (`istio.services[0]`); extproc reads the same metadata when
+  the Envoy config logs it, else the service istiod names the cluster after
+  (`outbound|8000||httpbin.foo.svc.cluster.local`), else, inbound, `ServiceInfo`
+  (`--service-host`), and only then the Host header, Istio's own fallback.
 
 The 20 peer labels and the security policy depend only on who talks to whom, so they are
 computed once per distinct (direction, peer, principals, host, cluster) and cached.
@@ -20,6 +24,8 @@ computed once per distinct (direction, peer, principals, host, cluster) and cach
 from __future__ import annotations
 
 import enum
+import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -59,17 +65,68 @@ class Direction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ServiceInfo:
-    """The service the local workload serves, as Istio's inbound cluster metadata says it.
+    """A service as Istio's cluster metadata describes it (`istio.services[0]`: host, name,
+    namespace), or the service the local workload serves (`--service-host`).
 
-    Its namespace is the workload's: inbound, Istio reports the local namespace as
-    destination_service_namespace whatever the metadata says."""
+    Inbound, Istio reports the local namespace as destination_service_namespace whatever the
+    metadata says; outbound, the metadata's namespace, else the peer's."""
 
     host: str  # e.g. httpbin.foo.svc.cluster.local
     name: str = ""  # default: host up to the first "."
+    namespace: str = ""
 
     @property
     def short_name(self) -> str:
         return self.name or self.host.split(".", 1)[0]
+
+
+# istiod names the cluster of a service `<direction>|<port>|<subset>|<host>`, and sets its
+# observability (stats) name to `<direction>_.<port>_.<subset>_.<host>`; Envoy logs one or the
+# other depending on its version and settings.
+_CLUSTER_DIRECTIONS = ("outbound", "inbound")
+
+
+@functools.lru_cache(maxsize=1024)
+def service_of_metadata(value: str) -> ServiceInfo | None:
+    """The first service of a cluster's `istio.services` metadata, as Envoy's
+    `%CLUSTER_METADATA(istio:services)%` formats it (a JSON list of {host, name, namespace});
+    None when absent (`-`, empty) or not such a list. istio_stats.cc reads services[0] only."""
+    if not value or value == "-":
+        return None
+    try:
+        services = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(services, list) or not services or not isinstance(services[0], dict):
+        return None
+    first = services[0]
+    host, name, namespace = (first.get(k) for k in ("host", "name", "namespace"))
+    if not isinstance(host, str) or not host:
+        return None
+    return ServiceInfo(host, name if isinstance(name, str) else "", namespace if isinstance(namespace, str) else "")
+
+
+def service_of_cluster(cluster: str) -> ServiceInfo | None:
+    """The service an istiod-named cluster routes to, or None for any other cluster name.
+
+    The host is the cluster's last field. istiod's metadata names a Kubernetes service by its
+    own name and namespace, which are the host's first two labels of `<name>.<ns>.svc.<domain>`;
+    for any other host (a ServiceEntry's) the name cannot be read off the host: Istio's own
+    fallback, the host up to its first dot, is used and the namespace is left to the peer's.
+    """
+    if "|" in cluster:
+        parts = cluster.split("|")
+    elif "_." in cluster:
+        parts = cluster.split("_.", 3)
+    else:
+        return None
+    if len(parts) != 4 or parts[0] not in _CLUSTER_DIRECTIONS or not parts[3]:
+        return None
+    host = parts[3]
+    labels = host.split(".")
+    if len(labels) >= 4 and labels[2] == "svc" and labels[0] and labels[1]:
+        return ServiceInfo(host, labels[0], labels[1])
+    return ServiceInfo(host)
 
 
 @dataclass(slots=True)
@@ -84,6 +141,7 @@ class Peer:
     host: str = ""  # the Host/:authority header ("" for TCP)
     upstream_cluster: str = ""
     route_name: str = ""
+    service: ServiceInfo | None = None  # the upstream cluster's `istio.services[0]`, when logged
 
 
 @dataclass(slots=True)
@@ -146,7 +204,16 @@ class Labeler:
     def peer_labels(self, p: Peer) -> tuple[tuple[str, ...], str]:
         """(reporter + the 19 peer labels, connection_security_policy)."""
         who = p.peer_key or p.workload  # a peer given without its header value is keyed by itself
-        key = (p.direction, who, p.peer_principal, p.local_principal, p.host, p.upstream_cluster, p.route_name)
+        key = (
+            p.direction,
+            who,
+            p.peer_principal,
+            p.local_principal,
+            p.host,
+            p.upstream_cluster,
+            p.route_name,
+            p.service,
+        )
         cached = self._peer_cache.get(key)
         if cached is None:
             cached = self._compute(p)
@@ -179,24 +246,33 @@ class Labeler:
         return (*peer, "tcp", "", "", r.response_flags or "-", csp)
 
     def _service(self, p: Peer) -> tuple[str, str, str]:
-        """(destination_service, destination_service_name, service namespace or "")."""
+        """(destination_service, destination_service_name, service namespace or ""), with
+        istio_stats.cc's precedence: the special routes and clusters name only the service
+        name; else the cluster's service (its metadata, else its istiod name); else the Host
+        header. Inbound, `ServiceInfo` stands in for the inbound cluster's metadata."""
         host = name = p.host
         namespace = ""
         if p.route_name in SPECIAL_ROUTES:
             name = SPECIAL_ROUTES[p.route_name]
         elif p.upstream_cluster in SPECIAL_CLUSTERS:
             name = p.upstream_cluster
-        elif p.direction is Direction.INBOUND and self.service is not None:
-            host = self.service.host
-            name = self.service.short_name
+        else:
+            svc = p.service
+            if svc is None and p.direction is Direction.INBOUND:
+                svc = self.service
+            if svc is None:
+                svc = service_of_cluster(p.upstream_cluster)
+            if svc is not None:
+                host, name, namespace = svc.host, svc.short_name, svc.namespace
         return host, name, namespace
 
     def _compute(self, p: Peer) -> tuple[tuple[str, ...], str]:
         local = self.local
         peer = p.workload
+        # Only a certificate names a principal. istio_stats.cc falls back to the peer's
+        # IDENTITY on the client side, which a sidecar's exchanged metadata never carries (only
+        # ambient's workload discovery fills it), so Istio's sidecars report `unknown` there.
         peer_san = p.peer_principal
-        if not peer_san and p.direction is Direction.OUTBOUND and peer is not None:
-            peer_san = peer.identity
         peer_ns = spiffe_namespace(peer_san) if peer_san else ""
         if not peer_ns and peer is not None:
             peer_ns = peer.namespace
@@ -227,7 +303,7 @@ class Labeler:
                 local.canonical_service,
                 local.canonical_revision,
                 service_name or local.canonical_service,
-                service_ns or local.namespace,
+                local.namespace,  # the local namespace whatever the service's (istio_stats.cc)
                 local.cluster,
             )
         else:

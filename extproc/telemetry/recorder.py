@@ -32,8 +32,9 @@ WORKLOAD_SHAPE_CACHE_SIZE = 1024  # per workload in central mode, where there ma
 # What an HTTP request's labels depend on, and nothing else: (outbound, peer key (the raw
 # x-envoy-peer-metadata value, or the Workload when there is none), peer principal, local
 # principal, host, upstream cluster, route name, grpc, response code, grpc status ("" unless
-# grpc), response flags ("-" when none)). Requests of one shape land in the same series.
-HttpShape = tuple[bool, object, str, str, str, str, str, bool, int, str, str]
+# grpc), response flags ("-" when none), the upstream cluster's logged service or None).
+# Requests of one shape land in the same series.
+HttpShape = tuple[bool, object, str, str, str, str, str, bool, int, str, str, ServiceInfo | None]
 
 
 def _enabled(tables: dict[str, Table], name: str) -> Table | None:
@@ -229,6 +230,7 @@ class Recorder:
                     r.response_code,
                     r.grpc_status if grpc else "",
                     r.response_flags or "-",
+                    p.service,
                 ),
                 p.workload,
                 r.duration_ms,
@@ -361,6 +363,7 @@ class Recorder:
                 host,
                 cluster,
                 route,
+                shape[11],
             )
         found = _Shape(self.labeler.http_labels(peer, shape[7], shape[8], shape[9], shape[10]))
         shapes = self._shapes

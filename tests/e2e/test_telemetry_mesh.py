@@ -37,6 +37,9 @@ HTTP_DENIED = 2
 GRPC_OK = 3
 GRPC_NOT_FOUND = 1
 TCP_CONNECTIONS = 2
+# The client sidecar's upstream clusters, named as istiod names them.
+HTTP_CLUSTER = "outbound|8000||httpbin.foo.svc.cluster.local"
+TCP_CLUSTER = "outbound|9000||tcp-echo.foo.svc.cluster.local"
 
 
 @dataclass
@@ -163,15 +166,15 @@ def mesh_stack(
                 mesh.listener(
                     "outbound_http",
                     c_http,
-                    [mesh.hcm("outbound_http", *_route(_sidecar(mode, "outbound"), mesh.routes("server_http")))],
+                    [mesh.hcm("outbound_http", *_route(_sidecar(mode, "outbound"), mesh.routes(HTTP_CLUSTER)))],
                 ),
                 mesh.listener(
-                    "outbound_tcp", c_tcp, [mesh.tcp_proxy("outbound_tcp", "server_tcp", [mesh.tcp_als("outbound")])]
+                    "outbound_tcp", c_tcp, [mesh.tcp_proxy("outbound_tcp", TCP_CLUSTER, [mesh.tcp_als("outbound")])]
                 ),
             ],
             [
-                mesh.tls_cluster("server_http", s_http, client_cert, ca, http2=True),
-                mesh.tls_cluster("server_tcp", s_tcp, client_cert, ca, http2=False),
+                mesh.tls_cluster(HTTP_CLUSTER, s_http, client_cert, ca, http2=True),
+                mesh.tls_cluster(TCP_CLUSTER, s_tcp, client_cert, ca, http2=False),
                 *client_x.clusters(),
             ],
         )
@@ -301,10 +304,17 @@ def test_client_side_labels_the_server_workload_from_the_response(mesh_stack: Me
         "v2",
     )
     assert (labels["destination_workload"], labels["destination_workload_namespace"]) == ("httpbin", "foo")
-    assert labels["destination_principal"] == "spiffe://cluster.local/ns/foo/sa/httpbin"  # IDENTITY in the metadata
+    # Both principals from the upstream mTLS connection's certificates, as Istio's client sidecar.
+    assert labels["destination_principal"] == "spiffe://cluster.local/ns/foo/sa/httpbin"
+    assert labels["source_principal"] == "spiffe://cluster.local/ns/bar/sa/other"
     assert (labels["destination_canonical_service"], labels["destination_canonical_revision"]) == ("httpbin", "v1")
     assert labels["destination_cluster"] == "east"
-    assert labels["destination_service"] == "httpbin.foo:8000"  # the Host header, as Istio without cluster metadata
+    # The service of the upstream cluster, not the Host header (httpbin.foo:8000).
+    assert (
+        labels["destination_service"],
+        labels["destination_service_name"],
+        labels["destination_service_namespace"],
+    ) == ("httpbin.foo.svc.cluster.local", "httpbin", "foo")
     assert labels["connection_security_policy"] == "unknown"  # always, when the client reports
 
 
@@ -317,9 +327,9 @@ def test_applications_never_see_the_exchange_headers(mesh_stack: Mesh) -> None:
 
 def test_denials_are_counted_with_their_flags_on_both_sides(mesh_stack: Mesh) -> None:
     server = samples(mesh_stack.server_x.metrics(), "istio_requests_total", response_code="403")
-    # ext_authz's denial carries Envoy's UAEX flag; ext_proc's local reply carries none.
-    flag = "UAEX" if mesh_stack.mode in ("authz", "authz-http") else "-"
-    assert [(lbl["response_flags"], v) for lbl, v in server] == [(flag, HTTP_DENIED)]
+    # A DENY policy: Istio's RBAC filter sets no flag, so neither does extproc, though Envoy
+    # flags the ext_authz denial UAEX in the entry (ext_proc's local reply has no flag at all).
+    assert [(lbl["response_flags"], v) for lbl, v in server] == [("-", HTTP_DENIED)]
     # The denied request still came from a known peer: the metadata is read before the decision.
     assert server[0][0]["source_workload"] == "other"
     client = samples(mesh_stack.client_x.metrics(), "istio_requests_total", response_code="403")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import wrappers_pb2
 
-from extproc.services.accesslog import AccessLogService, grpc_status, response_flags
+from extproc.services.accesslog import AccessLogService, grpc_status, istio_flags, response_flags
 from extproc.telemetry import labels as L
 from extproc.telemetry.peer import Workload, encode
 from extproc.telemetry.record import Direction
@@ -115,3 +116,135 @@ def test_tcp_entries_diff_cumulative_bytes_and_carry_addresses_for_overrides() -
     assert [v for _, v in samples(text, "istio_tcp_connections_opened_total")] == [1]
     assert [v for _, v in samples(text, "istio_tcp_connections_closed_total")] == [1]
     assert t.tcp.connections == {}
+
+
+# --- the client side's identities and service, from the entry's custom tags -------------------
+
+SERVER_SAN = "spiffe://cluster.local/ns/foo/sa/httpbin"
+CLIENT_SAN = "spiffe://cluster.local/ns/bar/sa/sleep"
+SERVICES = '[{"host":"httpbin.foo.svc.cluster.local","name":"httpbin","namespace":"foo"}]'
+
+
+def _client() -> tuple[AccessLogService, Telemetry]:
+    t = Telemetry.create(Workload.from_labels({"app": "sleep"}, workload_name="sleep", namespace="bar"))
+    return AccessLogService(t.recorder, t.tcp, t.peers, Direction.OUTBOUND), t
+
+
+def _tagged(e: accesslog_pb2.HTTPAccessLogEntry | accesslog_pb2.TCPAccessLogEntry, **tags: str) -> None:
+    for k, v in tags.items():
+        e.common_properties.custom_tags[k] = v
+
+
+def test_the_client_side_reads_upstream_principals_and_the_clusters_service_from_custom_tags() -> None:
+    svc, t = _client()
+    e = _entry()
+    e.common_properties.upstream_cluster = "upstream"  # not istiod's name: the metadata names the service
+    _tagged(
+        e,
+        upstream_peer_uri_san=f"{SERVER_SAN},spiffe://cluster.local/ns/foo/sa/other",
+        upstream_local_uri_san=CLIENT_SAN,
+        istio_services=SERVICES,
+    )
+    svc.http_entry(e, Direction.OUTBOUND)
+    [(lbl, _)] = samples(t.store.render(), "istio_requests_total")
+    assert lbl["destination_principal"] == SERVER_SAN  # the first SAN, as istio_stats.cc
+    assert lbl["source_principal"] == CLIENT_SAN
+    assert lbl["destination_workload_namespace"] == "foo"  # from the SPIFFE id
+    assert (lbl["destination_service"], lbl["destination_service_name"], lbl["destination_service_namespace"]) == (
+        "httpbin.foo.svc.cluster.local",
+        "httpbin",
+        "foo",
+    )
+    assert lbl["connection_security_policy"] == "unknown"
+
+
+def test_a_local_reply_names_its_service_from_the_route_cluster_tag() -> None:
+    svc, t = _client()
+    e = _entry(code=503)
+    _tagged(e, upstream_cluster="outbound|8000||httpbin.foo.svc.cluster.local", upstream_peer_uri_san="-")
+    svc.http_entry(e, Direction.OUTBOUND)
+    [(lbl, _)] = samples(t.store.render(), "istio_requests_total")
+    assert (lbl["destination_service"], lbl["destination_service_name"]) == ("httpbin.foo.svc.cluster.local", "httpbin")
+    assert lbl["destination_principal"] == "unknown"  # `-`: the formatter had nothing
+
+
+def test_the_server_side_ignores_upstream_tags_for_principals() -> None:
+    svc, t = _service()
+    e = _entry()
+    _tagged(e, upstream_peer_uri_san=SERVER_SAN, upstream_local_uri_san=CLIENT_SAN)
+    svc.http_entry(e, Direction.INBOUND)
+    [(lbl, _)] = samples(t.store.render(), "istio_requests_total")
+    assert (lbl["source_principal"], lbl["destination_principal"]) == ("unknown", "unknown")
+
+
+def test_tcp_client_entries_read_the_same_tags() -> None:
+    svc, t = _client()
+    e = accesslog_pb2.TCPAccessLogEntry()
+    c = e.common_properties
+    c.stream_id = "c1"
+    c.access_log_type = accesslog_pb2.TcpConnectionEnd
+    c.upstream_cluster = "outbound|9000||tcp-echo.foo.svc.cluster.local"
+    _tagged(e, upstream_peer_uri_san=SERVER_SAN, upstream_local_uri_san=CLIENT_SAN)
+    svc.tcp_entry(e, Direction.OUTBOUND)
+    [(lbl, n)] = samples(t.store.render(), "istio_tcp_connections_closed_total")
+    assert (lbl["source_principal"], lbl["destination_principal"], n) == (CLIENT_SAN, SERVER_SAN, 1)
+    assert (lbl["destination_service"], lbl["destination_service_name"], lbl["destination_service_namespace"]) == (
+        "tcp-echo.foo.svc.cluster.local",
+        "tcp-echo",
+        "foo",
+    )
+
+
+# --- response flags as Istio's sidecar reports them ------------------------------------------
+
+
+def _uaex(e: accesslog_pb2.HTTPAccessLogEntry | accesslog_pb2.TCPAccessLogEntry, **extra: bool) -> None:
+    f = e.common_properties.response_flags
+    f.unauthorized_details.reason = accesslog_pb2.ResponseFlags.Unauthorized.EXTERNAL_SERVICE
+    for k, v in extra.items():
+        setattr(f, k, v)
+
+
+@pytest.mark.parametrize(
+    ("stage", "flags"),
+    [
+        ("deny", "-"),  # Envoy's RBAC filter: no flag
+        ("no-match", "-"),
+        ("jwt", "-"),  # jwt_authn: no flag
+        ("custom", "UAEX"),  # CUSTOM is ext_authz in Istio too
+        ("error", "UAEX"),
+        (None, "UAEX"),  # an ext_authz failure with no decision of extproc's
+    ],
+)
+def test_an_http_denial_carries_the_flag_istios_native_filter_would(stage: str | None, flags: str) -> None:
+    svc, t = _service()
+    e = _entry(code=403)
+    _uaex(e)
+    if stage is not None:
+        e.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].update({"extproc_stage": stage})
+    svc.http_entry(e, Direction.INBOUND)
+    [(lbl, _)] = samples(t.store.render(), "istio_requests_total")
+    assert lbl["response_flags"] == flags
+
+
+def test_other_flags_stay_when_uaex_goes() -> None:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    _uaex(e, downstream_connection_termination=True)
+    md = e.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"]
+    md.update({"extproc_stage": "deny"})
+    assert istio_flags(response_flags(e.common_properties.response_flags), md) == "DC"
+    assert istio_flags("UF,URX", None) == "UF,URX"
+
+
+@pytest.mark.parametrize(("stage", "flags"), [(None, "-"), ("deny", "-"), ("custom", "UAEX")])
+def test_a_tcp_denial_is_the_network_rbac_filters_unless_custom(stage: str | None, flags: str) -> None:
+    svc, t = _service()
+    e = accesslog_pb2.TCPAccessLogEntry()
+    e.common_properties.stream_id = "c2"
+    e.common_properties.access_log_type = accesslog_pb2.TcpConnectionEnd
+    _uaex(e)
+    if stage is not None:
+        e.common_properties.metadata.filter_metadata["envoy.filters.network.ext_authz"].update({"extproc_stage": stage})
+    svc.tcp_entry(e, Direction.INBOUND)
+    [(lbl, _)] = samples(t.store.render(), "istio_tcp_connections_closed_total")
+    assert lbl["response_flags"] == flags

@@ -19,6 +19,7 @@ from extproc.telemetry.record import (
     Peer,
     ServiceInfo,
     TcpRecord,
+    service_of_cluster,
     spiffe_namespace,
 )
 from extproc.telemetry.recorder import Recorder, TcpTracker
@@ -226,10 +227,10 @@ def test_outbound_full_metadata_and_mtls() -> None:
         "destination_principal": REVIEWS_SAN,
         "destination_app": "reviews",
         "destination_version": "v2",
-        "destination_service": "reviews:9080",
+        "destination_service": "reviews.bookinfo.svc.cluster.local",  # the cluster's, not the Host header
         "destination_canonical_service": "reviews",
         "destination_canonical_revision": "v2",
-        "destination_service_name": "reviews:9080",
+        "destination_service_name": "reviews",
         "destination_service_namespace": "bookinfo",
         "destination_cluster": "Kubernetes",
         "request_protocol": "http",
@@ -240,11 +241,15 @@ def test_outbound_full_metadata_and_mtls() -> None:
     }
 
 
-def test_outbound_principal_from_peer_metadata_when_no_upstream_cert() -> None:
-    """Client side: no upstream SAN, so the peer's IDENTITY (istio_stats.cc endpoint_peer->identity_)."""
+def test_outbound_principals_only_from_certificates() -> None:
+    """Client side over plain text: no upstream certificate, so `unknown` for both principals, as
+    Istio's sidecars report (testdata/metric/client_request_total.yaml.tmpl), even when the
+    peer's metadata declares an IDENTITY."""
     got = http_labels(Labeler(PRODUCTPAGE), peer(Direction.OUTBOUND, REVIEWS, host="reviews:9080"))
-    assert got["destination_principal"] == REVIEWS_SAN
+    assert REVIEWS.identity == REVIEWS_SAN
+    assert got["destination_principal"] == "unknown"
     assert got["source_principal"] == "unknown"
+    assert got["destination_workload_namespace"] == "bookinfo"  # the metadata still names the namespace
     assert got["connection_security_policy"] == "unknown"
 
 
@@ -395,11 +400,12 @@ def test_namespace_from_spiffe_id_beats_metadata() -> None:
     assert got["destination_workload_namespace"] == "san-ns"
     assert got["destination_service_namespace"] == "san-ns"
 
-    # Outbound with no upstream cert: the IDENTITY in the metadata is the SAN, and its namespace wins.
+    # Outbound with no upstream cert: a declared IDENTITY is no certificate; the metadata's
+    # namespace stands.
     declared = Workload(workload_name="sleep", namespace="meta-ns", identity=san)
     got = http_labels(Labeler(PRODUCTPAGE), peer(Direction.OUTBOUND, declared))
-    assert got["destination_workload_namespace"] == "san-ns"
-    assert got["destination_principal"] == san
+    assert got["destination_workload_namespace"] == "meta-ns"
+    assert got["destination_principal"] == "unknown"
 
 
 def test_namespace_falls_back_to_metadata() -> None:
@@ -449,6 +455,106 @@ def test_service_info_is_inbound_only() -> None:
     assert got["destination_service_namespace"] == "bookinfo"  # the peer's namespace
 
 
+@pytest.mark.parametrize(
+    ("cluster", "expected"),
+    [
+        ("outbound|8000||httpbin.foo.svc.cluster.local", ("httpbin.foo.svc.cluster.local", "httpbin", "foo")),
+        (
+            "outbound|9080|v2|reviews.bookinfo.svc.cluster.local",
+            ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo"),
+        ),
+        ("outbound_.8000_._.httpbin.foo.svc.cluster.local", ("httpbin.foo.svc.cluster.local", "httpbin", "foo")),
+        ("outbound|8000||httpbin.foo.svc.example.org", ("httpbin.foo.svc.example.org", "httpbin", "foo")),
+        # A ServiceEntry host: Istio's fallback name (up to the first dot), no namespace.
+        ("outbound|443||api.example.com", ("api.example.com", "api", "")),
+        (
+            "inbound|8080|http|reviews.bookinfo.svc.cluster.local",
+            ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo"),
+        ),
+    ],
+)
+def test_service_of_an_istiod_named_cluster(cluster: str, expected: tuple[str, str, str]) -> None:
+    svc = service_of_cluster(cluster)
+    assert svc is not None
+    assert (svc.host, svc.short_name, svc.namespace) == expected
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    ["", "app", "server_http", "inbound|8080||", "outbound|8000|", "sideways|1||a.b.svc.cluster.local", "a|b|c|d|e"],
+)
+def test_other_cluster_names_name_no_service(cluster: str) -> None:
+    assert service_of_cluster(cluster) is None
+
+
+def test_client_side_service_from_the_cluster_then_its_metadata_then_the_host_header() -> None:
+    labeler = Labeler(PRODUCTPAGE)
+    named = peer(
+        Direction.OUTBOUND,
+        REVIEWS,
+        host="reviews:9080",
+        upstream_cluster="outbound|9080||reviews.bookinfo.svc.cluster.local",
+    )
+    got = http_labels(labeler, named)
+    assert (got["destination_service"], got["destination_service_name"], got["destination_service_namespace"]) == (
+        "reviews.bookinfo.svc.cluster.local",
+        "reviews",
+        "bookinfo",
+    )
+    # The cluster's logged istio.services[0] wins over its name, as in istio_stats.cc.
+    meta = ServiceInfo("reviews.shared.global", name="reviews-global", namespace="shared")
+    with_meta = peer(
+        Direction.OUTBOUND,
+        REVIEWS,
+        host="reviews:9080",
+        upstream_cluster="outbound|9080||reviews.bookinfo.svc.cluster.local",
+    )
+    with_meta.service = meta
+    got = http_labels(labeler, with_meta)
+    assert (got["destination_service"], got["destination_service_name"], got["destination_service_namespace"]) == (
+        "reviews.shared.global",
+        "reviews-global",
+        "shared",
+    )
+    # A ServiceEntry host without metadata: the namespace is the peer's, as Istio falls back.
+    se = peer(Direction.OUTBOUND, REVIEWS, host="api.example.com", upstream_cluster="outbound|443||api.example.com")
+    got = http_labels(labeler, se)
+    assert (got["destination_service"], got["destination_service_name"], got["destination_service_namespace"]) == (
+        "api.example.com",
+        "api",
+        "bookinfo",
+    )
+    # No istiod cluster: the Host header, Istio's own fallback.
+    plain = peer(Direction.OUTBOUND, REVIEWS, host="reviews:9080", upstream_cluster="reviews_cluster")
+    got = http_labels(labeler, plain)
+    assert (got["destination_service"], got["destination_service_name"]) == ("reviews:9080", "reviews:9080")
+    # TCP has no Host header: without an istiod cluster the service is unknown.
+    got = labelled(labeler.tcp(TcpRecord(peer=peer(Direction.OUTBOUND, REVIEWS, upstream_cluster="tcp"))))
+    assert (got["destination_service"], got["destination_service_name"]) == ("unknown", "unknown")
+    got = labelled(
+        labeler.tcp(
+            TcpRecord(
+                peer=peer(
+                    Direction.OUTBOUND, REVIEWS, upstream_cluster="outbound|9000||tcp-echo.bookinfo.svc.cluster.local"
+                )
+            )
+        )
+    )
+    assert (got["destination_service"], got["destination_service_name"]) == (
+        "tcp-echo.bookinfo.svc.cluster.local",
+        "tcp-echo",
+    )
+
+
+def test_inbound_service_namespace_is_always_the_local_one() -> None:
+    p = peer(
+        Direction.INBOUND, PRODUCTPAGE, host="x", upstream_cluster="inbound|8080|http|reviews.other.svc.cluster.local"
+    )
+    got = http_labels(Labeler(REVIEWS), p)
+    assert got["destination_service"] == "reviews.other.svc.cluster.local"
+    assert got["destination_service_namespace"] == "bookinfo"
+
+
 def test_service_info_short_name() -> None:
     assert ServiceInfo("a.b.svc.cluster.local").short_name == "a"
     assert ServiceInfo("plain").short_name == "plain"
@@ -470,7 +576,7 @@ def test_service_info_short_name() -> None:
         ("", "InboundPassthroughCluster", "InboundPassthroughCluster"),
         ("", "InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv4"),
         ("", "InboundPassthroughClusterIpv6", "InboundPassthroughClusterIpv6"),
-        ("default", "outbound|80||example.com", "example.com:8080"),  # ordinary: the Host header
+        ("default", "app", "example.com:8080"),  # no istiod-named cluster: the Host header
     ],
 )
 def test_special_clusters_and_routes(direction: Direction, route: str, cluster: str, name: str) -> None:

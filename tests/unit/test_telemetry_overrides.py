@@ -418,6 +418,9 @@ def test_outbound_principals_and_missing_values() -> None:
     r = http(Direction.OUTBOUND, peer_principal="", local_principal="spiffe://td/ns/foo/sa/me", host="", path="")
     r.peer.workload = Workload(identity="spiffe://td/ns/bar/sa/peer")
     assert evaluate("source.principal", r) == "spiffe://td/ns/foo/sa/me"
+    # A declared IDENTITY is not a certificate: the principal is unknown, as in the label.
+    assert evaluate("destination.principal", r) == "unknown"
+    r.peer.peer_principal = "spiffe://td/ns/bar/sa/peer"
     assert evaluate("destination.principal", r) == "spiffe://td/ns/bar/sa/peer"
     assert evaluate("connection.mtls", r) == "false"
     assert evaluate("connection.uri_san_peer_certificate", r) == "unknown"

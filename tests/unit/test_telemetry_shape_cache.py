@@ -125,12 +125,13 @@ def test_the_access_log_entry_point_records_what_http_records() -> None:
             r.response_code,
             r.grpc_status if r.grpc else "",
             r.response_flags or "-",
+            p.service,
         )
         # As the adapter builds it: the peer is known by its header value only.
         as_logged = HttpRecord(**{f: getattr(r, f) for f in HttpRecord.__slots__})  # type: ignore[arg-type]
         as_logged.peer = Peer(
             p.direction, p.workload if value else None, value, p.peer_principal, p.local_principal, p.host,
-            p.upstream_cluster, p.route_name,
+            p.upstream_cluster, p.route_name, p.service,
         )  # fmt: skip
         assert lean.http_shape(
             shape,
@@ -248,7 +249,7 @@ def test_tag_overrides_that_read_the_record_bypass_the_cache() -> None:
     b = MetricStore(path_tag, STANDARD)
     cached, uncached = pair(a, b)
     p = Peer(Direction.INBOUND, CLIENTS[0], encode(CLIENTS[0]))
-    shape = (False, p.peer_key, "", "", "", "", "", False, 200, "", "-")
+    shape = (False, p.peer_key, "", "", "", "", "", False, 200, "", "-", None)
     assert not cached.http_shape(shape, p.workload, 1.0, 1, 1)  # the adapter must build a record
     assert cached.stats.http["access_log"] == 0
     for path in ("/a", "/b", "/a"):
@@ -277,7 +278,7 @@ def test_ext_proc_claims_still_skip_the_access_log_entry_of_the_same_request() -
     a, b = stores()
     cached, uncached = pair(a, b)
     p = Peer(Direction.INBOUND, CLIENTS[0], encode(CLIENTS[0]))
-    shape = (False, p.peer_key, "", "", "", "", "", False, 200, "", "-")
+    shape = (False, p.peer_key, "", "", "", "", "", False, 200, "", "-", None)
     for rec in (cached, uncached):
         rec.http(HttpRecord(peer=p, response_code=200, request_id="r1"), "ext_proc")
     assert cached.claims
