@@ -9,12 +9,15 @@ rules naming it deny what they match and everything else is served.
 Recognised documents:
   * AuthorizationPolicy            security.istio.io/v1 or v1beta1
   * RequestAuthentication          security.istio.io/v1 or v1beta1
+  * WorkloadEntry                  networking.istio.io/v1, v1beta1 or v1alpha3
+  * ServiceEntry                   networking.istio.io/v1, v1beta1 or v1alpha3
   * MeshConfig                     extproc.io/v1alpha1: `spec.extensionProviders` as in Istio
   * ConfigMap named `istio`        Istio's own mesh ConfigMap; `data.mesh` is read for
                                    `extensionProviders`, other mesh settings are ignored
   * Telemetry                      telemetry.istio.io/v1 or v1alpha1: `spec.metrics`
   * List                           `items` are loaded as documents of their own
-Anything else is skipped with a warning, so a directory shared with other manifests loads.
+Anything else (other networking.istio.io kinds such as VirtualService or DestinationRule
+included) is skipped with a warning, so a directory shared with other manifests loads.
 
 A reload passes a `FileMemory`: a file written in place may be caught mid-write
 (`cmd > policy.yaml` truncates it before writing), so what it held stays in force until
@@ -41,19 +44,48 @@ from extproc.config import validation
 from extproc.config.errors import ConfigError, ConfigIssue, Location, format_path
 from extproc.config.models import (
     EXTPROC_API_VERSION,
+    NETWORKING_API_VERSIONS,
     SECURITY_API_VERSIONS,
     AuthorizationPolicy,
     MeshConfig,
     MeshConfigSpec,
     RequestAuthentication,
+    ServiceEntry,
+    WorkloadEntry,
 )
 from extproc.config.providers import InvalidProvider, ProviderSettings, resolve_providers
 from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
 from extproc.telemetry.overrides import LoadedTelemetry, is_telemetry, parse_telemetry
 
-_SECURITY_KINDS: dict[str, tuple[type[BaseModel], Any]] = {
-    "AuthorizationPolicy": (AuthorizationPolicy, validation.validate_authorization_policy),
-    "RequestAuthentication": (RequestAuthentication, validation.validate_request_authentication),
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """An Istio kind read into a model, validated, and kept in a list of LoadedConfig."""
+
+    versions: tuple[str, ...]  # the supported apiVersions, all of one group
+    model: type[BaseModel]
+    validate: Callable[[Any], list[validation.Problem]]
+    field: str  # the LoadedConfig list it goes to
+
+    @property
+    def group(self) -> str:
+        return self.versions[0].split("/", 1)[0] + "/"
+
+
+_ISTIO_KINDS: dict[str, _Kind] = {
+    "AuthorizationPolicy": _Kind(
+        SECURITY_API_VERSIONS, AuthorizationPolicy, validation.validate_authorization_policy, "policies"
+    ),
+    "RequestAuthentication": _Kind(
+        SECURITY_API_VERSIONS,
+        RequestAuthentication,
+        validation.validate_request_authentication,
+        "request_authentications",
+    ),
+    "WorkloadEntry": _Kind(
+        NETWORKING_API_VERSIONS, WorkloadEntry, validation.validate_workload_entry, "workload_entries"
+    ),
+    "ServiceEntry": _Kind(NETWORKING_API_VERSIONS, ServiceEntry, validation.validate_service_entry, "service_entries"),
 }
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
@@ -155,7 +187,8 @@ def _close(fds: Iterable[int]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class LoadedPolicy:
-    """An AuthorizationPolicy or a RequestAuthentication, with where it was defined."""
+    """An Istio resource (AuthorizationPolicy, RequestAuthentication, WorkloadEntry or
+    ServiceEntry: its model is `policy`), with where it was defined."""
 
     policy: Any
     location: Location
@@ -176,6 +209,8 @@ class LoadedConfig:
     warnings: list[ConfigIssue] = field(default_factory=list)
     request_authentications: list[LoadedPolicy] = field(default_factory=list)
     telemetries: list[LoadedTelemetry] = field(default_factory=list)
+    workload_entries: list[LoadedPolicy] = field(default_factory=list)
+    service_entries: list[LoadedPolicy] = field(default_factory=list)
     held: list[str] = field(default_factory=list)  # files written in place, not yet settled: not read
 
 
@@ -216,6 +251,11 @@ def _pydantic_issues(err: ValidationError, doc: Document, file: str, resource: s
             msg = f"must be a string, got {got}"
             if got in ("int", "float", "bool"):
                 msg += " (quote the value in YAML)"
+        elif typ == "int_type":
+            got = type(e.get("input")).__name__
+            msg = f"must be an integer, got {got}"
+            if got == "str":
+                msg += f" {e.get('input')!r} (remove the quotes in YAML)"
         elif typ.startswith("value_error"):
             msg = msg.removeprefix("Value error, ")
         issues.append(ConfigIssue(Location(file, doc.index, doc.line_of(loc), resource), format_path(loc), msg))
@@ -405,18 +445,18 @@ def _load_document(
     label = _resource_label(kind, data)
     where = Location(file, doc.index, doc.line_of(()), label)
 
-    if kind in _SECURITY_KINDS and api.startswith("security.istio.io/"):
-        if api not in SECURITY_API_VERSIONS:
+    istio_kind = _ISTIO_KINDS.get(kind)
+    if istio_kind is not None and api.startswith(istio_kind.group):
+        if api not in istio_kind.versions:
             issues.append(
                 ConfigIssue(
                     Location(file, doc.index, doc.line_of(("apiVersion",)), label),
                     at(("apiVersion",)),
-                    f"unsupported version {api}; use one of {', '.join(SECURITY_API_VERSIONS)}",
+                    f"unsupported version {api}; use one of {', '.join(istio_kind.versions)}",
                 )
             )
             return
-        model, validate = _SECURITY_KINDS[kind]
-        resource, errs = _validate_model(model, data, doc, file, label)
+        resource, errs = _validate_model(istio_kind.model, data, doc, file, label)
         if errs:
             issues.extend(_prefixed(errs, prefix))
             return
@@ -433,7 +473,7 @@ def _load_document(
             ConfigIssue(
                 Location(file, doc.index, doc.line_of(prob.path), label), at(prob.path), prob.message, prob.warning
             )
-            for prob in validate(resource)
+            for prob in istio_kind.validate(resource)
         ]
         issues.extend(problems)
         if any(not p.warning for p in problems):
@@ -449,10 +489,7 @@ def _load_document(
             )
             return
         seen[key] = where
-        if kind == "AuthorizationPolicy":
-            result.policies.append(LoadedPolicy(resource, where))
-        else:
-            result.request_authentications.append(LoadedPolicy(resource, where))
+        getattr(result, istio_kind.field).append(LoadedPolicy(resource, where))
         return
 
     if is_telemetry(data):

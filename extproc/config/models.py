@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+NETWORKING_API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 EXTPROC_API_VERSION = "extproc.io/v1alpha1"
 
 
@@ -182,6 +183,99 @@ class RequestAuthentication(BaseModel):
     kind: str
     metadata: ObjectMeta
     spec: RequestAuthenticationSpec = Field(default_factory=RequestAuthenticationSpec)
+    status: Any = None
+
+
+# --- WorkloadEntry and ServiceEntry (networking.istio.io) ------------------------------
+#
+# Istio's numbers are uint32: YAML/JSON numbers only, a quoted "8080" is an error. Their
+# ranges (ports 1..65535, weight 0..2^32-1) are checked in validation.py, which names the field.
+
+
+def _enum_name(enum: type[StrEnum], v: Any) -> Any:
+    # Kubernetes accepts the enum's name only; give a clear message for anything else.
+    if isinstance(v, str) and v not in enum.__members__:
+        raise ValueError(f"must be one of {', '.join(enum.__members__)}, got {v!r}")
+    return v
+
+
+class WorkloadEntrySpec(_Strict):
+    """Istio's WorkloadEntry; also the type of a ServiceEntry's `endpoints`."""
+
+    address: str = ""
+    ports: dict[str, int] | None = None  # service port name -> this endpoint's port
+    labels: dict[str, str] | None = None
+    network: str = ""
+    locality: str = ""
+    weight: int = 0
+    service_account: str = ""
+
+
+class WorkloadEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta
+    spec: WorkloadEntrySpec = Field(default_factory=WorkloadEntrySpec)
+    status: Any = None
+
+
+class ServicePort(_Strict):
+    number: int
+    protocol: str = ""
+    name: str = ""  # required by the CRD; validation.py reports it missing, naming the port
+    target_port: int = 0
+
+
+class Location(StrEnum):
+    MESH_EXTERNAL = "MESH_EXTERNAL"
+    MESH_INTERNAL = "MESH_INTERNAL"
+
+
+class Resolution(StrEnum):
+    NONE = "NONE"
+    STATIC = "STATIC"
+    DNS = "DNS"
+    DNS_ROUND_ROBIN = "DNS_ROUND_ROBIN"
+    DYNAMIC_DNS = "DYNAMIC_DNS"  # in Istio's CRD at HEAD: wildcard hosts resolved per request
+
+
+class NetworkingWorkloadSelector(_Strict):
+    """networking.istio.io's WorkloadSelector: `labels`, where security.istio.io's has `matchLabels`."""
+
+    labels: dict[str, str] | None = None
+
+
+class ServiceEntrySpec(_Strict):
+    hosts: list[str]
+    addresses: list[str] | None = None
+    ports: list[ServicePort] | None = None
+    location: Annotated[Location, Field(strict=False)] = Location.MESH_EXTERNAL
+    resolution: Annotated[Resolution, Field(strict=False)] = Resolution.NONE
+    endpoints: list[WorkloadEntrySpec] | None = None
+    workload_selector: NetworkingWorkloadSelector | None = None
+    export_to: list[str] | None = None
+    subject_alt_names: list[str] | None = None
+
+    @field_validator("location", mode="before")
+    @classmethod
+    def _location_is_enum_name(cls, v: Any) -> Any:
+        return _enum_name(Location, v)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_is_enum_name(cls, v: Any) -> Any:
+        return _enum_name(Resolution, v)
+
+
+class ServiceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    api_version: Annotated[str, Field(alias="apiVersion")]
+    kind: str
+    metadata: ObjectMeta
+    spec: ServiceEntrySpec
     status: Any = None
 
 

@@ -1,7 +1,10 @@
-"""Istio's semantic validation of AuthorizationPolicy and RequestAuthentication, with the offending field named.
+"""Istio's semantic validation of the resources extproc reads, with the offending field named.
 
-The rules follow istio/istio pkg/config/validation (ValidateAuthorizationPolicy) and
-pkg/config/security (ValidateAttribute and friends). Where Istio accepts a value that
+The rules follow istio/istio pkg/config/validation (ValidateAuthorizationPolicy,
+ValidateRequestAuthentication, ValidateWorkloadEntry, ValidateServiceEntry),
+pkg/config/validation/agent, pkg/config/security (ValidateAttribute and friends) and the
+rules istio/api writes into the CRDs (OpenAPI limits and CEL `x-kubernetes-validations`),
+which the API server enforces before the webhook sees a resource. Where Istio accepts a value that
 its own generator later rejects at push time (a malformed `request.headers` key, for
 example), we reject it here instead: a user should learn about it when the file is
 loaded, not by a silently dropped rule.
@@ -24,10 +27,15 @@ from extproc.config.models import (
     AuthorizationPolicy,
     Condition,
     JwtRule,
+    Location,
     Operation,
     PolicyTargetReference,
     RequestAuthentication,
+    Resolution,
+    ServiceEntry,
     Source,
+    WorkloadEntry,
+    WorkloadEntrySpec,
 )
 from extproc.config.providers import parse_duration
 
@@ -689,4 +697,462 @@ def validate_request_authentication(ra: RequestAuthentication) -> list[Problem]:
             problems.append(Problem(("spec", "jwtRules", i), "a jwtRule must be an object, not null"))
         else:
             problems.extend(_jwt_rule(("spec", "jwtRules", i), rule))
+    return problems
+
+
+# --- WorkloadEntry and ServiceEntry --------------------------------------------------
+#
+# istio/istio pkg/config/validation/validation.go (ValidateWorkloadEntry, validateWorkloadEntry,
+# ValidateServiceEntry, validateExportTo, ValidateAlphaWorkloadSelector, ValidatePortName,
+# ValidateProtocol, ValidateUnixAddress), pkg/config/validation/agent/validation.go (ValidateFQDN,
+# ValidateWildcardDomain, ValidatePartialWildCard, ValidateIPSubnet, ValidatePort),
+# pkg/config/labels/instance.go, pkg/config/protocol/instance.go and
+# pkg/config/visibility/visibility.go; with the CRD's limits and CEL rules from istio/api
+# networking/v1alpha3/workload_entry.proto and service_entry.proto.
+
+UNIX_ADDRESS_PREFIX = "unix://"
+UINT32_MAX = 2**32 - 1
+_DNS1123_LABEL_FMT = r"[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?"
+_DNS1123_LABEL = re.compile(_DNS1123_LABEL_FMT)
+_WILDCARD_DNS1123_LABEL = re.compile(rf"\*|(?:\*|\*-)?{_DNS1123_LABEL_FMT}")
+_QUALIFIED_NAME_FMT = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_LABEL_KEY = re.compile(rf"(?:({_DNS1123_LABEL_FMT}(?:\.{_DNS1123_LABEL_FMT})*)/)?({_QUALIFIED_NAME_FMT})")
+_LABEL_VALUE = re.compile(rf"(?:{_QUALIFIED_NAME_FMT})?")
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+_PREFIX_BITS = re.compile(r"0|[1-9][0-9]*")
+
+# Istio's protocol.Parse: case-insensitive; "" (sniffed) is allowed separately.
+_PROTOCOL_NAMES = (
+    "TCP",
+    "UDP",
+    "GRPC",
+    "GRPC-Web",
+    "HTTP",
+    "HTTP_PROXY",
+    "HTTP2",
+    "HTTPS",
+    "TLS",
+    "Mongo",
+    "Redis",
+    "MySQL",
+)
+PROTOCOLS = {p.lower(): p for p in _PROTOCOL_NAMES}
+_TCP_PROTOCOLS = {"TCP", "HTTPS", "TLS", "Mongo", "Redis", "MySQL"}
+_HTTP_PROTOCOLS = {"HTTP", "HTTP2", "HTTP_PROXY", "GRPC", "GRPC-Web"}
+_TLS_PROTOCOLS = {"HTTPS", "TLS"}
+_DYNAMIC_DNS_PROTOCOLS = {"HTTP", "TLS", "GRPC", "HTTP2"}
+
+AUTOALLOCATE_LABEL = "networking.istio.io/enable-autoallocate-ip"
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+
+
+def is_dns1123_label(value: str) -> bool:
+    return len(value) <= 63 and _DNS1123_LABEL.fullmatch(value) is not None
+
+
+def is_ip_address(value: str) -> bool:
+    """Go's netip.ParseAddr: IPv4 (no leading zeros) or IPv6, optionally with a zone."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _go_atoi_ok(value: str) -> bool:
+    return _GO_INT.fullmatch(value) is not None and -(2**63) <= int(value) < 2**63
+
+
+def _dns1123_labels_problem(domain: str) -> str | None:
+    parts = domain.split(".")
+    if _go_atoi_ok(parts[-1]):
+        return f"domain name {domain!r} invalid (top level domain {parts[-1]!r} cannot be all-numeric)"
+    for i, label in enumerate(parts):
+        if i == len(parts) - 1 and label == "":
+            return None  # a trailing dot, as in `istio.io.`
+        if not is_dns1123_label(label):
+            return f"domain name {domain!r} invalid (label {label!r} invalid)"
+    return None
+
+
+def _dns1123_preconditions(name: str) -> str | None:
+    if len(name) > 255:
+        return f"domain name {name!r} too long (max 255)"
+    if not name:
+        return "empty domain name not allowed"
+    return None
+
+
+def fqdn_problem(name: str) -> str | None:
+    """Istio's agent.ValidateFQDN: DNS-1123 labels, no wildcard, a TLD that is not all digits."""
+    return _dns1123_preconditions(name) or _dns1123_labels_problem(name)
+
+
+def wildcard_domain_problem(domain: str) -> str | None:
+    """Istio's agent.ValidateWildcardDomain: an FQDN whose first label may be `*`, `*x` or `*-x`."""
+    if msg := _dns1123_preconditions(domain):
+        return msg
+    first, dot, rest = domain.partition(".")
+    if len(first) > 63 or not _WILDCARD_DNS1123_LABEL.fullmatch(first):
+        return f"domain name {domain!r} invalid (label {first!r} invalid)"
+    return _dns1123_labels_problem(rest) if dot else None
+
+
+def ip_subnet_problem(value: str) -> str | None:
+    """Istio's agent.ValidateIPSubnet: an IP, or a CIDR block as Go's netip.ParsePrefix reads it."""
+    if value.count("/") == 1:
+        addr, bits = value.split("/")
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            ip = None
+        if ip is None or "%" in addr or not _PREFIX_BITS.fullmatch(bits) or int(bits) > ip.max_prefixlen:
+            return f"{value} is not a valid CIDR block"
+        return None
+    if not is_ip_address(value):
+        return f"{value} is not a valid IP"
+    return None
+
+
+def unix_address_problem(path: str) -> str | None:
+    """Istio's ValidateUnixAddress, on what follows `unix://`."""
+    if not path:
+        return "unix address must not be empty"
+    if path.startswith("@"):
+        return None  # an abstract socket
+    if not path.startswith("/") or path.endswith("/"):
+        return f"{path} is not an absolute path to a file"
+    return None
+
+
+def port_number_problem(port: int) -> str | None:
+    if 1 <= port <= 65535:
+        return None
+    return f"port number {port} must be in the range 1..65535"
+
+
+def port_name_problem(name: str) -> str | None:
+    """Istio's ValidatePortName (a DNS-1123 label) and the CRD's rule, which wants fewer than 63 characters."""
+    if not is_dns1123_label(name):
+        return f"invalid port name {name!r}: must be a DNS-1123 label (letters, digits and '-')"
+    if len(name) >= 63:
+        return f"invalid port name {name!r}: must be shorter than 63 characters"
+    return None
+
+
+def parse_protocol(value: str) -> str | None:
+    return PROTOCOLS.get(value.lower())
+
+
+def label_problems(path: Path, labels: Mapping[str, str] | None) -> Iterable[Problem]:
+    """Istio's labels.Instance.Validate: Kubernetes label keys, values of the label alphabet."""
+    for key, value in (labels or {}).items():
+        m = _LABEL_KEY.fullmatch(key)
+        if m is None:
+            yield Problem(
+                (*path, key),
+                f"invalid label key {key!r}: must be a name of letters, digits, '-', '_' and '.', "
+                "starting and ending with a letter or digit, with an optional DNS prefix and '/'",
+            )
+        elif m.group(1) is not None and len(m.group(1)) > 253:
+            yield Problem((*path, key), f"invalid label key {key!r}: the DNS prefix is longer than 253 characters")
+        elif len(m.group(2)) > 63:
+            yield Problem((*path, key), f"invalid label key {key!r}: the name is longer than 63 characters")
+        if not _LABEL_VALUE.fullmatch(value):
+            yield Problem(
+                (*path, key),
+                f"invalid label value {value!r}: letters, digits, '-', '_' and '.', "
+                "starting and ending with a letter or digit",
+            )
+
+
+def _too_long(path: Path, value: str, limit: int) -> Iterable[Problem]:
+    if len(value) > limit:
+        yield Problem(path, f"must be at most {limit} characters, got {len(value)}")
+
+
+def _entry_problems(
+    prefix: Path, we: WorkloadEntrySpec, resolution: Resolution | None, service_ports: set[str] | None
+) -> Iterable[Problem]:
+    """A WorkloadEntry's spec, or one of a ServiceEntry's endpoints.
+
+    `resolution` is None for a WorkloadEntry of its own: its address may be an IP, a hostname
+    or a unix socket, as Istio cannot tell how a ServiceEntry selecting it will resolve. For
+    an endpoint, STATIC wants an IP or a unix socket and DNS an IP or a hostname; with NONE
+    or DYNAMIC_DNS an endpoint is an error of the ServiceEntry and only the CRD's rules apply.
+    `service_ports` (an endpoint's) holds the names of the ServiceEntry's ports.
+    """
+    addr_path = (*prefix, "address")
+    addr = we.address
+    static_like = resolution in (None, Resolution.STATIC)
+    dns_like = resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+
+    # The CRD's limits.
+    yield from _too_long(addr_path, addr, 256)
+    yield from _too_long((*prefix, "network"), we.network, 2048)
+    yield from _too_long((*prefix, "locality"), we.locality, 2048)
+    yield from _too_long((*prefix, "serviceAccount"), we.service_account, 253)
+    if not 0 <= we.weight <= UINT32_MAX:
+        yield Problem((*prefix, "weight"), f"must be between 0 and {UINT32_MAX}, got {we.weight}")
+    if we.ports is not None and len(we.ports) > 128:
+        yield Problem((*prefix, "ports"), "may not have more than 128 ports")
+    if we.labels is not None and len(we.labels) > 256:
+        yield Problem((*prefix, "labels"), "may not have more than 256 labels")
+
+    # The address. Empty is allowed only with a network (reached through its gateway).
+    if not addr:
+        if not we.network:
+            yield Problem(addr_path, "address is required (it may be left empty only when `network` is set)")
+        elif dns_like:
+            yield Problem(addr_path, f"endpoint address is required for resolution {resolution}")
+        elif static_like:
+            yield Problem(addr_path, f"address is unset with network {we.network!r}", warning=True)
+    elif addr.startswith(UNIX_ADDRESS_PREFIX):
+        if msg := unix_address_problem(addr[len(UNIX_ADDRESS_PREFIX) :]):
+            yield Problem(addr_path, msg)
+        if we.ports is not None:
+            yield Problem((*prefix, "ports"), f"unix endpoint {addr} must not include ports")
+        if dns_like:
+            yield Problem(
+                addr_path,
+                f"endpoint address {addr!r} is a unix socket: resolution {resolution} needs an IP or a hostname",
+            )
+        elif resolution == Resolution.STATIC and service_ports is not None and len(service_ports) != 1:
+            yield Problem(addr_path, "exactly 1 service port required for unix endpoints")
+    elif not is_ip_address(addr):
+        if resolution == Resolution.STATIC:
+            yield Problem(addr_path, f"endpoint address {addr!r} is not a valid IP address (resolution STATIC)")
+        elif (resolution is None or dns_like) and (msg := fqdn_problem(addr)):
+            yield Problem(addr_path, f"endpoint address {addr!r} is not a valid FQDN or an IP address: {msg}")
+
+    for name, port in (we.ports or {}).items():
+        pp = (*prefix, "ports", name)
+        if (msg := port_name_problem(name)) is not None:
+            yield Problem(pp, msg)
+        if (msg := port_number_problem(port)) is not None:
+            yield Problem(pp, msg)
+        if (static_like or dns_like) and service_ports is not None and name not in service_ports:
+            yield Problem(pp, f"endpoint port {name!r} is not defined by the service entry's ports")
+    if static_like or dns_like:
+        yield from label_problems((*prefix, "labels"), we.labels)
+
+
+def validate_workload_entry(we: WorkloadEntry) -> list[Problem]:
+    problems = list(metadata_problems(we.metadata.annotations, None))
+    problems.extend(_entry_problems(("spec",), we.spec, None, None))
+    return problems
+
+
+def export_to_problems(path: Path, namespace: str, export_to: list[str] | None) -> Iterable[Problem]:
+    """Istio's validateExportTo for a ServiceEntry, where `~` (no one) is allowed."""
+    seen: dict[str, str] = {}  # "." counts as the namespace -> the entry that named it
+    for i, entry in enumerate(export_to or ()):
+        key = namespace if entry == "." else entry
+        if key in seen:
+            if seen[key] != entry:
+                yield Problem((*path, i), f"duplicate entries in exportTo: . and current namespace {namespace}")
+            else:
+                yield Problem((*path, i), f"duplicate entries in exportTo for entry {entry}")
+        elif key in ("*", "~") or is_dns1123_label(key):
+            seen[key] = entry
+        else:
+            yield Problem((*path, i), f"invalid entry {entry!r}: only ., *, ~ or a namespace (a DNS-1123 label)")
+    if "*" in seen and len(export_to or ()) > 1:
+        yield Problem(path, "cannot have both public (*) and non-public exportTo values for a resource")
+    if "~" in seen and len(export_to or ()) > 1:
+        yield Problem(path, "cannot export service entry to no one (~) and someone")
+
+
+def _workload_selector_problems(se: ServiceEntry) -> Iterable[Problem]:
+    ws = se.spec.workload_selector
+    if ws is None:
+        return
+    lp: Path = ("spec", "workloadSelector", "labels")
+    labels = ws.labels or {}
+    if len(labels) > 256:
+        yield Problem(lp, "may not have more than 256 labels")
+    for k, v in labels.items():
+        if k == "":
+            yield Problem(lp, f"empty key is not supported in selector: {k}={v}")
+        if "*" in k or "*" in v:
+            yield Problem((*lp, k), f"wildcard is not supported in selector: {k}={v}")
+        if len(v) > 63:
+            yield Problem((*lp, k), "label value may not exceed 63 characters")
+    if not labels:
+        yield Problem(
+            ("spec", "workloadSelector"),
+            "workload selector specified without labels, will be applied to all services in namespace",
+            warning=True,
+        )
+
+
+def validate_service_entry(se: ServiceEntry) -> list[Problem]:
+    spec = se.spec
+    res = spec.resolution
+    labels = se.metadata.labels
+    problems = list(metadata_problems(se.metadata.annotations, None))
+    add = problems.append
+    problems.extend(_workload_selector_problems(se))
+    if spec.workload_selector is not None and spec.endpoints is not None:
+        add(Problem(("spec",), "only one of workloadSelector or endpoints can be set"))
+
+    # hosts
+    if not spec.hosts:
+        add(Problem(("spec", "hosts"), "service entry must have at least one host"))
+    elif len(spec.hosts) > 256:
+        add(Problem(("spec", "hosts"), "may not have more than 256 hosts"))
+    for i, host in enumerate(spec.hosts):
+        hp: Path = ("spec", "hosts", i)
+        if host == "*":
+            add(Problem(hp, "invalid host *: a ServiceEntry host cannot be the full wildcard"))
+            continue
+        if (msg := wildcard_domain_problem(host)) is not None:
+            add(Problem(hp, msg))
+        elif res != Resolution.DYNAMIC_DNS and "*" in host and not host.startswith("*."):
+            add(Problem(hp, f"partial wildcard {host!r} not allowed", warning=True))
+
+    # addresses
+    addresses = spec.addresses or []
+    if len(addresses) > 256:
+        add(Problem(("spec", "addresses"), "may not have more than 256 addresses"))
+    for i, address in enumerate(addresses):
+        ap: Path = ("spec", "addresses", i)
+        if len(address) > 64:
+            add(Problem(ap, f"must be at most 64 characters, got {len(address)}"))
+        elif (msg := ip_subnet_problem(address)) is not None:
+            add(Problem(ap, msg))
+    if any("/" in a for a in addresses) and res not in (Resolution.NONE, Resolution.STATIC):
+        add(
+            Problem(
+                ("spec", "addresses"), f"CIDR addresses are allowed only for NONE/STATIC resolution types, not {res}"
+            )
+        )
+
+    # ports; Istio allocates an address itself unless resolution is NONE or the label opts out
+    # (PILOT_ENABLE_IP_AUTOALLOCATE, on by default, is assumed).
+    auto_allocation = res != Resolution.NONE and labels.get(AUTOALLOCATE_LABEL, "").lower() != "false" and not addresses
+    ports = spec.ports or []
+    if len(ports) > 256:
+        add(Problem(("spec", "ports"), "may not have more than 256 ports"))
+    names: set[str] = set()
+    numbers: set[int] = set()
+    for i, port in enumerate(ports):
+        pp: Path = ("spec", "ports", i)
+        if "name" not in port.model_fields_set:
+            add(Problem((*pp, "name"), "required field is missing"))
+        elif port.name in names:
+            add(Problem((*pp, "name"), f"service entry port name {port.name!r} already defined"))
+        elif (msg := port_name_problem(port.name)) is not None:
+            add(Problem((*pp, "name"), msg))
+        names.add(port.name)
+        if (msg := port_number_problem(port.number)) is not None:
+            add(Problem((*pp, "number"), msg))
+        elif port.number in numbers:
+            add(Problem((*pp, "number"), f"service entry port {port.number} already defined"))
+        numbers.add(port.number)
+        if ("target_port" in port.model_fields_set or port.target_port != 0) and (
+            msg := port_number_problem(port.target_port)
+        ) is not None:
+            add(Problem((*pp, "targetPort"), msg))
+        if port.protocol and parse_protocol(port.protocol) is None:
+            add(
+                Problem(
+                    (*pp, "protocol"),
+                    f"unsupported protocol: {port.protocol} (one of {', '.join(_PROTOCOL_NAMES)}, "
+                    "any case, or empty to detect it)",
+                )
+            )
+        if not addresses and not auto_allocation and port.protocol in ("", "TCP"):
+            add(
+                Problem(
+                    (*pp, "protocol"),
+                    "addresses are required for ports serving TCP (or unset) protocol "
+                    "when IP Autoallocation is not enabled",
+                    warning=True,
+                )
+            )
+
+    # endpoints, by resolution
+    endpoints = spec.endpoints
+    if endpoints is not None and len(endpoints) > 4096:
+        add(Problem(("spec", "endpoints"), "may not have more than 4096 endpoints"))
+    if res == Resolution.NONE:
+        if endpoints is not None:
+            add(Problem(("spec", "endpoints"), "no endpoints should be provided for resolution type NONE"))
+        if spec.workload_selector is not None:
+            add(
+                Problem(
+                    ("spec", "workloadSelector"),
+                    "workloadSelector should not be set when resolution mode is NONE",
+                    warning=True,
+                )
+            )
+    elif res in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN):
+        if not endpoints:
+            for i, host in enumerate(spec.hosts):
+                if host != "*" and (msg := fqdn_problem(host)) is not None:
+                    add(
+                        Problem(
+                            ("spec", "hosts", i),
+                            f"must be a fully qualified domain name (no wildcard) when resolution is {res} "
+                            f"and no endpoints are given: {msg}",
+                        )
+                    )
+                    break
+        if res == Resolution.DNS_ROUND_ROBIN and endpoints is not None and len(endpoints) > 1:
+            add(Problem(("spec", "endpoints"), f"there must only be 0 or 1 endpoint for resolution mode {res}"))
+        if addresses and len(spec.hosts) > 1:
+            for i, port in enumerate(ports):
+                if parse_protocol(port.protocol) in _TCP_PROTOCOLS:
+                    add(
+                        Problem(
+                            ("spec", "ports", i),
+                            "service entry can not have more than one host specified "
+                            "simultaneously with address and tcp port",
+                            warning=True,
+                        )
+                    )
+                    break
+    elif res == Resolution.DYNAMIC_DNS:
+        for i, host in enumerate(spec.hosts):
+            if not host.startswith("*"):
+                add(Problem(("spec", "hosts", i), f"host must be wildcarded for resolution mode {res}"))
+        if addresses:
+            add(Problem(("spec", "addresses"), f"addresses cannot be set for resolution type {res}"))
+        if endpoints:
+            add(Problem(("spec", "endpoints"), f"endpoints cannot be set for resolution type {res}"))
+        for i, port in enumerate(ports):
+            if parse_protocol(port.protocol) not in _DYNAMIC_DNS_PROTOCOLS:
+                add(
+                    Problem(
+                        ("spec", "ports", i, "protocol"),
+                        f"only HTTP, TLS, GRPC, and HTTP2 protocols are supported for resolution type {res}",
+                    )
+                )
+        waypoint = labels.get(USE_WAYPOINT_LABEL, "")
+        if spec.location == Location.MESH_INTERNAL and waypoint and waypoint.lower() != "none":
+            add(
+                Problem(
+                    ("spec", "location"),
+                    f"location MESH_INTERNAL with resolution type {res} is not supported when using waypoints",
+                )
+            )
+    for i, ep in enumerate(endpoints or ()):
+        problems.extend(_entry_problems(("spec", "endpoints", i), ep, res, names))
+
+    # Several hosts on one port can be told apart only by HTTP's Host or TLS's SNI.
+    if res != Resolution.NONE and len(spec.hosts) > 1:
+        for i, port in enumerate(ports):
+            proto = parse_protocol(port.protocol)
+            if proto not in _HTTP_PROTOCOLS and proto not in _TLS_PROTOCOLS:
+                add(
+                    Problem(
+                        ("spec", "ports", i, "protocol"),
+                        "multiple hosts provided with non-HTTP, non-TLS ports: with several hosts every port "
+                        "must be HTTP, HTTP2, GRPC, HTTPS or TLS, unless resolution is NONE",
+                    )
+                )
+                break
+
+    problems.extend(export_to_problems(("spec", "exportTo"), se.metadata.namespace or "", spec.export_to))
     return problems
