@@ -20,6 +20,7 @@ from extproc.config.errors import ConfigIssue
 from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, RequestAuthentication
 from extproc.config.providers import HttpProviderSettings, InvalidProvider, ProviderSettings, parse_duration
+from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.overrides import TelemetryPlans, compile_telemetry
 
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -73,6 +74,9 @@ class Snapshot:
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # ext_authz providers with invalid settings, for /debug/config and the reload log.
     invalid_providers: Mapping[str, InvalidProvider] = field(default_factory=dict)
+    # The WorkloadEntry and ServiceEntry resources, for the labels of peers that exchange no
+    # metadata (telemetry/directory.py). Mesh-wide: any namespace's entries are peers.
+    directory: PeerDirectory = field(default_factory=PeerDirectory)
 
 
 def applies_to(lp: LoadedPolicy, workload: WorkloadIdentity) -> str | None:
@@ -220,6 +224,13 @@ def build_snapshot(
         loaded_at=time.time(),
         telemetry=compile_telemetry(loaded.telemetries, workload),
         invalid_providers=dict(loaded.invalid_providers),
+        directory=directory_of(loaded, workload.trust_domain),
+    )
+
+
+def directory_of(loaded: LoadedConfig, trust_domain: str) -> PeerDirectory:
+    return PeerDirectory.build(
+        (lp.policy for lp in loaded.workload_entries), (lp.policy for lp in loaded.service_entries), trust_domain
     )
 
 
@@ -259,6 +270,7 @@ def build_mesh_snapshot(
         loaded_at=time.time(),
         telemetry=compile_telemetry(loaded.telemetries, root),
         invalid_providers=dict(loaded.invalid_providers),
+        directory=directory_of(loaded, root.trust_domain),
     )
 
 

@@ -194,8 +194,8 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     enforcer = Enforcer(providers, jwks, token_cache, stats, cache_size=settings.decision_cache_size)
     direction = Direction(settings.direction)
     telemetry, exchange = telemetry_of(settings)
-    telemetry.apply(holder.current.telemetry)
-    holder.on_swap.append(lambda snap: telemetry.apply(snap.telemetry))
+    telemetry.apply(holder.current.telemetry, holder.current.directory)
+    holder.on_swap.append(lambda snap: telemetry.apply(snap.telemetry, snap.directory))
     try:
         tracing = tracing_of(settings, exchange.local)
     except RuntimeError as e:
@@ -226,7 +226,13 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         else None
     )
     als = AccessLogService(
-        telemetry.recorder, telemetry.tcp, telemetry.peers, direction, tracing=tracing, central=nodes
+        telemetry.recorder,
+        telemetry.tcp,
+        telemetry.peers,
+        direction,
+        tracing=tracing,
+        central=nodes,
+        directory=lambda: telemetry.directory,
     )
     processor = ExternalProcessorService(
         telemetry.recorder,
@@ -237,6 +243,7 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         snapshot=holder.get,
         adapter=adapter,
         tracing=tracing,
+        directory=lambda: telemetry.directory,
     )
     refuser = CentralModeProcessor()
 

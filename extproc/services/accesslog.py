@@ -46,9 +46,17 @@ from google.protobuf import struct_pb2
 
 from extproc.services.authz import LogOnce, direction_of
 from extproc.services.central import IdentityError, NodeWorkloads
+from extproc.telemetry.directory import EMPTY_DIRECTORY, PeerDirectory
 from extproc.telemetry.labels import RESPONSE_FLAG_CODES
-from extproc.telemetry.peer import METADATA_HEADER, PeerCache
-from extproc.telemetry.record import Direction, HttpRecord, Peer, ServiceInfo, service_of_metadata
+from extproc.telemetry.peer import METADATA_HEADER, PeerCache, Workload
+from extproc.telemetry.record import (
+    Direction,
+    HttpRecord,
+    Peer,
+    ServiceInfo,
+    service_of_cluster,
+    service_of_metadata,
+)
 from extproc.telemetry.recorder import Recorder, TcpTracker
 from extproc.tracing.tracer import DECISION_KEYS, TRACE_KEY, TRACESTATE_KEY, SpanIds, Tracing
 from extproc.verdict import PEER_METADATA, STAGE, Stage
@@ -106,6 +114,28 @@ def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
         if san.uri:
             return san.uri
     return ""
+
+
+def _no_directory() -> PeerDirectory:
+    return EMPTY_DIRECTORY
+
+
+def _from_directory(
+    d: PeerDirectory, c: accesslog_pb2.AccessLogCommon, inbound: bool, peer_san: str, cluster: str, lookup: bool
+) -> tuple[Workload | None, ServiceInfo | None]:
+    """(the peer at the entry's remote address, the ServiceEntry service of its cluster): the
+    downstream peer inbound, the upstream host outbound. `lookup` is False when the peer is
+    already known from its exchanged metadata."""
+    workload = None
+    if lookup and d.by_address:
+        remote = c.downstream_remote_address if inbound else c.upstream_remote_address
+        workload = d.peer(remote.socket_address.address, peer_san)
+    service = None
+    if d.services and cluster:
+        named = service_of_cluster(cluster)
+        if named is not None:
+            service = d.service(named.host)
+    return workload, service
 
 
 def _tag(tags: Mapping[str, str], key: str) -> str:
@@ -205,6 +235,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         direction: Direction = Direction.INBOUND,
         tracing: Tracing | None = None,
         central: NodeWorkloads | None = None,
+        directory: Callable[[], PeerDirectory] | None = None,
     ) -> None:
         self.tracing = tracing if tracing is not None and tracing.exports else None
         self.recorder = recorder
@@ -217,6 +248,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self.bad_entries = 0
         self.unidentified_entries = 0  # central mode: dropped, their stream named no workload
         self._log_bad = LogOnce(log)
+        # The config's WorkloadEntry/ServiceEntry resources, for peers with no exchanged
+        # metadata (every TCP peer) and ServiceEntry hosts; swapped on reload.
+        self.directory = directory if directory is not None else _no_directory
         self._principals = _Memo(_principals)
         self._flags = _Memo(response_flags)
 
@@ -309,9 +343,17 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 service = service_of_metadata(tags[SERVICES_TAG])
             if not cluster:
                 cluster = _tag(tags, CLUSTER_TAG)
+        workload = self.peers.get(value) if value else None
+        d = self.directory()
+        if d:
+            found, listed = _from_directory(d, c, direction is _INBOUND, peer_san, cluster, not value)
+            if found is not None:
+                workload = found
+            if service is None:
+                service = listed
         return Peer(
             direction=direction,
-            workload=self.peers.get(value) if value else None,
+            workload=workload,
             peer_key=value,
             peer_principal=peer_san,
             local_principal=local_san,
@@ -392,6 +434,13 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             if not cluster:
                 cluster = _tag(tags, CLUSTER_TAG)  # a local reply has no upstream host
         workload = self.peers.get(value) if value else None
+        d = self.directory()
+        if d:
+            found, listed = _from_directory(d, c, inbound, peer_san, cluster, not value)
+            if found is not None:
+                workload = found
+            if service is None:
+                service = listed
         d = c.duration  # an absent Duration reads as zero: HasField only tells 0 from absent
         nanos = d.seconds * 1_000_000_000 + d.nanos
         duration_ms = nanos / 1e6 if nanos or c.HasField("duration") else None
@@ -411,7 +460,20 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         response_bytes = c.downstream_wire_bytes_sent
         request_id = req.request_id if recorder.claims else ""  # only ext_proc's claims need it
         if ids is None and recorder.http_shape(
-            (not inbound, value, peer_san, local_san, host, cluster, route, is_grpc, code, status, flags, service),
+            (
+                not inbound,
+                value or workload,
+                peer_san,
+                local_san,
+                host,
+                cluster,
+                route,
+                is_grpc,
+                code,
+                status,
+                flags,
+                service,
+            ),
             workload,
             duration_ms,
             request_bytes,

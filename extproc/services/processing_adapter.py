@@ -67,6 +67,27 @@ PEER_URI_SAN = "connection.uri_san_peer_certificate"
 LOCAL_URI_SAN = "connection.uri_san_local_certificate"
 SNI = "connection.requested_server_name"
 PROTOCOL = "request.protocol"
+# Response attributes of an outbound ext_proc filter: the upstream connection and its cluster,
+# what the client side's labels need (no attribute of the request carries them).
+UPSTREAM_PEER_URI_SAN = "upstream.uri_san_peer_certificate"
+UPSTREAM_LOCAL_URI_SAN = "upstream.uri_san_local_certificate"
+UPSTREAM_ADDRESS = "upstream.address"
+CLUSTER_NAME = "xds.cluster_name"
+# istio.services[0] of the cluster's metadata, field by field: CEL cannot turn a map into a
+# string here, and the whole metadata arrives only as protobuf text.
+_SERVICE0 = 'xds.cluster_metadata.filter_metadata["istio"]["services"][0]'
+SERVICE_HOST = _SERVICE0 + '["host"]'
+SERVICE_NAME = _SERVICE0 + '["name"]'
+SERVICE_NAMESPACE = _SERVICE0 + '["namespace"]'
+OUTBOUND_RESPONSE_ATTRIBUTES = (
+    UPSTREAM_PEER_URI_SAN,
+    UPSTREAM_LOCAL_URI_SAN,
+    UPSTREAM_ADDRESS,
+    CLUSTER_NAME,
+    SERVICE_HOST,
+    SERVICE_NAME,
+    SERVICE_NAMESPACE,
+)
 REQUEST_ID = "request.id"
 
 

@@ -38,7 +38,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from extproc.attributes import NO_LINES, HeaderLines
+from extproc.attributes import NO_LINES, HeaderLines, split_host_port
 from extproc.config.snapshot import Snapshot
 from extproc.decision.cache import reads_physical_peer
 from extproc.decision.decide import error, malformed
@@ -50,8 +50,9 @@ from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
 from extproc.services.headers import MAX_HEADERS, MalformedRequest, decode_header_map
 from extproc.telemetry import exchange as mx
-from extproc.telemetry.peer import PeerCache
-from extproc.telemetry.record import Direction, HttpRecord, Peer
+from extproc.telemetry.directory import PeerDirectory
+from extproc.telemetry.peer import PeerCache, Workload
+from extproc.telemetry.record import Direction, HttpRecord, Peer, ServiceInfo, service_of_cluster
 from extproc.telemetry.recorder import Recorder
 from extproc.tracing.context import Outgoing
 from extproc.tracing.tracer import SpanIds, Tracing
@@ -115,6 +116,19 @@ def _number(attrs: ep.ProcessingRequest, name: str) -> float | None:
     return v.number_value
 
 
+def _first_san(value: str) -> str:
+    """The first URI SAN (istio_stats.cc reads uriSan...()[0]); CEL joins several with commas."""
+    return value.split(",", 1)[0] if "," in value else value
+
+
+def _listed(d: PeerDirectory, address: str, principal: str) -> Workload | None:
+    """The listed workload at `ip:port` (Envoy's CEL address form), checked against the principal."""
+    if not d.by_address:
+        return None
+    hp = split_host_port(address)
+    return d.peer(hp[0], principal) if hp is not None else None
+
+
 class _Stream:
     """What one HTTP request's side stream has told us so far."""
 
@@ -165,8 +179,11 @@ class ExternalProcessorService:
         adapter: CheckAdapter | None = None,
         tracing: Tracing | None = None,
         clock: Callable[[], float] = time.time,
+        directory: Callable[[], PeerDirectory] | None = None,
     ) -> None:
         self._clock = clock  # wall clock, for exp/nbf
+        # The config's WorkloadEntry/ServiceEntry resources, for peers that exchange nothing.
+        self.directory = directory
         self.recorder = recorder
         self.peers = peers
         self.exchange = exchange
@@ -253,6 +270,8 @@ class ExternalProcessorService:
         if attrs and direction is Direction.INBOUND:
             peer.peer_principal = attrs.get(pa.PEER_URI_SAN, "")
             peer.local_principal = attrs.get(pa.LOCAL_URI_SAN, "")
+            if peer.workload is None and self.directory is not None:
+                peer.workload = _listed(self.directory(), attrs.get(pa.SOURCE_ADDRESS, ""), peer.peer_principal)
         # In observability mode Envoy applies no reply: nothing can be enforced or propagated.
         acting = not req.observability_mode
         tracing = self.tracing
@@ -395,6 +414,7 @@ class ExternalProcessorService:
                 peer.peer_key = got[0]
                 if parts is not None:
                     reply.append(parts.outbound_response)
+            self._upstream(peer, self._attributes.get(req))
         elif parts is not None and peer.peer_key:
             reply.append(parts.inbound_response)
         status = headers.get(":status", "")
@@ -412,6 +432,27 @@ class ExternalProcessorService:
             return data, False  # the status comes in the trailers
         self._finish(st, trailers=None)
         return data, True
+
+    def _upstream(self, peer: Peer, attrs: Mapping[str, str]) -> None:
+        """The client side's view of the upstream, from the filter's response attributes
+        (envoy/extproc-outbound.yaml): its certificate's and ours' URI SANs, its cluster and
+        the cluster's istio.services[0], and, when it exchanged nothing, a listed peer."""
+        if not attrs:
+            return
+        peer.peer_principal = _first_san(attrs.get(pa.UPSTREAM_PEER_URI_SAN, ""))
+        peer.local_principal = _first_san(attrs.get(pa.UPSTREAM_LOCAL_URI_SAN, ""))
+        peer.upstream_cluster = attrs.get(pa.CLUSTER_NAME, "")
+        host = attrs.get(pa.SERVICE_HOST, "")
+        if host:
+            peer.service = ServiceInfo(host, attrs.get(pa.SERVICE_NAME, ""), attrs.get(pa.SERVICE_NAMESPACE, ""))
+        d = self.directory() if self.directory is not None else None
+        if d:
+            if peer.workload is None:
+                peer.workload = _listed(d, attrs.get(pa.UPSTREAM_ADDRESS, ""), peer.peer_principal)
+            if peer.service is None and peer.upstream_cluster:
+                named = service_of_cluster(peer.upstream_cluster)
+                if named is not None:
+                    peer.service = d.service(named.host)
 
     def _finish(self, st: _Stream, trailers: Mapping[str, str] | None) -> None:
         rec = st.record

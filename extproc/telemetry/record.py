@@ -111,8 +111,9 @@ def service_of_cluster(cluster: str) -> ServiceInfo | None:
 
     The host is the cluster's last field. istiod's metadata names a Kubernetes service by its
     own name and namespace, which are the host's first two labels of `<name>.<ns>.svc.<domain>`;
-    for any other host (a ServiceEntry's) the name cannot be read off the host: Istio's own
-    fallback, the host up to its first dot, is used and the namespace is left to the peer's.
+    any other host is a ServiceEntry's, which istiod names after the host itself, in the
+    ServiceEntry's namespace: not readable off the host, so left to the peer's unless the
+    ServiceEntry is in the config (`directory.PeerDirectory.services`).
     """
     if "|" in cluster:
         parts = cluster.split("|")
@@ -126,7 +127,7 @@ def service_of_cluster(cluster: str) -> ServiceInfo | None:
     labels = host.split(".")
     if len(labels) >= 4 and labels[2] == "svc" and labels[0] and labels[1]:
         return ServiceInfo(host, labels[0], labels[1])
-    return ServiceInfo(host)
+    return ServiceInfo(host, host)
 
 
 @dataclass(slots=True)

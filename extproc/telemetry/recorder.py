@@ -14,9 +14,10 @@ import time
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from extproc.telemetry import labels as L
+from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.overrides import TelemetryPlans
 from extproc.telemetry.peer import PeerCache, Workload
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer, ServiceInfo, TcpRecord
@@ -535,6 +536,8 @@ class Telemetry:
     peers: PeerCache
     # Central mode: the recorders of the workloads that access log streams name.
     workloads: WorkloadSinks | None = None
+    # Peers and services the config lists (WorkloadEntry, ServiceEntry), in our cluster.
+    directory: PeerDirectory = field(default_factory=PeerDirectory)
 
     @staticmethod
     def create(
@@ -556,9 +559,12 @@ class Telemetry:
         self.workloads = WorkloadSinks(self.store, service, self.recorder.stats, size)
         return self.workloads
 
-    def apply(self, plans: TelemetryPlans) -> None:
-        """Install the label plans of the applicable Telemetry resources (a reload)."""
+    def apply(self, plans: TelemetryPlans, directory: PeerDirectory | None = None) -> None:
+        """Install the label plans of the applicable Telemetry resources and the listed peers
+        (a reload). Entries that name no cluster are in ours."""
         self.store.set_plans(plans.inbound, plans.outbound)
+        if directory is not None:
+            self.directory = directory.in_cluster(self.local.cluster)
 
     def tick(self) -> None:
         """Periodic upkeep: idle series and forgotten TCP connections."""

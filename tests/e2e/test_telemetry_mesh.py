@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.conftest import MODES
 from tests.fixtures import envoy_config as ec
+from tests.fixtures import istio_dashboards as dash
 from tests.fixtures import mesh
 from tests.fixtures.exposition import samples, total
 from tests.fixtures.procs import free_port, wait_until
@@ -37,9 +38,34 @@ HTTP_DENIED = 2
 GRPC_OK = 3
 GRPC_NOT_FOUND = 1
 TCP_CONNECTIONS = 2
+# Plain text between the sidecars too (Istio's PERMISSIVE mode): the panels' non-mTLS halves.
+PLAIN_HTTP_OK = 2
+PLAIN_TCP = 1
+CLIENT_SAN = "spiffe://cluster.local/ns/bar/sa/other"
+WORKLOAD_ENTRIES = textwrap.dedent(
+    """\
+    apiVersion: networking.istio.io/v1
+    kind: WorkloadEntry
+    metadata: {name: other, namespace: bar}
+    spec:
+      address: 127.0.0.1
+      serviceAccount: other
+      labels: {app: other, version: v2, topology.istio.io/cluster: Kubernetes}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: WorkloadEntry
+    metadata: {name: httpbin-vm, namespace: foo, labels: {service.istio.io/workload-name: httpbin}}
+    spec:
+      address: 127.0.0.1
+      serviceAccount: httpbin
+      labels: {app: httpbin, version: v1, service.istio.io/workload-name: httpbin, topology.istio.io/cluster: east}
+    """
+)
 # The client sidecar's upstream clusters, named as istiod names them.
 HTTP_CLUSTER = "outbound|8000||httpbin.foo.svc.cluster.local"
-TCP_CLUSTER = "outbound|9000||tcp-echo.foo.svc.cluster.local"
+TCP_CLUSTER = "outbound|9000||httpbin.foo.svc.cluster.local"  # the service's TCP port
+PLAIN_HTTP_CLUSTER = "outbound|8000|plain|httpbin.foo.svc.cluster.local"  # a subset, without TLS
+PLAIN_TCP_CLUSTER = "outbound|9000|plain|httpbin.foo.svc.cluster.local"
 
 
 @dataclass
@@ -50,6 +76,8 @@ class Mesh:
     server_envoy: ec.EnvoyProcess
     http_port: int
     tcp_port: int
+    plain_http_port: int
+    plain_tcp_port: int
     prometheus: PrometheusServer
     echoed: list[dict[str, Any]]
     responses: list[dict[str, str]]
@@ -79,6 +107,10 @@ def mesh_stack(
     policies.mkdir()
     empty = tmp / "client-policies"
     empty.mkdir()
+    # The mesh's registry, as istiod reads it for VMs: TCP peers exchange no metadata, so each
+    # side names the other from these (both sidecars share 127.0.0.1: the certificate decides).
+    for d in (policies, empty):
+        (d / "workloads.yaml").write_text(WORKLOAD_ENTRIES)
     started: list[Any] = []
     try:
         server_x = ExtprocProcess(
@@ -117,6 +149,7 @@ def mesh_stack(
 
         ca, server_cert, client_cert = pki["ca"], pki["server"], pki["other"]
         s_http, s_tcp, s_admin = free_port(), free_port(), free_port()
+        s_http_plain, s_tcp_plain = free_port(), free_port()
         before = server_x.snapshot_version()
         # Scoped to the HTTP port, or Istio's rule would deny every TCP connection too.
         (policies / "deny.yaml").write_text(
@@ -150,6 +183,20 @@ def mesh_stack(
                     ],
                     mesh.tls_context(server_cert, ca, downstream=True),
                 ),
+                # The same HTTP and TCP stacks without TLS (stats under the same prefixes).
+                mesh.listener(
+                    "inbound_http_plain",
+                    s_http_plain,
+                    [mesh.hcm("inbound_http", *_route(_sidecar(mode, "inbound"), mesh.routes("app", "grpc_app")))],
+                ),
+                mesh.listener(
+                    "inbound_tcp_plain",
+                    s_tcp_plain,
+                    [
+                        mesh.network_ext_authz("inbound"),
+                        mesh.tcp_proxy("inbound_tcp", "app", [mesh.tcp_als("inbound")]),
+                    ],
+                ),
             ],
             [
                 ec.cluster("app", "127.0.0.1", upstream),
@@ -160,6 +207,7 @@ def mesh_stack(
         server_envoy = ec.EnvoyProcess(server_cfg, tmp / "server-envoy", s_admin, "server-envoy")
         started.append(server_envoy)
         c_http, c_tcp, c_admin = free_port(), free_port(), free_port()
+        c_http_plain, c_tcp_plain = free_port(), free_port()
         client_cfg = mesh.bootstrap(
             c_admin,
             [
@@ -171,10 +219,22 @@ def mesh_stack(
                 mesh.listener(
                     "outbound_tcp", c_tcp, [mesh.tcp_proxy("outbound_tcp", TCP_CLUSTER, [mesh.tcp_als("outbound")])]
                 ),
+                mesh.listener(
+                    "outbound_http_plain",
+                    c_http_plain,
+                    [mesh.hcm("outbound_http", *_route(_sidecar(mode, "outbound"), mesh.routes(PLAIN_HTTP_CLUSTER)))],
+                ),
+                mesh.listener(
+                    "outbound_tcp_plain",
+                    c_tcp_plain,
+                    [mesh.tcp_proxy("outbound_tcp", PLAIN_TCP_CLUSTER, [mesh.tcp_als("outbound")])],
+                ),
             ],
             [
                 mesh.tls_cluster(HTTP_CLUSTER, s_http, client_cert, ca, http2=True),
                 mesh.tls_cluster(TCP_CLUSTER, s_tcp, client_cert, ca, http2=False),
+                ec.cluster(PLAIN_HTTP_CLUSTER, "127.0.0.1", s_http_plain, http2=True),
+                ec.cluster(PLAIN_TCP_CLUSTER, "127.0.0.1", s_tcp_plain),
                 *client_x.clusters(),
             ],
         )
@@ -190,7 +250,20 @@ def mesh_stack(
             },
         )
         started.append(prom)
-        m = Mesh(client_x, server_x, client_envoy, server_envoy, c_http, c_tcp, prom, [], [], mode)
+        m = Mesh(
+            client_x,
+            server_x,
+            client_envoy,
+            server_envoy,
+            c_http,
+            c_tcp,
+            c_http_plain,
+            c_tcp_plain,
+            prom,
+            [],
+            [],
+            mode,
+        )
         _drive(m, "localhost")
         yield m
     finally:
@@ -228,6 +301,14 @@ def _drive(m: Mesh, host: str) -> None:
     for _ in range(TCP_CONNECTIONS):
         got = tcp_roundtrip(m.tcp_port, b"GET /tcp HTTP/1.0\r\nHost: tcp\r\n\r\n")
         assert got is not None and got.startswith(b"HTTP/1.0 200"), got
+    plain = HttpClient(m.plain_http_port)
+    for i in range(PLAIN_HTTP_OK):
+        r = plain.get(f"/get?plain={i}", headers={"host": "httpbin.foo:8000"})
+        assert r.status == 200, r.body
+    plain.close()
+    for _ in range(PLAIN_TCP):
+        got = tcp_roundtrip(m.plain_tcp_port, b"GET /tcp HTTP/1.0\r\nHost: tcp\r\n\r\n")
+        assert got is not None and got.startswith(b"HTTP/1.0 200"), got
 
     # Both sides are done when each extproc has the counts its Envoy reports.
     def settled() -> bool:
@@ -239,7 +320,7 @@ def _drive(m: Mesh, host: str) -> None:
             text = x.metrics()
             if total(text, "istio_requests_total") != st.get(f"http.{prefix}_http.downstream_rq_completed"):
                 return False
-            if total(text, "istio_tcp_connections_closed_total") != TCP_CONNECTIONS:
+            if total(text, "istio_tcp_connections_closed_total") != TCP_CONNECTIONS + PLAIN_TCP:
                 return False
         return True
 
@@ -248,7 +329,13 @@ def _drive(m: Mesh, host: str) -> None:
 
 def test_server_side_labels_the_client_workload_from_the_metadata_exchange(mesh_stack: Mesh) -> None:
     text = mesh_stack.server_x.metrics()
-    rows = samples(text, "istio_requests_total", request_protocol="http", response_code="200")
+    rows = samples(
+        text,
+        "istio_requests_total",
+        request_protocol="http",
+        response_code="200",
+        connection_security_policy="mutual_tls",
+    )
     assert len(rows) == 1, rows
     labels, value = rows[0]
     assert value == HTTP_OK
@@ -293,7 +380,9 @@ def test_server_side_labels_the_client_workload_from_the_metadata_exchange(mesh_
 
 def test_client_side_labels_the_server_workload_from_the_response(mesh_stack: Mesh) -> None:
     text = mesh_stack.client_x.metrics()
-    rows = samples(text, "istio_requests_total", request_protocol="http", response_code="200")
+    rows = samples(
+        text, "istio_requests_total", request_protocol="http", response_code="200", source_principal=CLIENT_SAN
+    )
     assert len(rows) == 1, rows
     labels, value = rows[0]
     assert value == HTTP_OK
@@ -367,7 +456,7 @@ def test_http_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
             )
             assert ours == st.get(f"http.{prefix}_http.downstream_rq_{code_class}", 0), (prefix, code_class)
         completed = st[f"http.{prefix}_http.downstream_rq_completed"]
-        assert completed == HTTP_OK + HTTP_DENIED + GRPC_OK + GRPC_NOT_FOUND
+        assert completed == HTTP_OK + HTTP_DENIED + GRPC_OK + GRPC_NOT_FOUND + PLAIN_HTTP_OK
         for hist in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
             assert total(text, hist + "_count") == completed, hist
 
@@ -381,13 +470,15 @@ def test_tcp_counts_equal_envoys_own_stats(mesh_stack: Mesh) -> None:
         text = x.metrics()
         rows = samples(text, "istio_tcp_connections_opened_total")
         diff = [{k: v for k, v in lbl.items() if v != rows[0][0][k]} for lbl, _ in rows]
-        assert len(rows) == 1 and len(rows[0][0]) == 23, diff
+        assert len(rows) == 2 and all(len(lbl) == 23 for lbl, _ in rows), diff  # mTLS and plain text
         assert rows[0][0]["reporter"] == reporter and rows[0][0]["request_protocol"] == "tcp"
         assert total(text, "istio_tcp_connections_opened_total") == st[f"tcp.{prefix}.downstream_cx_total"]
         assert total(text, "istio_tcp_connections_closed_total") == st[f"tcp.{prefix}.downstream_cx_total"]
         assert total(text, "istio_tcp_received_bytes_total") == st[f"tcp.{prefix}.downstream_cx_rx_bytes_total"]
         assert total(text, "istio_tcp_sent_bytes_total") == st[f"tcp.{prefix}.downstream_cx_tx_bytes_total"]
-    server_rows = samples(mesh_stack.server_x.metrics(), "istio_tcp_connections_opened_total")
+    server_rows = samples(
+        mesh_stack.server_x.metrics(), "istio_tcp_connections_opened_total", connection_security_policy="mutual_tls"
+    )
     assert server_rows[0][0]["source_principal"] == "spiffe://cluster.local/ns/bar/sa/other"
     assert server_rows[0][0]["source_workload_namespace"] == "bar"  # from the SPIFFE id
     assert server_rows[0][0]["connection_security_policy"] == "mutual_tls"
@@ -418,15 +509,15 @@ def test_promtool_accepts_both_expositions(mesh_stack: Mesh) -> None:
 
 def test_prometheus_scrapes_the_expected_counts(mesh_stack: Mesh) -> None:
     prom = mesh_stack.prometheus
-    expected_http = HTTP_OK + HTTP_DENIED + GRPC_OK + GRPC_NOT_FOUND
+    expected_http = HTTP_OK + HTTP_DENIED + GRPC_OK + GRPC_NOT_FOUND + PLAIN_HTTP_OK
     prom.wait_for_value('sum(istio_requests_total{reporter="destination"})', expected_http)
     prom.wait_for_value('sum(istio_requests_total{reporter="source"})', expected_http)
     prom.wait_for_value(
         'sum(istio_requests_total{reporter="destination",source_workload="other",request_protocol="http",'
         'response_code="200"})',
-        HTTP_OK,
+        HTTP_OK + PLAIN_HTTP_OK,
     )
-    prom.wait_for_value('sum(istio_tcp_connections_closed_total{job="server"})', TCP_CONNECTIONS)
+    prom.wait_for_value('sum(istio_tcp_connections_closed_total{job="server"})', TCP_CONNECTIONS + PLAIN_TCP)
     prom.wait_for_value(
         'sum(istio_request_duration_milliseconds_count{reporter="source",destination_workload="httpbin"})',
         expected_http,
@@ -435,3 +526,131 @@ def test_prometheus_scrapes_the_expected_counts(mesh_stack: Mesh) -> None:
         'histogram_quantile(0.5, sum by (le) (istio_request_duration_milliseconds_bucket{reporter="destination"}))'
     )
     assert quantile is not None and 0 < quantile < 60000
+
+
+def test_tcp_peers_are_named_by_their_workload_entries(mesh_stack: Mesh) -> None:
+    """Without Istio's ALPN exchange, each side names its TCP peer from the WorkloadEntry at the
+    peer's address whose service account its certificate proves: every label as Istio's
+    sidecars report it over the TCP metadata exchange."""
+    [(server, _)] = samples(
+        mesh_stack.server_x.metrics(), "istio_tcp_connections_opened_total", connection_security_policy="mutual_tls"
+    )
+    assert server == {
+        "reporter": "destination",
+        "source_workload": "other",
+        "source_canonical_service": "other",
+        "source_canonical_revision": "v2",
+        "source_workload_namespace": "bar",
+        "source_principal": "spiffe://cluster.local/ns/bar/sa/other",
+        "source_app": "other",
+        "source_version": "v2",
+        "source_cluster": "Kubernetes",
+        "destination_workload": "httpbin",
+        "destination_workload_namespace": "foo",
+        "destination_principal": "spiffe://cluster.local/ns/foo/sa/httpbin",
+        "destination_app": "httpbin",
+        "destination_version": "v1",
+        "destination_service": "httpbin.foo.svc.cluster.local",
+        "destination_canonical_service": "httpbin",
+        "destination_canonical_revision": "v1",
+        "destination_service_name": "httpbin",
+        "destination_service_namespace": "foo",
+        "destination_cluster": "east",
+        "request_protocol": "tcp",
+        "response_flags": "-",
+        "connection_security_policy": "mutual_tls",
+    }
+    [(client, _)] = samples(
+        mesh_stack.client_x.metrics(), "istio_tcp_connections_opened_total", source_principal=CLIENT_SAN
+    )
+    assert client == {
+        "reporter": "source",
+        "source_workload": "other",
+        "source_canonical_service": "other",
+        "source_canonical_revision": "v2",
+        "source_workload_namespace": "bar",
+        "source_principal": "spiffe://cluster.local/ns/bar/sa/other",
+        "source_app": "other",
+        "source_version": "v2",
+        "source_cluster": "Kubernetes",
+        "destination_workload": "httpbin",
+        "destination_workload_namespace": "foo",
+        "destination_principal": "spiffe://cluster.local/ns/foo/sa/httpbin",
+        "destination_app": "httpbin",
+        "destination_version": "v1",
+        "destination_service": "httpbin.foo.svc.cluster.local",
+        "destination_canonical_service": "httpbin",
+        "destination_canonical_revision": "v1",
+        "destination_service_name": "httpbin",
+        "destination_service_namespace": "foo",
+        "destination_cluster": "east",
+        "request_protocol": "tcp",
+        "response_flags": "-",
+        "connection_security_policy": "unknown",
+    }
+
+
+# What Istio's dashboards are set to for this mesh: the server's service; on the workload
+# dashboard each workload in turn (the server's inbound panels, the client's outbound ones);
+# every multi-value variable at "All".
+DASHBOARD_SELECTIONS: dict[str, list[dict[str, str]]] = {
+    "mesh": [{}],
+    "service": [{"service": "httpbin.foo.svc.cluster.local"}],
+    "workload": [{"workload": "httpbin", "namespace": "foo"}, {"workload": "other", "namespace": "bar"}],
+}
+# The value each label takes in this mesh, which every drop-down must offer.
+MESH_VALUES = {
+    "destination_service": "httpbin.foo.svc.cluster.local",
+    "destination_workload": "httpbin",
+    "destination_workload_namespace": "foo",
+    "destination_cluster": "east",
+    "source_workload": "other",
+    "source_workload_namespace": "bar",
+    "source_cluster": "Kubernetes",
+}
+
+
+@pytest.mark.parametrize("dashboard", dash.DASHBOARDS)
+def test_istios_dashboards_show_every_panel(mesh_stack: Mesh, dashboard: str) -> None:
+    """Every panel query of Istio's mesh, service and workload dashboards (the table in
+    tests/fixtures/istio_dashboards.py) has data from the two extprocs through a real
+    Prometheus, for one of the selections a user would make, except the client-side mTLS
+    halves that no sidecar fills (Istio's neither; checked empty)."""
+    prom = mesh_stack.prometheus
+    # increase() needs two scrapes of a series in its window.
+    for metric in ("istio_requests_total", "istio_tcp_sent_bytes_total"):
+        for reporter in dash.SIDECAR_REPORTERS:
+            wait_until(
+                lambda m=metric, r=reporter: bool(prom.query(f'increase({m}{{reporter="{r}"}}[1h])')),
+                30,
+                f"two scrapes of {metric} reported by {reporter}",
+            )
+    selections = [{**dash.example_values(dashboard), **sel} for sel in DASHBOARD_SELECTIONS[dashboard]]
+    # A target read with `$qrep` is two views, one per reporter the user can pick.
+    targets: dict[tuple[str, str, str, str | None], list[dash.PanelQuery]] = {}
+    for q in dash.queries(dashboard):
+        view = q.reporter if q.reporter_var is not None else None
+        targets.setdefault((q.row, q.panel, q.ref, view), []).append(q)
+    found = [
+        {q: bool(prom.query(dash.render(q, values, window="1h"))) for q in dash.queries(dashboard)}
+        for values in selections
+    ]
+    empty = []
+    for (row, panel, ref, _), parts in targets.items():
+        if all(dash.never_filled_by_sidecars(p) for p in parts):
+            assert not any(f[p] for f in found for p in parts), (panel, ref)  # Istio's own rule, checked
+            continue
+        if not any(dash.target_has_data(parts, f.__getitem__) for f in found):
+            empty.append(f"{row} / {panel} [{ref}]: " + "; ".join(dash.render(p, selections[0]) for p in parts))
+    assert not empty, "panel queries with no data:\n" + "\n".join(empty)
+    # The drop-downs offer the mesh's values (the service once, by its FQDN).
+    for v in dash.variables(dashboard).values():
+        offered: set[str] = set()
+        for values in selections:
+            for source, promql in zip(v.sources, dash.render_variable(v, values), strict=True):
+                offered |= {r["metric"].get(source.label, "") for r in prom.query(promql)}
+        if v.name == "service":
+            assert offered == {"httpbin.foo.svc.cluster.local"}, offered
+        elif v.sources:
+            # `unknown` is offered too where Istio offers it: the plain-text TCP peer.
+            assert MESH_VALUES[v.label or ""] in offered and "" not in offered, (v.name, offered)

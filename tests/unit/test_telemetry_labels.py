@@ -465,8 +465,8 @@ def test_service_info_is_inbound_only() -> None:
         ),
         ("outbound_.8000_._.httpbin.foo.svc.cluster.local", ("httpbin.foo.svc.cluster.local", "httpbin", "foo")),
         ("outbound|8000||httpbin.foo.svc.example.org", ("httpbin.foo.svc.example.org", "httpbin", "foo")),
-        # A ServiceEntry host: Istio's fallback name (up to the first dot), no namespace.
-        ("outbound|443||api.example.com", ("api.example.com", "api", "")),
+        # A ServiceEntry host: istiod names the service after the host; no namespace to read.
+        ("outbound|443||api.example.com", ("api.example.com", "api.example.com", "")),
         (
             "inbound|8080|http|reviews.bookinfo.svc.cluster.local",
             ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo"),
@@ -521,7 +521,7 @@ def test_client_side_service_from_the_cluster_then_its_metadata_then_the_host_he
     got = http_labels(labeler, se)
     assert (got["destination_service"], got["destination_service_name"], got["destination_service_namespace"]) == (
         "api.example.com",
-        "api",
+        "api.example.com",
         "bookinfo",
     )
     # No istiod cluster: the Host header, Istio's own fallback.
