@@ -654,3 +654,139 @@ def test_istios_dashboards_show_every_panel(mesh_stack: Mesh, dashboard: str) ->
         elif v.sources:
             # `unknown` is offered too where Istio offers it: the plain-text TCP peer.
             assert MESH_VALUES[v.label or ""] in offered and "" not in offered, (v.name, offered)
+
+
+# --- every label, as istio/proxy's stats filter reports it (istio_stats.cc, testdata/metric) ----
+
+SERVER_SAN = "spiffe://cluster.local/ns/foo/sa/httpbin"
+CLIENT = {
+    "workload": "other",
+    "canonical_service": "other",
+    "canonical_revision": "v2",
+    "workload_namespace": "bar",
+    "app": "other",
+    "version": "v2",
+    "cluster": "Kubernetes",
+}
+SERVER = {
+    "workload": "httpbin",
+    "workload_namespace": "foo",
+    "app": "httpbin",
+    "version": "v1",
+    "canonical_service": "httpbin",
+    "canonical_revision": "v1",
+    "cluster": "east",
+}
+UNKNOWN_PEER = {
+    "workload": "unknown",
+    "canonical_service": "unknown",
+    "canonical_revision": "latest",
+    "workload_namespace": "unknown",
+    "app": "unknown",
+    "version": "unknown",
+    "cluster": "unknown",
+}
+SERVICE = {
+    "destination_service": "httpbin.foo.svc.cluster.local",
+    "destination_service_name": "httpbin",
+    "destination_service_namespace": "foo",
+}
+
+
+def _expected(
+    reporter: str,
+    protocol: str,
+    mtls: bool,
+    *,
+    source: dict[str, str] | None = None,
+    destination: dict[str, str] | None = None,
+    code: str = "200",
+    grpc_status: str = "",
+) -> dict[str, str]:
+    src = CLIENT if source is None else source
+    dst = SERVER if destination is None else destination
+    labels = {"reporter": reporter}
+    labels |= {
+        f"source_{k}": src[k] for k in ("workload", "canonical_service", "canonical_revision", "workload_namespace")
+    }
+    labels["source_principal"] = CLIENT_SAN if mtls else "unknown"
+    labels |= {f"source_{k}": src[k] for k in ("app", "version", "cluster")}
+    labels |= {f"destination_{k}": dst[k] for k in ("workload", "workload_namespace")}
+    labels["destination_principal"] = SERVER_SAN if mtls else "unknown"
+    labels |= {f"destination_{k}": dst[k] for k in ("app", "version")}
+    labels["destination_service"] = SERVICE["destination_service"]
+    labels |= {f"destination_{k}": dst[k] for k in ("canonical_service", "canonical_revision")}
+    labels["destination_service_name"] = SERVICE["destination_service_name"]
+    labels["destination_service_namespace"] = SERVICE["destination_service_namespace"]
+    labels["destination_cluster"] = dst["cluster"]
+    labels["request_protocol"] = protocol
+    if protocol != "tcp":
+        labels["response_code"] = code
+        labels["grpc_response_status"] = grpc_status
+    labels["response_flags"] = "-"
+    if reporter == "source":
+        labels["connection_security_policy"] = "unknown"
+    else:
+        labels["connection_security_policy"] = "mutual_tls" if mtls else "none"
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected", "count"),
+    [
+        # HTTP over mTLS and plain text, both reporters.
+        ("istio_requests_total", _expected("destination", "http", True), HTTP_OK),
+        ("istio_requests_total", _expected("source", "http", True), HTTP_OK),
+        ("istio_requests_total", _expected("destination", "http", False), PLAIN_HTTP_OK),
+        ("istio_requests_total", _expected("source", "http", False), PLAIN_HTTP_OK),
+        # Denied by a DENY policy: 403, and no flag, as Envoy's RBAC filter.
+        ("istio_requests_total", _expected("destination", "http", True, code="403"), HTTP_DENIED),
+        ("istio_requests_total", _expected("source", "http", True, code="403"), HTTP_DENIED),
+        # gRPC, OK and NOT_FOUND.
+        ("istio_requests_total", _expected("destination", "grpc", True, grpc_status="0"), GRPC_OK),
+        ("istio_requests_total", _expected("source", "grpc", True, grpc_status="0"), GRPC_OK),
+        ("istio_requests_total", _expected("destination", "grpc", True, grpc_status="5"), GRPC_NOT_FOUND),
+        ("istio_requests_total", _expected("source", "grpc", True, grpc_status="5"), GRPC_NOT_FOUND),
+        # TCP over mTLS: the peers from their WorkloadEntries.
+        ("istio_tcp_connections_closed_total", _expected("destination", "tcp", True), TCP_CONNECTIONS),
+        ("istio_tcp_connections_closed_total", _expected("source", "tcp", True), TCP_CONNECTIONS),
+        # TCP in plain text: no certificate to tell the two entries at 127.0.0.1 apart, so the
+        # peer is unknown, as Istio's without its ALPN exchange; the service still comes from
+        # the cluster, and its namespace with it.
+        (
+            "istio_tcp_connections_closed_total",
+            _expected("destination", "tcp", False, source=UNKNOWN_PEER),
+            PLAIN_TCP,
+        ),
+        (
+            "istio_tcp_connections_closed_total",
+            _expected("source", "tcp", False, destination=UNKNOWN_PEER),
+            PLAIN_TCP,
+        ),
+    ],
+    ids=lambda v: (
+        "-".join(
+            str(x)
+            for x in (
+                v.get("reporter"),
+                v.get("request_protocol"),
+                v.get("response_code", ""),
+                v.get("grpc_response_status", ""),
+                v.get("connection_security_policy"),
+            )
+        )
+        if isinstance(v, dict)
+        else str(v)
+    ),
+)
+def test_every_label_is_what_istios_stats_filter_reports(
+    mesh_stack: Mesh, metric: str, expected: dict[str, str], count: int
+) -> None:
+    x = mesh_stack.server_x if expected["reporter"] == "destination" else mesh_stack.client_x
+    found = samples(x.metrics(), metric, **expected)
+    assert [(lbl, v) for lbl, v in found] == [(expected, count)], samples(
+        x.metrics(),
+        metric,
+        reporter=expected["reporter"],
+        request_protocol=expected["request_protocol"],
+    )
