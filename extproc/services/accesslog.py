@@ -46,7 +46,7 @@ from google.protobuf import struct_pb2
 
 from extproc.services.authz import LogOnce, direction_of
 from extproc.services.central import IdentityError, NodeWorkloads
-from extproc.telemetry.directory import EMPTY_DIRECTORY, PeerDirectory
+from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.labels import RESPONSE_FLAG_CODES
 from extproc.telemetry.peer import METADATA_HEADER, PeerCache, Workload
 from extproc.telemetry.record import (
@@ -116,8 +116,8 @@ def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
     return ""
 
 
-def _no_directory() -> PeerDirectory:
-    return EMPTY_DIRECTORY
+def _no_directory() -> PeerDirectory | None:
+    return None
 
 
 def _from_directory(
@@ -235,7 +235,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         direction: Direction = Direction.INBOUND,
         tracing: Tracing | None = None,
         central: NodeWorkloads | None = None,
-        directory: Callable[[], PeerDirectory] | None = None,
+        directory: Callable[[], PeerDirectory | None] | None = None,
     ) -> None:
         self.tracing = tracing if tracing is not None and tracing.exports else None
         self.recorder = recorder
@@ -249,7 +249,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self.unidentified_entries = 0  # central mode: dropped, their stream named no workload
         self._log_bad = LogOnce(log)
         # The config's WorkloadEntry/ServiceEntry resources, for peers with no exchanged
-        # metadata (every TCP peer) and ServiceEntry hosts; swapped on reload.
+        # metadata (every TCP peer) and ServiceEntry hosts; swapped on reload; None when the
+        # config lists none (a test per entry, not a call).
         self.directory = directory if directory is not None else _no_directory
         self._principals = _Memo(_principals)
         self._flags = _Memo(response_flags)
@@ -327,25 +328,23 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         if not value:
             value = logged.get(METADATA_HEADER, "")
         tls = c.tls_properties
-        tags = c.custom_tags
         peer_san = local_san = ""
+        service: ServiceInfo | None = None
+        cluster = c.upstream_cluster
         if direction is Direction.INBOUND:
             if c.HasField("tls_properties"):
                 peer_san = _uri_san(tls.peer_certificate_properties)
                 local_san = _uri_san(tls.local_certificate_properties)
-        elif tags:
+        elif tags := c.custom_tags:
             peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
             local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
-        service: ServiceInfo | None = None
-        cluster = c.upstream_cluster
-        if tags:
             if SERVICES_TAG in tags:
                 service = service_of_metadata(tags[SERVICES_TAG])
             if not cluster:
                 cluster = _tag(tags, CLUSTER_TAG)
         workload = self.peers.get(value) if value else None
         d = self.directory()
-        if d:
+        if d is not None:
             found, listed = _from_directory(d, c, direction is _INBOUND, peer_san, cluster, not value)
             if found is not None:
                 workload = found
@@ -413,29 +412,29 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             logged = req_headers if inbound else resp.response_headers
             if logged:
                 value = logged.get(METADATA_HEADER, "")
-        tags = c.custom_tags
         service = None
+        cluster = c.upstream_cluster
         if inbound:
+            # The custom tags are the client side's (the upstream connection and cluster); the
+            # server side's service is `--service-host`, its principals the downstream TLS.
             if c.HasField("tls_properties"):
                 msg = c.tls_properties
                 raw = msg.SerializeToString()
                 peer_san, local_san = self._principals.get(raw) or self._principals.miss(raw, msg)
             else:
                 peer_san = local_san = ""
-        elif tags:
+        elif tags := c.custom_tags:
             peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
             local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
-        else:
-            peer_san = local_san = ""
-        cluster = c.upstream_cluster
-        if tags:
             if SERVICES_TAG in tags:
                 service = service_of_metadata(tags[SERVICES_TAG])
             if not cluster:
                 cluster = _tag(tags, CLUSTER_TAG)  # a local reply has no upstream host
+        else:
+            peer_san = local_san = ""
         workload = self.peers.get(value) if value else None
         d = self.directory()
-        if d:
+        if d is not None:
             found, listed = _from_directory(d, c, inbound, peer_san, cluster, not value)
             if found is not None:
                 workload = found

@@ -179,7 +179,7 @@ class ExternalProcessorService:
         adapter: CheckAdapter | None = None,
         tracing: Tracing | None = None,
         clock: Callable[[], float] = time.time,
-        directory: Callable[[], PeerDirectory] | None = None,
+        directory: Callable[[], PeerDirectory | None] | None = None,
     ) -> None:
         self._clock = clock  # wall clock, for exp/nbf
         # The config's WorkloadEntry/ServiceEntry resources, for peers that exchange nothing.
@@ -271,7 +271,9 @@ class ExternalProcessorService:
             peer.peer_principal = attrs.get(pa.PEER_URI_SAN, "")
             peer.local_principal = attrs.get(pa.LOCAL_URI_SAN, "")
             if peer.workload is None and self.directory is not None:
-                peer.workload = _listed(self.directory(), attrs.get(pa.SOURCE_ADDRESS, ""), peer.peer_principal)
+                d = self.directory()
+                if d is not None:
+                    peer.workload = _listed(d, attrs.get(pa.SOURCE_ADDRESS, ""), peer.peer_principal)
         # In observability mode Envoy applies no reply: nothing can be enforced or propagated.
         acting = not req.observability_mode
         tracing = self.tracing
@@ -446,7 +448,7 @@ class ExternalProcessorService:
         if host:
             peer.service = ServiceInfo(host, attrs.get(pa.SERVICE_NAME, ""), attrs.get(pa.SERVICE_NAMESPACE, ""))
         d = self.directory() if self.directory is not None else None
-        if d:
+        if d is not None:
             if peer.workload is None:
                 peer.workload = _listed(d, attrs.get(pa.UPSTREAM_ADDRESS, ""), peer.peer_principal)
             if peer.service is None and peer.upstream_cluster:

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from extproc.telemetry import labels as L
 from extproc.telemetry.directory import PeerDirectory
@@ -536,8 +536,9 @@ class Telemetry:
     peers: PeerCache
     # Central mode: the recorders of the workloads that access log streams name.
     workloads: WorkloadSinks | None = None
-    # Peers and services the config lists (WorkloadEntry, ServiceEntry), in our cluster.
-    directory: PeerDirectory = field(default_factory=PeerDirectory)
+    # Peers and services the config lists (WorkloadEntry, ServiceEntry), in our cluster;
+    # None when it lists none.
+    directory: PeerDirectory | None = None
 
     @staticmethod
     def create(
@@ -564,7 +565,7 @@ class Telemetry:
         (a reload). Entries that name no cluster are in ours."""
         self.store.set_plans(plans.inbound, plans.outbound)
         if directory is not None:
-            self.directory = directory.in_cluster(self.local.cluster)
+            self.directory = directory.in_cluster(self.local.cluster) if directory else None
 
     def tick(self) -> None:
         """Periodic upkeep: idle series and forgotten TCP connections."""
