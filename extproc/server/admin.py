@@ -535,6 +535,21 @@ class AdminApp:
                 "providers": {name: type(s).__name__ for name, s in snap.providers.items()},
                 # Entries istiod would keep as unusable: the CUSTOM rules naming them deny.
                 "invalid_providers": {name: list(bad.problems) for name, bad in snap.invalid_providers.items()},
+                # WorkloadEntry/ServiceEntry: who a peer that exchanges no metadata is, by address.
+                "peers": {
+                    ip: [
+                        {
+                            "workload": f"{e.workload.namespace}/{e.workload.workload_name}",
+                            "principal": e.principal,
+                            "origin": e.origin,
+                        }
+                        for e in entries
+                    ]
+                    for ip, entries in snap.directory.by_address.items()
+                },
+                "services": {
+                    host: f"{svc.namespace}/{svc.short_name}" for host, svc in snap.directory.services.items()
+                },
             }
         )
         return _json(out)

@@ -27,7 +27,7 @@ from tests.fixtures import envoy_config as ec
 from tests.fixtures import istio_dashboards as dash
 from tests.fixtures import mesh
 from tests.fixtures.exposition import samples, total
-from tests.fixtures.procs import free_port, wait_until
+from tests.fixtures.procs import free_port, http_get, wait_until
 from tests.fixtures.prometheus import PrometheusServer, promtool_check_metrics
 from tests.fixtures.stack import ExtprocProcess, HttpClient, tcp_roundtrip
 
@@ -790,3 +790,23 @@ def test_every_label_is_what_istios_stats_filter_reports(
         reporter=expected["reporter"],
         request_protocol=expected["request_protocol"],
     )
+
+
+def test_debug_config_lists_the_peers_the_config_names(mesh_stack: Mesh) -> None:
+    status, body = http_get(f"http://127.0.0.1:{mesh_stack.server_x.admin_port}/debug/config")
+    assert status == 200
+    peers = json.loads(body)["peers"]
+    assert peers == {
+        "127.0.0.1": [
+            {
+                "workload": "bar/other",
+                "principal": CLIENT_SAN,
+                "origin": "WorkloadEntry bar/other",
+            },
+            {
+                "workload": "foo/httpbin",
+                "principal": SERVER_SAN,
+                "origin": "WorkloadEntry foo/httpbin-vm",
+            },
+        ]
+    }
