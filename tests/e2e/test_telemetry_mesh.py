@@ -16,6 +16,7 @@ import json
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +33,8 @@ from tests.fixtures.prometheus import PrometheusServer, promtool_check_metrics
 from tests.fixtures.stack import ExtprocProcess, HttpClient, tcp_roundtrip
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 HTTP_OK = 6
 HTTP_DENIED = 2
@@ -810,3 +813,23 @@ def test_debug_config_lists_the_peers_the_config_names(mesh_stack: Mesh) -> None
             },
         ]
     }
+
+
+def test_the_compose_stacks_dashboard_shows_every_panel(mesh_stack: Mesh) -> None:
+    """Every query of the Grafana dashboard docker-compose.yml provisions returns data from a
+    real Prometheus scraping the two extprocs (tests/e2e/test_compose_stack.py checks the rest
+    of the stack)."""
+    prom = mesh_stack.prometheus
+    wait_until(
+        lambda: bool(prom.query('rate(istio_requests_total{reporter="destination"}[1m])')),
+        30,
+        "two scrapes of the server's metrics",
+    )
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "extproc-overview.json").read_text())
+    empty = [
+        f"{panel['title']} [{t['refId']}]: {t['expr']}"
+        for panel in dashboard["panels"]
+        for t in panel["targets"]
+        if not prom.query(t["expr"])
+    ]
+    assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
