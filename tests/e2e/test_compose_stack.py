@@ -129,3 +129,32 @@ def test_the_readme_describes_the_stack() -> None:
     for _, host, _ in _mounts():
         rel = host.relative_to(REPO)
         assert str(rel) in section or str(rel.parent) + "/" in section or rel.parts[0] in ("examples",), rel
+
+
+def _stages() -> list[list[str]]:
+    """The Dockerfile's instructions, split into stages (comments and continuations joined)."""
+    text = (REPO / "Dockerfile").read_text()
+    lines = [
+        line for line in text.replace("\\\n", " ").splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    stages: list[list[str]] = []
+    for line in lines:
+        if line.startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_the_image_is_small_and_unprivileged() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "multi-stage: the build tools and caches stay out of the image"
+    final = stages[-1]
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the server runs as an unprivileged user"
+    text = "\n".join(final)
+    for tool in ("gcc", "build-essential", "g++", "make ", "pip install"):
+        assert tool not in text, f"the final stage installs nothing ({tool!r})"
+    assert any(line.startswith("COPY --from=") for line in final)
+    build = "\n".join(stages[0])
+    assert "-c constraints.txt" in build, "the image installs the tested versions"
+    assert re.search(r"FROM python:3\.\d+-slim", build)
