@@ -10,11 +10,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY extproc ./extproc
 RUN python -m venv /opt/extproc \
     && /opt/extproc/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt '.[envoy]' \
-    # xds-protos ships an older copy of the opentelemetry/proto files; the OTLP exporter needs
-    # opentelemetry-proto's (the same step as scripts/setup).
-    && /opt/extproc/bin/pip install --no-cache-dir --disable-pip-version-check --force-reinstall --no-deps \
-        "$(grep -E '^opentelemetry-proto==' constraints.txt)" \
-    && /opt/extproc/bin/python -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope"
+    && /opt/extproc/bin/python -c "import extproc.server.app, extproc.tracing.export"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin extproc

@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -24,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
+from extproc.tracing.otlp import OtlpSpanExporter
 from extproc.tracing.spans import ExportSettings, SinkStats, SpanRecord
 
 logger = logging.getLogger("extproc.tracing")
@@ -87,34 +87,6 @@ class _PresetIdGenerator(IdGenerator):
         return span_id or random.getrandbits(64) or 1
 
 
-def _with_trace_flags(otlp: type[Any]) -> type[Any]:
-    """The OTLP exporter, writing each span's W3C trace flags into OTLP `Span.flags`.
-
-    OTLP defines bits 0-7 of `Span.flags` as the span's W3C trace flags (sampled,
-    random-trace-id), but the SDK's encoder (1.45) writes only the "parent is remote" bits 8-9,
-    so a collector could not see the random-trace-id flag we propagated. The encoded request is
-    completed here, on the exporter's thread, matching spans by (trace id, span id).
-    tests/unit/test_tracing_spans.py checks the flags arrive at a real OTLP receiver.
-    """
-
-    class FlagsOTLPSpanExporter(otlp):  # type: ignore[misc, valid-type]
-        def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
-            request = super()._translate_data(data)
-            flags: dict[tuple[bytes, bytes], int] = {}
-            for span in data:
-                sc = span.get_span_context()
-                if sc is not None and sc.trace_flags:
-                    flags[sc.trace_id.to_bytes(16, "big"), sc.span_id.to_bytes(8, "big")] = sc.trace_flags & 0xFF
-            if flags:
-                for rs in request.resource_spans:
-                    for ss in rs.scope_spans:
-                        for pb in ss.spans:
-                            pb.flags |= flags.get((pb.trace_id, pb.span_id), 0)
-            return request
-
-    return FlagsOTLPSpanExporter
-
-
 class _CountingExporter(SpanExporter):
     """Wraps the real exporter to count what the SDK hands it and how that went.
 
@@ -156,7 +128,7 @@ class _CountingExporter(SpanExporter):
 
     def shutdown(self, timeout_millis: float = 30_000) -> None:
         # Reached twice when a shutdown was abandoned (once from abandon, once from the
-        # processor); the OTLP exporter logs a warning on a second call, so forward once.
+        # processor); forward once.
         with self._shutdown_lock:
             if self._inner_shut_down:
                 return
@@ -186,21 +158,11 @@ class SpanSink:
         self.settings = settings
         self.stats = SinkStats()
         if exporter is None:
-            # Imported here: only a server that exports spans needs the OTLP protos.
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            except ImportError as e:
-                # xds-protos ships an older copy of the same `opentelemetry.proto` package.
-                raise RuntimeError(
-                    f"the OTLP exporter cannot load ({e}); reinstall opentelemetry-proto after xds-protos "
-                    "(pip install --force-reinstall --no-deps opentelemetry-proto), as scripts/setup does"
-                ) from e
-
-            exporter = _with_trace_flags(OTLPSpanExporter)(
-                endpoint=settings.endpoint,
+            exporter = OtlpSpanExporter(
+                settings.endpoint,
                 insecure=settings.insecure,
                 headers=settings.headers or None,
-                timeout=settings.timeout_s,
+                timeout_s=settings.timeout_s,
             )
         self._exporter = _CountingExporter(exporter, self.stats)
         self._ids = _PresetIdGenerator()
