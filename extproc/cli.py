@@ -46,6 +46,27 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _cmd_analyze(ns: argparse.Namespace) -> int:
+    from extproc import analyze
+    from extproc.config import loader
+    from extproc.config.errors import ConfigError
+
+    try:
+        workloads = [analyze.parse_workload(w) for w in ns.workload or ()]
+        threshold = analyze.Level.parse(ns.failure_threshold)
+    except ValueError as e:
+        print(f"extproc analyze: {e}", file=sys.stderr)
+        return 2
+    try:
+        loaded = loader.load(ns.config_dirs)
+    except ConfigError as e:  # invalid config is validate's business; say so and stop
+        print(e, file=sys.stderr)
+        return 1
+    messages = analyze.Analysis(loaded, workloads, ns.root_namespace).run()
+    sys.stdout.write(analyze.render(messages, ns.output))
+    return analyze.exit_status(messages, threshold)
+
+
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from extproc.config import loader
     from extproc.config.errors import ConfigError
@@ -153,6 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check policy files; with --namespace, show which apply")
     _add_workload_flags(validate, required=False)
     validate.set_defaults(func=_cmd_validate)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="report config that is valid but ineffective, as Istio's analyzers do (istioctl analyze)",
+        description="Report config that is valid but does not do what it says, with Istio's analyzer codes "
+        "(IST0101, IST0127, IST0159, IST0160) and extproc's own (EXT0001-EXT0003). Exits 79 when a message is "
+        "at or above --failure-threshold, as istioctl does.",
+    )
+    analyze.add_argument("config_dirs", nargs="+", metavar="CONFIG_DIR")
+    analyze.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAMESPACE[:k=v,...]",
+        help="a workload that exists (repeat); with the config's WorkloadEntry resources, what selectors are "
+        "checked against. Without any, the does-anything-match analyzers do not run",
+    )
+    analyze.add_argument(
+        "--root-namespace", default="istio-system", help="Istio's root namespace (default istio-system)"
+    )
+    analyze.add_argument("--output", "-o", choices=("text", "json", "yaml"), default="text")
+    analyze.add_argument(
+        "--failure-threshold", default="Error", metavar="LEVEL", help="Info, Warning or Error (default Error)"
+    )
+    analyze.set_defaults(func=_cmd_analyze)
 
     explain = sub.add_parser("explain", help="evaluate one described request and show every rule's result")
     _add_workload_flags(explain, required=True)
