@@ -23,7 +23,9 @@ Analyzers:
 * EXT0002: `requestPrincipals` whose issuer no RequestAuthentication that could apply accepts,
   so the rule never matches;
 * EXT0003: a DENY rule with HTTP-only fields that also applies to TCP, where Istio drops those
-  fields and the rule denies more than it says.
+  fields and the rule denies more than it says;
+* EXT0004: a rule shadowed by an earlier rule of the same policy, which matches every request
+  it does (Info when the two are identical).
 """
 
 from __future__ import annotations
@@ -218,12 +220,27 @@ class Analysis:
                     f'Referenced extension provider not found: "{name}"',
                 )
         issuers = self._issuers_for(ap)
-        for i, rule in enumerate(spec.rules or ()):
+        rules = list(spec.rules or ())
+        for i, rule in enumerate(rules):
             if rule is None:
                 continue
             self._rule_sources(lp, i, rule, issuers)
             if spec.action is Action.DENY:
                 self._deny_on_tcp(lp, i, rule)
+            if spec.action in (Action.ALLOW, Action.DENY, Action.AUDIT):
+                for j in range(i):
+                    earlier = rules[j]
+                    if earlier is not None and _covers(earlier, rule):
+                        self._add(
+                            "EXT0004",
+                            Level.INFO if earlier == rule else Level.WARNING,
+                            lp,
+                            "AuthorizationPolicy",
+                            ("spec", "rules", i),
+                            f"Rule {i} is shadowed by rule {j}: every request it matches, rule {j} matches too, "
+                            f"so it adds nothing (is a condition missing from rule {j}?)",
+                        )
+                        break
 
     def _rule_sources(self, lp: LoadedPolicy, i: int, rule: Rule, issuers: list[str]) -> None:
         for j, f in enumerate(rule.from_ or ()):
@@ -366,6 +383,67 @@ class _TelemetryRef:
     @property
     def location(self) -> Location:
         return self.t.location
+
+
+def _values_cover(wide: Sequence[str] | None, narrow: Sequence[str] | None) -> bool:
+    """A positive field: `wide` accepts everything `narrow` does. An absent field accepts all;
+    `*` accepts any value. Other wildcards are compared as written (conservative)."""
+    if wide is None:
+        return True
+    if "*" in wide:
+        return True
+    return narrow is not None and set(narrow) <= set(wide)
+
+
+def _not_values_cover(wide: Sequence[str] | None, narrow: Sequence[str] | None) -> bool:
+    """A negative field: `wide` excludes no more than `narrow` does."""
+    return not wide or (narrow is not None and set(wide) <= set(narrow))
+
+
+def _part_covers(wide: Any, narrow: Any, fields: Iterable[str]) -> bool:
+    for name in fields:
+        w, n = getattr(wide, name), getattr(narrow, name) if narrow is not None else None
+        ok = _not_values_cover(w, n) if name.startswith("not_") else _values_cover(w, n)
+        if not ok:
+            return False
+    return True
+
+
+_SOURCE_FIELDS = (
+    "principals", "not_principals", "request_principals", "not_request_principals", "namespaces",
+    "not_namespaces", "service_accounts", "not_service_accounts", "ip_blocks", "not_ip_blocks",
+    "remote_ip_blocks", "not_remote_ip_blocks", "trust_domains", "not_trust_domains",
+)  # fmt: skip
+_OPERATION_FIELDS = ("hosts", "not_hosts", "ports", "not_ports", "methods", "not_methods", "paths", "not_paths")
+
+
+def _covers(wide: Rule, narrow: Rule) -> bool:
+    """Whether rule `wide` matches every request rule `narrow` matches (a sufficient check:
+    single `from` and `to` entries compared field by field; anything else is not claimed)."""
+    wf, nf = list(wide.from_ or ()), list(narrow.from_ or ())
+    wt, nt = list(wide.to or ()), list(narrow.to or ())
+    if len(wf) > 1 or len(nf) > 1 or len(wt) > 1 or len(nt) > 1:
+        return False
+    if wf:
+        ws = wf[0].source if wf[0] is not None else None
+        ns = nf[0].source if nf and nf[0] is not None else None
+        if ws is not None and not _part_covers(ws, ns, _SOURCE_FIELDS):
+            return False
+    if wt:
+        wo = wt[0].operation if wt[0] is not None else None
+        no = nt[0].operation if nt and nt[0] is not None else None
+        if wo is not None and not _part_covers(wo, no, _OPERATION_FIELDS):
+            return False
+    narrow_when = {c.key: c for c in narrow.when or () if c is not None}
+    for c in wide.when or ():
+        if c is None:
+            continue
+        other = narrow_when.get(c.key)
+        if other is None:
+            return False
+        if not (_values_cover(c.values, other.values) and _not_values_cover(c.not_values, other.not_values)):
+            return False
+    return True
 
 
 def _labels_of(selector: Any) -> dict[str, str] | None:

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze",
         help="report config that is valid but ineffective, as Istio's analyzers do (istioctl analyze)",
         description="Report config that is valid but does not do what it says, with Istio's analyzer codes "
-        "(IST0101, IST0127, IST0159, IST0160) and extproc's own (EXT0001-EXT0003). Exits 79 when a message is "
+        "(IST0101, IST0127, IST0159, IST0160) and extproc's own (EXT0001-EXT0004). Exits 79 when a message is "
         "at or above --failure-threshold, as istioctl does.",
     )
     analyze.add_argument("config_dirs", nargs="+", metavar="CONFIG_DIR")

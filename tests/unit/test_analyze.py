@@ -304,3 +304,39 @@ def test_cli_formats_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_clean_config_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", str(Path(__file__).resolve().parents[2] / "examples" / "policies")]) == 0
     assert "No validation issues found" in capsys.readouterr().out
+
+
+def test_rules_shadowed_by_an_earlier_rule(tmp_path: Path) -> None:
+    text = f"""\
+    apiVersion: {AP}
+    kind: AuthorizationPolicy
+    metadata: {{name: allow, namespace: shop}}
+    spec:
+      rules:
+      - to: [{{operation: {{methods: ["GET", "HEAD"]}}}}]
+      - to: [{{operation: {{methods: ["GET"], paths: ["/api/*"]}}}}]
+      - to: [{{operation: {{methods: ["POST"]}}}}]
+      - from: [{{source: {{namespaces: ["shop"]}}}}]
+        to: [{{operation: {{methods: ["POST"], notPaths: ["/admin"]}}}}]
+      - to: [{{operation: {{methods: ["GET", "HEAD"]}}}}]
+      - to: [{{operation: {{methods: ["PUT"]}}}}]
+        when: [{{key: "request.auth.claims[group]", values: ["admin"]}}]
+      - to: [{{operation: {{methods: ["PUT"]}}}}]
+    ---
+    apiVersion: {AP}
+    kind: AuthorizationPolicy
+    metadata: {{name: everything-first, namespace: shop}}
+    spec:
+      action: DENY
+      rules:
+      - {{}}
+      - to: [{{operation: {{paths: ["/x"]}}}}]
+    """
+    got = sorted((m.origin, m.message.split(":")[0], m.level) for m in _run(tmp_path, text) if m.code == "EXT0004")
+    assert got == [
+        ("AuthorizationPolicy shop/allow", "Rule 1 is shadowed by rule 0", analyze.Level.WARNING),
+        ("AuthorizationPolicy shop/allow", "Rule 3 is shadowed by rule 2", analyze.Level.WARNING),
+        ("AuthorizationPolicy shop/allow", "Rule 4 is shadowed by rule 0", analyze.Level.INFO),  # identical
+        ("AuthorizationPolicy shop/everything-first", "Rule 1 is shadowed by rule 0", analyze.Level.WARNING),
+    ]
+    # Rule 6 (PUT, any claims) is not shadowed by rule 5 (PUT with a claim): the other way round.
