@@ -138,6 +138,18 @@ def _from_directory(
     return workload, service
 
 
+def _client_side(tags: Mapping[str, str], cluster: str) -> tuple[str, str, ServiceInfo | None, str]:
+    """(upstream peer SAN, our SAN, the cluster's istio.services[0], the cluster) from the custom
+    tags of an outbound entry; the route's cluster stands in when no upstream host was picked."""
+    service = service_of_metadata(tags[SERVICES_TAG]) if SERVICES_TAG in tags else None
+    return (
+        _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG)),
+        _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG)),
+        service,
+        cluster or _tag(tags, CLUSTER_TAG),
+    )
+
+
 def _tag(tags: Mapping[str, str], key: str) -> str:
     """A custom tag's value; "" when absent or `-` (a formatter with nothing to print)."""
     value = tags.get(key, "")
@@ -336,20 +348,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                 peer_san = _uri_san(tls.peer_certificate_properties)
                 local_san = _uri_san(tls.local_certificate_properties)
         elif tags := c.custom_tags:
-            peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
-            local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
-            if SERVICES_TAG in tags:
-                service = service_of_metadata(tags[SERVICES_TAG])
-            if not cluster:
-                cluster = _tag(tags, CLUSTER_TAG)
-        workload = self.peers.get(value) if value else None
-        d = self.directory()
-        if d is not None:
-            found, listed = _from_directory(d, c, direction is _INBOUND, peer_san, cluster, not value)
-            if found is not None:
-                workload = found
-            if service is None:
-                service = listed
+            peer_san, local_san, service, cluster = _client_side(tags, cluster)
+        workload, service = self._listed(c, direction is _INBOUND, value, peer_san, cluster, service)
         return Peer(
             direction=direction,
             workload=workload,
@@ -361,6 +361,27 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             route_name=c.route_name,
             service=service,
         )
+
+    def _listed(
+        self,
+        c: accesslog_pb2.AccessLogCommon,
+        inbound: bool,
+        value: str,
+        peer_san: str,
+        cluster: str,
+        service: ServiceInfo | None,
+    ) -> tuple[Workload | None, ServiceInfo | None]:
+        """(the peer: from its exchanged metadata, else the config's directory; the service,
+        else a listed ServiceEntry's)."""
+        workload = self.peers.get(value) if value else None
+        d = self.directory()
+        if d is not None:
+            found, listed = _from_directory(d, c, inbound, peer_san, cluster, not value)
+            if found is not None:
+                workload = found
+            if service is None:
+                service = listed
+        return workload, service
 
     def http_entry(
         self, e: accesslog_pb2.HTTPAccessLogEntry, direction: Direction, recorder: Recorder | None = None
@@ -424,22 +445,10 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             else:
                 peer_san = local_san = ""
         elif tags := c.custom_tags:
-            peer_san = _first_san(_tag(tags, UPSTREAM_PEER_SAN_TAG))
-            local_san = _first_san(_tag(tags, UPSTREAM_LOCAL_SAN_TAG))
-            if SERVICES_TAG in tags:
-                service = service_of_metadata(tags[SERVICES_TAG])
-            if not cluster:
-                cluster = _tag(tags, CLUSTER_TAG)  # a local reply has no upstream host
+            peer_san, local_san, service, cluster = _client_side(tags, cluster)
         else:
             peer_san = local_san = ""
-        workload = self.peers.get(value) if value else None
-        d = self.directory()
-        if d is not None:
-            found, listed = _from_directory(d, c, inbound, peer_san, cluster, not value)
-            if found is not None:
-                workload = found
-            if service is None:
-                service = listed
+        workload, service = self._listed(c, inbound, value, peer_san, cluster, service)
         d = c.duration  # an absent Duration reads as zero: HasField only tells 0 from absent
         nanos = d.seconds * 1_000_000_000 + d.nanos
         duration_ms = nanos / 1e6 if nanos or c.HasField("duration") else None
