@@ -67,6 +67,25 @@ def _cmd_analyze(ns: argparse.Namespace) -> int:
     return analyze.exit_status(messages, threshold)
 
 
+def _cmd_envoy_config(ns: argparse.Namespace) -> int:
+    from extproc.envoy_config import build_options, generate
+    from extproc.envoy_config.options import ADDRESS_FIELDS
+
+    try:
+        opts = build_options(
+            ns.mode, ns.direction, no_tcp=ns.no_tcp, **{name: getattr(ns, name) for name in ADDRESS_FIELDS}
+        )
+    except ValueError as e:
+        print(f"extproc envoy-config: {e}", file=sys.stderr)
+        return 2
+    text = generate(opts)
+    if ns.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(ns.output).write_text(text)
+    return 0
+
+
 def _cmd_validate(ns: argparse.Namespace) -> int:
     from extproc.config import loader
     from extproc.config.errors import ConfigError
@@ -198,6 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--failure-threshold", default="Error", metavar="LEVEL", help="Info, Warning or Error (default Error)"
     )
     analyze.set_defaults(func=_cmd_analyze)
+
+    envoy = sub.add_parser(
+        "envoy-config",
+        help="print the Envoy bootstrap of a mode and side (the files in envoy/ are its output)",
+        description="Print a complete, commented Envoy bootstrap for extproc, built from Envoy's typed API "
+        "(envoy-data-plane). With the default addresses it prints the files shipped in envoy/. Check the result "
+        "with `envoy --mode validate -c FILE`.",
+    )
+    envoy.add_argument("--mode", choices=("authz+als", "authz", "authz-http", "extproc"), default="authz+als")
+    envoy.add_argument("--direction", choices=("inbound", "outbound"), default="inbound")
+    from extproc.envoy_config.options import ADDRESS_FIELDS, Side, defaults
+
+    inbound, outbound = defaults(Side.INBOUND), defaults(Side.OUTBOUND)
+    helps = {
+        "listen": "the HTTP listener",
+        "tcp_listen": "the TCP listener",
+        "upstream": "where HTTP goes: the application (inbound) or the server's sidecar (outbound)",
+        "tcp_upstream": "where TCP goes",
+        "extproc": "extproc's gRPC listener, its --listen",
+        "extproc_http": "extproc's HTTP check listener, its --http-listen (mode authz-http)",
+        "admin": "Envoy's admin listener",
+    }
+    for name in ADDRESS_FIELDS:
+        default = f"inbound {inbound[name] or 'as --upstream'}, outbound {outbound[name]}"
+        envoy.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, metavar="HOST:PORT", help=f"{helps[name]} ({default})"
+        )
+    envoy.add_argument("--no-tcp", action="store_true", help="no TCP listener")
+    envoy.add_argument("--output", "-o", metavar="FILE", help="write here instead of standard output")
+    envoy.set_defaults(func=_cmd_envoy_config)
 
     explain = sub.add_parser("explain", help="evaluate one described request and show every rule's result")
     _add_workload_flags(explain, required=True)
