@@ -12,10 +12,12 @@ What is known about workloads: the `--workload NAMESPACE[:k=v,...]` facts given,
 the cluster's pods; a namespace counts as existing when a workload or a resource is in it.
 
 Analyzers:
-* IST0127 NoMatchingWorkloadsFound: an AuthorizationPolicy, RequestAuthentication or
-  Telemetry whose selector (or, namespace-wide, whose namespace) matches no known workload;
+* IST0127 NoMatchingWorkloadsFound: an AuthorizationPolicy or RequestAuthentication whose
+  selector (or, namespace-wide, whose namespace) matches no known workload;
 * IST0101 ReferencedResourceNotFound: a `source.namespaces`/`notNamespaces` entry naming a
   namespace nothing uses; a CUSTOM action naming an extension provider the mesh config lacks;
+  a Telemetry selector that selects no workload of its namespace;
+* IST0157 InvalidTelemetryProvider: access logging with no provider (and no mesh default);
 * IST0160 MultipleTelemetriesWithoutWorkloadSelectors, IST0159
   ConflictingTelemetryWorkloadSelectors: Telemetry resources Istio would pick between
   arbitrarily;
@@ -90,6 +92,13 @@ class KnownWorkload:
     namespace: str
     labels: Mapping[str, str] = field(default_factory=dict)
     origin: str = "--workload"
+    # What messages call the pod: the WorkloadEntry's name (a ServiceEntry endpoint's is
+    # `<serviceentry>-<index>`, as istiod names it), or the labels of a --workload.
+    pod: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.pod or ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
 
 
 def parse_workload(text: str) -> KnownWorkload:
@@ -142,11 +151,17 @@ class Analysis:
         self.workloads: list[KnownWorkload] = list(workloads)
         for lp in loaded.workload_entries:
             we = lp.policy
-            self.workloads.append(KnownWorkload(we.metadata.namespace or "", dict(we.spec.labels or {}), lp.origin))
+            self.workloads.append(
+                KnownWorkload(we.metadata.namespace or "", dict(we.spec.labels or {}), lp.origin, we.metadata.name)
+            )
         for lp in loaded.service_entries:
             se = lp.policy
-            for ep in se.spec.endpoints or ():
-                self.workloads.append(KnownWorkload(se.metadata.namespace or "", dict(ep.labels or {}), lp.origin))
+            for i, ep in enumerate(se.spec.endpoints or ()):
+                self.workloads.append(
+                    KnownWorkload(
+                        se.metadata.namespace or "", dict(ep.labels or {}), lp.origin, f"{se.metadata.name}-{i}"
+                    )
+                )
         self.namespaces = {w.namespace for w in self.workloads} | {root_namespace}
         for group in (loaded.policies, loaded.request_authentications, loaded.workload_entries, loaded.service_entries):
             self.namespaces |= {lp.policy.metadata.namespace or "" for lp in group}
@@ -331,11 +346,26 @@ class Analysis:
     # --- Telemetry ---------------------------------------------------------------------
 
     def _telemetries(self) -> None:
+        """Istio's three Telemetry analyzers: a selector that selects no workload of its own
+        namespace (IST0101; the root namespace is not special here, as in Istio), selectors
+        that pick one workload twice (IST0159), several selector-less Telemetries in one
+        namespace (IST0160); and its provider analyzer, for access logging without a provider
+        when the mesh has no default one (IST0157; extproc's mesh defaults name none)."""
         by_ns: dict[str, list[Any]] = defaultdict(list)
         for t in self.loaded.telemetries:
             by_ns[t.namespace].append(t)
-            selector = dict(t.selector) if t.selector else None
-            self._selected(_TelemetryRef(t), "Telemetry", selector)
+            self._telemetry_selector(t)
+            for entry in t.resource.spec.access_logging or ():
+                if entry is not None and not entry.disabled and not entry.providers:
+                    self._add(
+                        "IST0157",
+                        Level.WARNING,
+                        _TelemetryRef(t),
+                        "Telemetry",
+                        ("spec", "accessLogging"),
+                        f'The Telemetry {t.name} in namespace "{t.namespace}" with empty providers will be ignored.',
+                    )
+                    break
         for ns, items in by_ns.items():
             plain = [t for t in items if not t.selector]
             if len(plain) > 1:
@@ -357,7 +387,6 @@ class Analysis:
                 hits = [t for t in selecting if all(w.labels.get(k) == v for k, v in t.selector.items())]
                 if len(hits) > 1:
                     names = sorted(t.name for t in hits)
-                    pod = ",".join(f"{k}={v}" for k, v in sorted(w.labels.items()))
                     for t in hits:
                         self._add(
                             "IST0159",
@@ -366,8 +395,23 @@ class Analysis:
                             "Telemetry",
                             ("spec", "selector"),
                             f'The Telemetries {_golist(names)} in namespace "{ns}" select the same workload pod '
-                            f'"{pod}", which can lead to undefined behavior.',
+                            f'"{w.name}", which can lead to undefined behavior.',
                         )
+
+    def _telemetry_selector(self, t: Any) -> None:
+        if not self.workloads or not t.selector:
+            return
+        if self._matching(t.namespace, t.selector):
+            return
+        selector = ",".join(f"{k}={v}" for k, v in sorted(t.selector.items()))  # a k8s selector's String()
+        self._add(
+            "IST0101",
+            Level.ERROR,
+            _TelemetryRef(t),
+            "Telemetry",
+            ("spec", "selector", "matchLabels", min(t.selector)),
+            f'Referenced selector not found: "{selector}"',
+        )
 
 
 @dataclass(frozen=True)

@@ -340,3 +340,165 @@ def test_rules_shadowed_by_an_earlier_rule(tmp_path: Path) -> None:
         ("AuthorizationPolicy shop/everything-first", "Rule 1 is shadowed by rule 0", analyze.Level.WARNING),
     ]
     # Rule 6 (PUT, any claims) is not shadowed by rule 5 (PUT with a claim): the other way round.
+
+
+# --- the situations of Istio's testdata, one test per analyzer, in our own resources ---------
+
+TM = "telemetry.istio.io/v1"
+NE = "networking.istio.io/v1"
+
+# Workloads by WorkloadEntry (Istio's testdata uses Pods): `web` in shop and in other, `db`
+# in shop, `ratings` with two labels in shop.
+ENTRIES = f"""\
+apiVersion: {NE}
+kind: WorkloadEntry
+metadata: {{name: web-1, namespace: shop}}
+spec: {{address: 10.0.0.1, labels: {{app: web}}}}
+---
+apiVersion: {NE}
+kind: WorkloadEntry
+metadata: {{name: web-other, namespace: other}}
+spec: {{address: 10.0.0.2, labels: {{app: web}}}}
+---
+apiVersion: {NE}
+kind: WorkloadEntry
+metadata: {{name: db-1, namespace: shop}}
+spec: {{address: 10.0.0.3, labels: {{app: db}}}}
+---
+apiVersion: {NE}
+kind: WorkloadEntry
+metadata: {{name: ratings-1, namespace: shop}}
+spec: {{address: 10.0.0.4, labels: {{app: ratings, tier: back}}}}
+"""
+
+
+def _telemetry(name: str, ns: str, labels: dict[str, str] | None = None, extra: str = "") -> str:
+    selector = f"  selector: {{matchLabels: {json.dumps(labels)}}}\n" if labels else ""
+    return (
+        f"apiVersion: {TM}\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{selector}"
+        f"  metrics: [{{providers: [{{name: prometheus}}]}}]\n{extra}"
+    )
+
+
+def test_telemetry_selectors_as_istios_selector_analyzer(tmp_path: Path) -> None:
+    """Istio's telemetry-selector testdata: a selector matching a workload of its namespace
+    (nothing to say), one matching nothing, one matching only in another namespace (both
+    IST0101), two identical selectors and two overlapping ones on one workload (IST0159)."""
+    docs = [
+        ENTRIES,
+        _telemetry("maps-correctly", "shop", {"app": "web"}),
+        _telemetry("maps-to-nonexistent", "shop", {"app": "bogus"}),
+        _telemetry("maps-to-different-ns", "other", {"app": "db"}),
+        _telemetry("dupe-1", "shop", {"app": "db"}),
+        _telemetry("dupe-2", "shop", {"app": "db"}),
+        _telemetry("overlap-1", "shop", {"app": "ratings"}),
+        _telemetry("overlap-2", "shop", {"tier": "back", "app": "ratings"}),
+    ]
+    got = _run(tmp_path, "---\n".join(docs))
+    assert sorted(_codes(got)) == [
+        ("IST0101", "Telemetry other/maps-to-different-ns"),
+        ("IST0101", "Telemetry shop/maps-to-nonexistent"),
+        ("IST0159", "Telemetry shop/dupe-1"),
+        ("IST0159", "Telemetry shop/dupe-2"),
+        ("IST0159", "Telemetry shop/overlap-1"),
+        ("IST0159", "Telemetry shop/overlap-2"),
+    ]
+    by = {m.origin: m for m in got}
+    assert by["Telemetry shop/maps-to-nonexistent"].message == 'Referenced selector not found: "app=bogus"'
+    assert by["Telemetry shop/maps-to-nonexistent"].level is analyze.Level.ERROR
+    assert by["Telemetry shop/dupe-1"].message == (
+        'The Telemetries [dupe-1 dupe-2] in namespace "shop" select the same workload pod "db-1", '
+        "which can lead to undefined behavior."
+    )
+    # file:line points at the selector's label, as Istio's ErrorLine does
+    text = (tmp_path / "cfg" / "config.yaml").read_text().splitlines()
+    line = int(by["Telemetry shop/maps-to-nonexistent"].reference.rsplit(":", 1)[1])
+    assert "bogus" in text[line - 1]
+
+
+def test_telemetries_without_selectors_as_istios_default_selector_analyzer(tmp_path: Path) -> None:
+    """Istio's telemetry-default-selector testdata: one selector-less Telemetry per namespace is
+    fine, two in one namespace are both reported; the root namespace counts like any other."""
+    docs = [
+        ENTRIES,
+        _telemetry("only-one", "other"),
+        _telemetry("has-conflict-1", "shop"),
+        _telemetry("has-conflict-2", "shop"),
+        _telemetry("mesh", "istio-system"),
+        _telemetry("with-selector", "shop", {"app": "web"}),
+    ]
+    assert sorted(_codes(_run(tmp_path, "---\n".join(docs)))) == [
+        ("IST0160", "Telemetry shop/has-conflict-1"),
+        ("IST0160", "Telemetry shop/has-conflict-2"),
+    ]
+
+
+def test_access_logging_without_provider_as_istios_provider_analyzer(tmp_path: Path) -> None:
+    """Istio's telemetry-invalid-provider and telemetry-disable-provider testdata: an
+    accessLogging entry with no provider is reported once per Telemetry (IST0157, the mesh has no
+    default access-log provider); one with a provider, or disabled, is not. This runs with no
+    workloads known: it asks nothing of the cluster."""
+    invalid = _telemetry(
+        "mesh-default",
+        "istio-system",
+        extra="  accessLogging:\n  - providers: [{name: envoy}]\n  - filter: {expression: 'response.code >= 400'}\n",
+    )
+    disabled = _telemetry("quiet", "foo", extra="  accessLogging:\n  - disabled: true\n")
+    fine = _telemetry("logs", "bar", extra="  accessLogging:\n  - providers: [{name: envoy}]\n")
+    got = _run(tmp_path, "---\n".join([invalid, disabled, fine]))
+    assert _codes(got) == [("IST0157", "Telemetry istio-system/mesh-default")]
+    assert got[0].level is analyze.Level.WARNING
+    assert (
+        got[0].message == 'The Telemetry mesh-default in namespace "istio-system" with empty providers will be ignored.'
+    )
+
+
+def test_authorization_policies_as_istios_authz_analyzer(tmp_path: Path) -> None:
+    """Istio's authorizationpolicies testdata: a mesh-wide policy is fine when its selector
+    matches anywhere and reported when it matches nowhere; a namespace-wide policy in a namespace
+    without workloads and a selector without a workload are reported (IST0127); each source
+    namespace pattern matching no namespace is reported, in namespaces and notNamespaces alike
+    (IST0101), and patterns that match are not."""
+    policy = "apiVersion: {ap}\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
+
+    def ap(name: str, ns: str, body: str) -> str:
+        return policy.format(ap=AP, name=name, ns=ns, body=textwrap.indent(textwrap.dedent(body), "  "))
+
+    docs = [
+        ENTRIES,
+        ap("meshwide-web", "istio-system", "selector: {matchLabels: {app: web}}\nrules: [{}]\n"),
+        ap("meshwide-nothing", "istio-system", "selector: {matchLabels: {app: web, version: v9}}\nrules: [{}]\n"),
+        ap("empty-namespace-wide", "empty", "rules: [{from: [{source: {namespaces: [shop]}}]}]\n"),
+        ap("namespace-wide", "shop", "rules: [{from: [{source: {namespaces: [shop]}}]}]\n"),
+        ap("nopods", "shop", "selector: {matchLabels: {app: web, version: v9}}\nrules: [{}]\n"),
+        ap(
+            "bogus-ns",
+            "shop",
+            """\
+            selector: {matchLabels: {app: web}}
+            rules:
+            - from:
+              - source: {namespaces: [shop, "sh*", "*-bogus", "bogus-*"]}
+            """,
+        ),
+        ap(
+            "bogus-not-ns",
+            "shop",
+            """\
+            selector: {matchLabels: {app: web}}
+            rules:
+            - from:
+              - source: {notNamespaces: ["*op", "*-bogus", "bogus-*"]}
+            """,
+        ),
+    ]
+    got = _run(tmp_path, "---\n".join(docs))
+    assert sorted(_codes(got)) == [
+        ("IST0101", "AuthorizationPolicy shop/bogus-not-ns"),
+        ("IST0101", "AuthorizationPolicy shop/bogus-not-ns"),
+        ("IST0101", "AuthorizationPolicy shop/bogus-ns"),
+        ("IST0101", "AuthorizationPolicy shop/bogus-ns"),
+        ("IST0127", "AuthorizationPolicy empty/empty-namespace-wide"),
+        ("IST0127", "AuthorizationPolicy istio-system/meshwide-nothing"),
+        ("IST0127", "AuthorizationPolicy shop/nopods"),
+    ]
