@@ -53,10 +53,19 @@ def test_docker_compose_accepts_the_file() -> None:
     resolved = _compose("config")
     assert resolved.returncode == 0, resolved.stderr
     services = yaml.safe_load(resolved.stdout)["services"]
-    assert set(services) == {"upstream", "extproc", "envoy", "prometheus", "grafana", "jaeger", "fortio"}
-    # The load generator runs only with `--profile load`.
-    assert {n for n, svc in services.items() if svc.get("profiles")} == {"fortio"}
-    assert services["fortio"]["profiles"] == ["load"]
+    assert set(services) == {
+        "upstream",
+        "extproc",
+        "envoy",
+        "prometheus",
+        "grafana",
+        "jaeger",
+        "fortio",
+        "fortio-jwt",
+    }
+    # The load generators run only with `--profile load`.
+    assert {n for n, svc in services.items() if svc.get("profiles")} == {"fortio", "fortio-jwt"}
+    assert services["fortio"]["profiles"] == services["fortio-jwt"]["profiles"] == ["load"]
 
 
 def test_every_mounted_file_exists() -> None:
@@ -122,7 +131,7 @@ def test_grafana_provisioning_fits_together() -> None:
 def test_the_readme_describes_the_stack() -> None:
     readme = (REPO / "README.md").read_text()
     section = readme.split("## The observable stack with Docker Compose", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\| `([a-z]+)` \|", section, re.M))
+    listed = set(re.findall(r"^\| `([a-z-]+)` \|", section, re.M))
     assert listed == set(_services()), listed
     for profile in re.findall(r"--profile (\w+)", section):
         assert any(profile in svc.get("profiles", []) for svc in _services().values()), profile
@@ -158,3 +167,41 @@ def test_the_image_is_small_and_unprivileged() -> None:
     build = "\n".join(stages[0])
     assert "-c constraints.txt" in build, "the image installs the tested versions"
     assert re.search(r"FROM python:3\.\d+-slim", build)
+
+
+def test_the_load_generators_token_verifies_against_the_served_key_set() -> None:
+    """fortio-jwt sends deploy/jwt/demo.jwt; the upstream serves deploy/jwt/jwks.json where the
+    sample RequestAuthentication's jwksUri points; the token verifies against the key set fetched
+    from a real sample upstream, with the issuer and audience that RequestAuthentication names,
+    and stays valid for years."""
+    import time
+
+    import jwt
+
+    from extproc.config import loader
+    from tests.fixtures.procs import VENV_BIN, Proc, free_port, http_get, wait_until
+
+    services = _services()
+    token = (REPO / "deploy" / "jwt" / "demo.jwt").read_text().strip()
+    assert f"-H=Authorization: Bearer {token}" in services["fortio-jwt"]["command"]
+    upstream = services["upstream"]
+    served = upstream["entrypoint"][upstream["entrypoint"].index("--jwks") + 1]
+    assert f"./deploy/jwt/jwks.json:{served}:ro" in upstream["volumes"]
+
+    (ra,) = loader.load([REPO / "examples" / "policies"]).request_authentications
+    (rule,) = ra.policy.spec.jwt_rules
+    assert rule.jwks_uri == "http://127.0.0.1:8080/.well-known/jwks.json"
+    port = free_port()
+    log = Path(f"/tmp/compose-upstream-{port}.log")
+    argv = [str(VENV_BIN / "python"), "-m", "extproc.sample_upstream", "--port", str(port)]
+    proc = Proc("upstream", [*argv, "--jwks", str(REPO / "deploy" / "jwt" / "jwks.json")], log)
+    try:
+        url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+        wait_until(lambda: http_get(url)[0] == 200, 20, "the sample upstream's key set")
+        key = jwt.PyJWKClient(url).get_signing_key_from_jwt(token)
+        claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=rule.audiences, issuer=rule.issuer)
+    finally:
+        proc.terminate()
+        log.unlink(missing_ok=True)
+    assert claims["sub"] == "fortio"
+    assert claims["exp"] > time.time() + 5 * 365 * 86400
