@@ -46,6 +46,7 @@ from extproc.config.errors import Location
 from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, AuthorizationPolicy, Rule
 from extproc.config.yamlsource import load_documents
+from extproc.workload import parse_labels
 
 EXIT_FOUND_ISSUES = 79  # istioctl's ExitAnalyzerFoundIssues
 DOCS = "https://istio.io/latest/docs/reference/config/analysis/{}/"
@@ -106,13 +107,7 @@ def parse_workload(text: str) -> KnownWorkload:
     ns, _, rest = text.partition(":")
     if not ns.strip():
         raise ValueError(f"--workload: expected NAMESPACE[:k=v,...], got {text!r}")
-    labels: dict[str, str] = {}
-    for pair in filter(None, (p.strip() for p in rest.split(","))):
-        k, sep, v = pair.partition("=")
-        if not sep or not k:
-            raise ValueError(f"--workload: expected k=v labels after the namespace, got {pair!r}")
-        labels[k] = v
-    return KnownWorkload(ns.strip(), labels)
+    return KnownWorkload(ns.strip(), parse_labels(rest, "--workload"))
 
 
 # Fields Istio's TCP filter chain cannot evaluate (pilot's authz builder).

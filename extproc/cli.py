@@ -90,7 +90,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     from extproc.config import loader
     from extproc.config.errors import ConfigError
     from extproc.config.snapshot import Options, build_snapshot
-    from extproc.server.settings import SettingsError, parse_labels
+    from extproc.workload import LabelsError, parse_labels
 
     try:
         loaded = loader.load(ns.config_dirs)
@@ -109,7 +109,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     if ns.namespace:
         try:
             labels = parse_labels(ns.labels or "")
-        except SettingsError as e:
+        except LabelsError as e:
             print(f"extproc validate: {e}", file=sys.stderr)
             return 2
         snap = build_snapshot(loaded, _workload(ns, labels), Options(), 1)
@@ -130,7 +130,7 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     from extproc.config.reload import load_snapshot
     from extproc.config.snapshot import Options
     from extproc.debug import attributes_from_description
-    from extproc.server.settings import SettingsError, parse_labels
+    from extproc.workload import parse_labels
 
     text = ns.request
     if text.startswith("@"):
@@ -138,7 +138,7 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
     try:
         labels = parse_labels(ns.labels or "")
         attrs = attributes_from_description(json.loads(text))
-    except (SettingsError, ValueError) as e:
+    except ValueError as e:
         print(f"extproc explain: {e}", file=sys.stderr)
         return 2
     try:

@@ -58,6 +58,7 @@ from extproc.telemetry.recorder import Telemetry
 from extproc.tracing.context import Format
 from extproc.tracing.spans import ExportSettings
 from extproc.tracing.tracer import Tracing, TracingSettings
+from extproc.workload import node_id
 
 log = logging.getLogger("extproc")
 
@@ -134,10 +135,9 @@ def telemetry_of(settings: ServeSettings) -> tuple[Telemetry, PeerExchange]:
     telemetry = Telemetry.create(
         local, service, max_series=settings.metrics_max_series, idle_expiry_s=settings.metrics_idle_expiry_s
     )
-    node_id = settings.node_id or f"sidecar~{settings.workload or 'unknown'}.{local.namespace}"
     if settings.central:
         telemetry.per_workload(service)
-    return telemetry, PeerExchange(local, node_id)
+    return telemetry, PeerExchange(local, settings.node_id or node_id(settings.workload, local.namespace))
 
 
 def tracing_of(settings: ServeSettings, local: Workload) -> Tracing:

@@ -13,10 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from extproc.config.providers import parse_duration
+from extproc.workload import LabelsError, parse_labels
 
 
 class SettingsError(ValueError):
     pass
+
+
+def _labels(text: str) -> dict[str, str]:
+    try:
+        return parse_labels(text)
+    except LabelsError as e:
+        raise SettingsError(str(e)) from None
 
 
 TRACE_FORMATS = ("w3c", "b3", "b3-single")
@@ -54,16 +62,6 @@ class ListenAddress:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.text.rpartition(":")
         return host.strip("[]"), int(port)
-
-
-def parse_labels(text: str, flag: str = "--labels") -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SettingsError(f"{flag}: expected k=v[,k=v...], got {item!r}")
-        labels[key.strip()] = value.strip()
-    return labels
 
 
 @dataclass(frozen=True)
@@ -415,7 +413,7 @@ def serve_settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None)
         http_listen=http_listen,
         admin=ListenAddress.parse(pick("admin", "EXTPROC_ADMIN", "127.0.0.1:9902") or "", "--admin", allow_unix=False),
         namespace=namespace or "",
-        labels=parse_labels(pick("labels", "EXTPROC_LABELS", "") or ""),
+        labels=_labels(pick("labels", "EXTPROC_LABELS", "") or ""),
         workload=pick("workload", "EXTPROC_WORKLOAD", "") or "",
         root_namespace=pick("root_namespace", "EXTPROC_ROOT_NAMESPACE", "istio-system") or "istio-system",
         trust_domain=pick("trust_domain", "EXTPROC_TRUST_DOMAIN", "cluster.local") or "cluster.local",

@@ -38,10 +38,10 @@ from google.protobuf import struct_pb2
 
 from extproc.config.central import WorkloadKey, WorkloadSnapshots, workload_key
 from extproc.config.snapshot import Snapshot
-from extproc.server.settings import SettingsError, parse_labels
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.recorder import Recorder, TcpTracker, WorkloadSinks
+from extproc.workload import LabelsError, node_id, parse_labels, spiffe_id
 
 log = logging.getLogger("extproc.central")
 
@@ -83,10 +83,6 @@ def _checked_namespace(value: str, where: str) -> str:
     return value
 
 
-def _spiffe(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}" if service_account else ""
-
-
 @dataclass(frozen=True, slots=True)
 class ContextIdentity:
     """The workload a Check names in its context extensions."""
@@ -110,7 +106,7 @@ def context_identity(extensions: Mapping[str, str]) -> ContextIdentity:
     namespace = _checked_namespace(values[NAMESPACE_KEY].strip(), f"context extension {NAMESPACE_KEY}")
     try:
         labels = parse_labels(values[LABELS_KEY], LABELS_KEY)
-    except SettingsError as e:
+    except LabelsError as e:
         raise IdentityError("workload_bad_labels", f"context extension {e}") from None
     return ContextIdentity(namespace, labels, values[WORKLOAD_KEY].strip(), values[SERVICE_ACCOUNT_KEY].strip())
 
@@ -200,10 +196,9 @@ class ContextWorkloads:
             workload_name=ident.name,
             namespace=ident.namespace,
             cluster=self.cluster,
-            identity=_spiffe(self.trust_domain, ident.namespace, ident.service_account),
+            identity=spiffe_id(self.trust_domain, ident.namespace, ident.service_account),
         )
-        node_id = f"sidecar~{ident.name or 'unknown'}.{ident.namespace}"
-        return CentralWorkload(ident, ident.key, PeerExchange(local, node_id))
+        return CentralWorkload(ident, ident.key, PeerExchange(local, node_id(ident.name, ident.namespace)))
 
 
 def _text(s: struct_pb2.Struct, key: str) -> str:
@@ -232,7 +227,7 @@ def node_workload(node: base_pb2.Node, *, trust_domain: str = "cluster.local", c
         workload_name=_text(md, NODE_WORKLOAD_NAME),
         namespace=namespace,
         cluster=_text(md, NODE_CLUSTER_ID) or cluster,
-        identity=_spiffe(trust_domain, namespace, _text(md, NODE_SERVICE_ACCOUNT)),
+        identity=spiffe_id(trust_domain, namespace, _text(md, NODE_SERVICE_ACCOUNT)),
     )
 
 

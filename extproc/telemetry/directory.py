@@ -32,6 +32,7 @@ from typing import Any
 
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import ServiceInfo
+from extproc.workload import spiffe_id
 
 AUTO_REGISTRATION_GROUP = "istio.io/autoRegistrationGroup"
 WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
@@ -85,8 +86,7 @@ class PeerDirectory:
                 namespace=namespace,
                 cluster=labels.get(CLUSTER_LABEL, ""),
             )
-            sa = spec.service_account
-            principal = f"spiffe://{trust_domain}/ns/{namespace}/sa/{sa}" if sa else ""
+            principal = spiffe_id(trust_domain, namespace, spec.service_account or "")
             by_address.setdefault(ip, []).append(Listed(wl, principal, origin))
 
         for we in workload_entries:
