@@ -44,8 +44,6 @@ from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authn.verifier import authenticate
 from extproc.authz import engine
-from extproc.config import loader
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.services import authz_render
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
@@ -53,6 +51,8 @@ from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
 from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.processor import ExternalProcessorService
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload, encode
 from extproc.telemetry.record import Direction

@@ -43,9 +43,9 @@ from typing import Any
 import yaml
 
 from extproc.config.errors import Location
-from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, AuthorizationPolicy, Rule
 from extproc.config.yamlsource import load_documents
+from extproc.snapshot.loader import LoadedConfig, LoadedPolicy
 from extproc.workload import parse_labels
 
 EXIT_FOUND_ISSUES = 79  # istioctl's ExitAnalyzerFoundIssues

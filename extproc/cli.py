@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 from extproc import __version__
 
 if TYPE_CHECKING:
-    from extproc.config.snapshot import WorkloadIdentity
+    from extproc.snapshot.compiled import WorkloadIdentity
 
 
 def _workload(ns: argparse.Namespace, labels: dict[str, str]) -> WorkloadIdentity:
     """The workload named by the validate/explain flags."""
-    from extproc.config.snapshot import WorkloadIdentity
+    from extproc.snapshot.compiled import WorkloadIdentity
 
     return WorkloadIdentity(
         ns.namespace,
@@ -48,8 +48,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 def _cmd_analyze(ns: argparse.Namespace) -> int:
     from extproc import analyze
-    from extproc.config import loader
     from extproc.config.errors import ConfigError
+    from extproc.snapshot import loader
 
     try:
         workloads = [analyze.parse_workload(w) for w in ns.workload or ()]
@@ -87,9 +87,9 @@ def _cmd_envoy_config(ns: argparse.Namespace) -> int:
 
 
 def _cmd_validate(ns: argparse.Namespace) -> int:
-    from extproc.config import loader
     from extproc.config.errors import ConfigError
-    from extproc.config.snapshot import Options, build_snapshot
+    from extproc.snapshot import loader
+    from extproc.snapshot.compiled import Options, build_snapshot
     from extproc.workload import LabelsError, parse_labels
 
     try:
@@ -127,9 +127,9 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
 def _cmd_explain(ns: argparse.Namespace) -> int:
     from extproc.authz import engine
     from extproc.config.errors import ConfigError
-    from extproc.config.reload import load_snapshot
-    from extproc.config.snapshot import Options
     from extproc.debug import attributes_from_description
+    from extproc.snapshot.compiled import Options
+    from extproc.snapshot.reload import load_snapshot
     from extproc.workload import parse_labels
 
     text = ns.request

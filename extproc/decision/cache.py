@@ -30,7 +30,7 @@ from extproc.authz.engine import AuthzProgram
 from extproc.verdict import Verdict
 
 if TYPE_CHECKING:
-    from extproc.config.snapshot import Snapshot
+    from extproc.snapshot.compiled import Snapshot
 
 DEFAULT_SIZE = 4096
 # Headers every HTTP key holds: the matchers read the pseudo-headers from the header map.

@@ -49,7 +49,7 @@ from extproc.verdict import (
 )
 
 if TYPE_CHECKING:
-    from extproc.config.snapshot import Snapshot
+    from extproc.snapshot.compiled import Snapshot
 
 # google.rpc.Code values an ext_authz status carries (the protos are the renderer's business).
 GRPC_OK = 0

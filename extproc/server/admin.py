@@ -22,13 +22,13 @@ from extproc import __version__
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authz import engine
-from extproc.config.central import workload_key
-from extproc.config.reload import SnapshotHolder
-from extproc.config.snapshot import Snapshot
 from extproc.debug import attributes_from_description
 from extproc.server.http import Request, Response, Routes
 from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
 from extproc.services.central import ContextWorkloads
+from extproc.snapshot.central import workload_key
+from extproc.snapshot.compiled import Snapshot
+from extproc.snapshot.reload import SnapshotHolder
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.recorder import Telemetry, WorkloadSinks
 from extproc.tracing.tracer import Tracing

@@ -28,10 +28,7 @@ from prometheus_client.registry import Collector
 
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
-from extproc.config.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_identity
 from extproc.config.errors import ConfigError
-from extproc.config.reload import SnapshotHolder
-from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.path_normalization import Mode as PathNormalization
 from extproc.server import check_http, http
 from extproc.server.admin import (
@@ -51,6 +48,9 @@ from extproc.services.custom import ProviderPool
 from extproc.services.enforcer import AuthzStats, Enforcer
 from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.processor import CentralModeProcessor, ExternalProcessorService
+from extproc.snapshot.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_identity
+from extproc.snapshot.compiled import Options, WorkloadIdentity
+from extproc.snapshot.reload import SnapshotHolder
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, ServiceInfo

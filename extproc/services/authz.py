@@ -31,13 +31,13 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.attributes import NO_LINES, HeaderLines
-from extproc.config.snapshot import Snapshot
 from extproc.decision import decide as stages
 from extproc.decision.cache import KeyPlan, repeated_key_part
 from extproc.services import authz_render as render
 from extproc.services.central import ContextWorkloads, IdentityError
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest, http_headers
 from extproc.services.enforcer import LATENCY_BUCKETS_S, AuthzStats, Enforcer
+from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.record import Direction
 from extproc.tracing.tracer import Tracing

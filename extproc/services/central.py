@@ -36,8 +36,8 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
-from extproc.config.central import WorkloadKey, WorkloadSnapshots, workload_key
-from extproc.config.snapshot import Snapshot
+from extproc.snapshot.central import WorkloadKey, WorkloadSnapshots, workload_key
+from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.recorder import Recorder, TcpTracker, WorkloadSinks

@@ -36,9 +36,9 @@ from google.rpc import code_pb2
 
 from extproc.attributes import Attributes
 from extproc.config.providers import GrpcProviderSettings, HeaderPattern, HttpProviderSettings
-from extproc.config.snapshot import Snapshot
 from extproc.decision.decide import GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, Changes, CustomDenial, header_op
 from extproc.services.protoconv import struct_to_dict
+from extproc.snapshot.compiled import Snapshot
 from extproc.verdict import HeaderOp
 
 if TYPE_CHECKING:

@@ -26,11 +26,11 @@ from extproc.attributes import Attributes
 from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authn.verifier import FOREVER, AuthnResult, authenticate
-from extproc.config.snapshot import Snapshot
 from extproc.decision import decide as stages
 from extproc.decision.cache import DEFAULT_SIZE, CacheStats, DecisionCache
 from extproc.decision.decide import Changes
 from extproc.services.custom import ProviderPool
+from extproc.snapshot.compiled import Snapshot
 from extproc.verdict import Verdict
 
 log = logging.getLogger("extproc.authz")

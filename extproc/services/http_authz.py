@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from extproc.attributes import Attributes, HeaderLines
-from extproc.config.snapshot import Snapshot
 from extproc.decision import decide as stages
 from extproc.decision.cache import DecisionCache
 from extproc.services import http_check_render as render
@@ -29,6 +28,7 @@ from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import AuthzStats, Enforcer
 from extproc.services.headers import MalformedRequest, check_size
 from extproc.services.http_check_adapter import DIRECTION_HEADER, Connection, HttpCheckAdapter
+from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.record import Direction
 from extproc.tracing.tracer import Tracing

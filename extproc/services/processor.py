@@ -39,7 +39,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from extproc.attributes import NO_LINES, HeaderLines, split_host_port
-from extproc.config.snapshot import Snapshot
 from extproc.decision.cache import reads_physical_peer
 from extproc.decision.decide import error, malformed
 from extproc.services import processing_adapter as pa
@@ -49,6 +48,7 @@ from extproc.services.authz import LogOnce, direction_of
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
 from extproc.services.headers import MAX_HEADERS, MalformedRequest, decode_header_map
+from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.peer import PeerCache, Workload

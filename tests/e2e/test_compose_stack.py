@@ -178,7 +178,7 @@ def test_the_load_generators_token_verifies_against_the_served_key_set() -> None
 
     import jwt
 
-    from extproc.config import loader
+    from extproc.snapshot import loader
     from tests.fixtures.procs import VENV_BIN, Proc, free_port, http_get, wait_until
 
     services = _services()

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import loader
-from extproc.config.snapshot import Options, WorkloadIdentity, build_snapshot
 from extproc.services.accesslog import CLUSTER_TAG, SERVICES_TAG, UPSTREAM_LOCAL_SAN_TAG, UPSTREAM_PEER_SAN_TAG
 from extproc.services.processing_adapter import OUTBOUND_RESPONSE_ATTRIBUTES
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, WorkloadIdentity, build_snapshot
 from tests.fixtures.envoy_config import validate
 from tests.fixtures.mesh import OUTBOUND_TAGS
 from tests.fixtures.procs import VENV_BIN

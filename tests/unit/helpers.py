@@ -8,8 +8,8 @@ from typing import Any
 
 from extproc.attributes import Attributes, HttpRequest, parse_ip, remote_ip_from_xff
 from extproc.authz import engine
-from extproc.config import loader
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 
 
 def snapshot_from_yaml(

@@ -13,7 +13,7 @@ import yaml
 
 from extproc import analyze
 from extproc.cli import main
-from extproc.config import loader
+from extproc.snapshot import loader
 
 AP = "security.istio.io/v1"
 

@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from extproc.config import loader
 from extproc.config.errors import ConfigError
-from extproc.config.snapshot import Options, WorkloadIdentity, build_snapshot
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, WorkloadIdentity, build_snapshot
 
 HEAD = "apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: foo}\n"
 JWKS = json.dumps({"keys": [json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))]})

@@ -27,8 +27,8 @@ from extproc.authn.keys import KeySet
 from extproc.authn.program import Provider, compile_rules
 from extproc.authn.status import Status
 from extproc.authn.verifier import authenticate, www_authenticate
-from extproc.config.snapshot import Snapshot
 from extproc.decision.decide import decide
+from extproc.snapshot.compiled import Snapshot
 from extproc.verdict import Verdict
 from tests.unit.authn_helpers import ISS, ISS_B, KID, NOW, claims, default_keyset, jwk, jwks_json, rsa_key, rule, sign
 from tests.unit.helpers import http_request, policy, snapshot_from_yaml

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from extproc.authz import engine
-from extproc.config.snapshot import Options
+from extproc.snapshot.compiled import Options
 from tests.unit.helpers import allowed, decide, http_request, policy, snapshot_from_yaml, tcp_connection
 
 SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"

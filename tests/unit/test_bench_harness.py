@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from bench import __main__ as cli
 from bench.harness import load, memory, noop_extproc, runner, topology
 from bench.harness import scenario as sc
-from extproc.config import loader
+from extproc.snapshot import loader
 from extproc.telemetry import peer
 from tests.fixtures.envoy_config import validate
 

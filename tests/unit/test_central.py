@@ -24,10 +24,6 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import wrappers_pb2
 from google.rpc import code_pb2
 
-from extproc.config import loader
-from extproc.config.central import WorkloadSnapshots, mesh_identity, workload_key
-from extproc.config.reload import SnapshotHolder
-from extproc.config.snapshot import Options, Snapshot
 from extproc.server.settings import SettingsError, add_serve_arguments, serve_settings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
@@ -40,6 +36,10 @@ from extproc.services.central import (
 )
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.processor import CENTRAL_MODE_MESSAGE, CentralModeProcessor
+from extproc.snapshot import loader
+from extproc.snapshot.central import WorkloadSnapshots, mesh_identity, workload_key
+from extproc.snapshot.compiled import Options, Snapshot
+from extproc.snapshot.reload import SnapshotHolder
 from extproc.telemetry import exchange as mx
 from extproc.telemetry.peer import Workload, decode
 from extproc.telemetry.recorder import Telemetry
@@ -305,7 +305,7 @@ def test_a_check_without_a_usable_workload_is_denied(
 
 def test_outside_central_mode_context_extensions_do_not_change_the_workload(tmp_path: Path) -> None:
     loaded = loader.load([write(tmp_path / "cfg", POLICIES)])
-    from extproc.config.snapshot import WorkloadIdentity, build_snapshot
+    from extproc.snapshot.compiled import WorkloadIdentity, build_snapshot
 
     snap = build_snapshot(loaded, WorkloadIdentity("shop", {"app": "b"}), Options(), 1)
     svc = AuthorizationService(lambda: snap, CheckAdapter())

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import loader
 from extproc.config.errors import ConfigError
+from extproc.snapshot import loader
 
 HEAD = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: foo}\n"
 

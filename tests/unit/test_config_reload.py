@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config.reload import SnapshotHolder
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity
+from extproc.snapshot.reload import SnapshotHolder
 
 DENY = """\
 apiVersion: security.istio.io/v1

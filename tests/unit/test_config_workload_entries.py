@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import loader
 from extproc.config.errors import ConfigError
 from extproc.config.models import Location, Resolution, ServiceEntry, WorkloadEntry
+from extproc.snapshot import loader
 
 WE_HEAD = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: foo}\n"
 SE_HEAD = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ext, namespace: foo}\n"

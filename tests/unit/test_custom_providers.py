@@ -14,11 +14,11 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extproc.authz import engine
-from extproc.config import loader
 from extproc.config.providers import GrpcProviderSettings, HttpProviderSettings, resolve_service
-from extproc.config.reload import SnapshotHolder
-from extproc.config.snapshot import Options, WorkloadIdentity
 from extproc.services.custom import ProviderPool, timeout_ms
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, WorkloadIdentity
+from extproc.snapshot.reload import SnapshotHolder
 from tests.unit.helpers import decide, http_request, policy, snapshot_from_yaml, tcp_connection
 
 MESH_HEAD = "apiVersion: extproc.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  extensionProviders:\n"

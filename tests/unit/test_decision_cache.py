@@ -22,7 +22,6 @@ from google.rpc import code_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.config.snapshot import Snapshot
 from extproc.decision.cache import key_plan
 from extproc.decision.decide import Changes
 from extproc.services.authz import AuthorizationService
@@ -30,6 +29,7 @@ from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import CustomOutcome
 from extproc.services.enforcer import Enforcer
 from extproc.services.processor import ExternalProcessorService
+from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.recorder import Telemetry
 from tests.unit.authn_helpers import ISS, KID, NOW, claims, jwk, rsa_key, sign

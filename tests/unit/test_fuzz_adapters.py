@@ -27,15 +27,15 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from extproc.config import loader
 from extproc.config.errors import ConfigError
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.services import processing_adapter as pa
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest
 from extproc.services.enforcer import Enforcer
 from extproc.services.processor import ExternalProcessorService
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction
 from extproc.telemetry.recorder import Telemetry

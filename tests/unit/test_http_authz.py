@@ -15,8 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.attributes import NO_LINES
-from extproc.config import loader
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.services import http_check_render as render
 from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter
@@ -24,6 +22,8 @@ from extproc.services.enforcer import Enforcer
 from extproc.services.headers import MalformedRequest
 from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.http_check_adapter import CONNECTION_HEADER, parse_connection
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction

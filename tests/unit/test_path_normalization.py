@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from google.rpc import code_pb2
 
-from extproc.config.snapshot import Snapshot
 from extproc.path_normalization import Mode, normalize
 from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.enforcer import Enforcer
+from extproc.snapshot.compiled import Snapshot
 from tests.fixtures.path_spellings import ADMIN_SPELLINGS
 from tests.unit.helpers import snapshot_from_yaml
 from tests.unit.test_decision_cache import Clock, check, check_request, process, processing_request, processor

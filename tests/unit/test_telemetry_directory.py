@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from extproc.config import loader
 from extproc.services.accesslog import AccessLogService
+from extproc.snapshot import loader
 from extproc.telemetry.directory import EMPTY_DIRECTORY, PeerDirectory
 from extproc.telemetry.overrides import TelemetryPlans
 from extproc.telemetry.peer import Workload

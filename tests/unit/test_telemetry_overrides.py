@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config.loader import LoadedConfig
-from extproc.config.snapshot import WorkloadIdentity
 from extproc.config.yamlsource import load_documents
+from extproc.snapshot.compiled import WorkloadIdentity
+from extproc.snapshot.loader import LoadedConfig
 from extproc.telemetry import labels as L
 from extproc.telemetry.overrides import (
     MISSING,
@@ -701,7 +701,7 @@ def test_warnings_do_not_reject() -> None:
 
 
 def test_list_items_are_prefixed() -> None:
-    from extproc.config.loader import _expand
+    from extproc.snapshot.loader import _expand
 
     text = textwrap.dedent(
         """\
@@ -941,9 +941,9 @@ _wired = pytest.mark.skipif(
 
 @_wired
 def test_loader_and_snapshot(tmp_path: Path) -> None:
-    from extproc.config import loader
     from extproc.config.errors import ConfigError
-    from extproc.config.snapshot import Options, build_snapshot
+    from extproc.snapshot import loader
+    from extproc.snapshot.compiled import Options, build_snapshot
 
     cfg = tmp_path / "cfg"
     cfg.mkdir()

@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import loader
 from extproc.config.errors import ConfigError
+from extproc.snapshot import loader
 
 ACCEPT, WARN, REJECT = "accept", "warn", "reject"
 

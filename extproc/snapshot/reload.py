@@ -11,7 +11,7 @@ by itself, so an edit, or a file emptied on purpose, takes effect without a furt
 logged once per file content: a reload does not repeat those of files that did not change.
 
 In central mode (`--central`) a load yields a `WorkloadSnapshots` (per-workload snapshots
-built on demand, see config/central.py) and `current` is its mesh-wide view; both are
+built on demand, see snapshot/central.py) and `current` is its mesh-wide view; both are
 swapped together, without an await between them.
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import watchfiles
 
-from extproc.config import loader
-from extproc.config.central import CacheStats, WorkloadKey, WorkloadSnapshots
 from extproc.config.errors import ConfigError, ConfigIssue
-from extproc.config.snapshot import Options, Snapshot, WorkloadIdentity, build_snapshot
+from extproc.snapshot import loader
+from extproc.snapshot.central import CacheStats, WorkloadKey, WorkloadSnapshots
+from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 
 log = logging.getLogger("extproc.config")
 
@@ -103,7 +103,7 @@ class SnapshotHolder:
     on_swap: list[Callable[[Snapshot], None]] = field(default_factory=list)
     # Central mode: the per-workload snapshots of the loaded config. `current` is then their
     # mesh-wide view (every jwtRule, root-level Telemetry) and `workload` the template that
-    # each workload's identity is made from; see extproc/config/central.py.
+    # each workload's identity is made from; see extproc/snapshot/central.py.
     workloads: WorkloadSnapshots | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     cache_size: int = 0

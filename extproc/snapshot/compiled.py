@@ -17,9 +17,9 @@ from extproc.authn.program import DEFAULT_JWKS_TIMEOUT_S, AuthnProgram, RuleInpu
 from extproc.authz.compiler import CompiledPolicy, CompiledRule, TrustDomainBundle, compile_policy
 from extproc.authz.engine import AuthzProgram, CustomRuleSet, RuleSet
 from extproc.config.errors import ConfigIssue
-from extproc.config.loader import LoadedConfig, LoadedPolicy
 from extproc.config.models import Action, RequestAuthentication
 from extproc.config.providers import HttpProviderSettings, InvalidProvider, ProviderSettings, parse_duration
+from extproc.snapshot.loader import LoadedConfig, LoadedPolicy
 from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.overrides import TelemetryPlans, compile_telemetry
 

@@ -22,9 +22,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from extproc.config import loader
-from extproc.config.loader import LoadedConfig
-from extproc.config.snapshot import (
+from extproc.snapshot import loader
+from extproc.snapshot.compiled import (
     BuildMemo,
     Options,
     Snapshot,
@@ -32,6 +31,7 @@ from extproc.config.snapshot import (
     build_mesh_snapshot,
     build_snapshot,
 )
+from extproc.snapshot.loader import LoadedConfig
 
 DEFAULT_CACHE_SIZE = 1024
 
