@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import betterproto2
+
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
@@ -208,8 +210,8 @@ def _address(ep: Address_) -> Address:
     return Address(socket_address=SocketAddress(address=ep.host, port_value=ep.port))
 
 
-def _typed(message: object) -> Any:
-    return Any.pack(message)  # type: ignore[arg-type]
+def _typed(message: betterproto2.Message) -> Any:
+    return Any.pack(message)
 
 
 def _direction(opts: Options) -> list[HeaderValue]:
@@ -236,7 +238,7 @@ def _regex(pattern: str) -> StringMatcher:
     return StringMatcher(safe_regex=RegexMatcher(regex=pattern))
 
 
-def _http_filter(name: str, config: object) -> HttpFilter:
+def _http_filter(name: str, config: betterproto2.Message) -> HttpFilter:
     return HttpFilter(name=name, typed_config=_typed(config))
 
 
@@ -488,37 +490,33 @@ def _ext_proc(opts: Options) -> ExternalProcessor:
         request_trailer_mode=skip,
         response_trailer_mode=send,
     )
-    common = {
-        "grpc_service": _extproc_grpc(opts, timeout=False),
-        "message_timeout": ONE_SECOND,
-        "processing_mode": mode,
-        "mutation_rules": HeaderMutationRules(allow_envoy=True),
-    }
-    if not opts.inbound:
-        return ExternalProcessor(
-            failure_mode_allow=True,
-            request_attributes=[SOURCE_ADDRESS, DESTINATION_ADDRESS, PROTOCOL],
-            response_attributes=list(OUTBOUND_RESPONSE_ATTRIBUTES),
-            **common,
-        )
-    return ExternalProcessor(
-        failure_mode_allow=False,
-        request_attributes=[
-            SOURCE_ADDRESS,
-            DESTINATION_ADDRESS,
-            PEER_ADDRESS_ATTRIBUTE,
-            PEER_CERTIFICATE,
-            PEER_URI_SAN,
-            LOCAL_URI_SAN,
-            SNI,
-            PROTOCOL,
-        ],
-        metadata_options=MetadataOptions(
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[JWT_AUTHN]),
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE]),
-        ),
-        **common,
+    proc = ExternalProcessor(
+        grpc_service=_extproc_grpc(opts, timeout=False),
+        message_timeout=ONE_SECOND,
+        processing_mode=mode,
+        mutation_rules=HeaderMutationRules(allow_envoy=True),
     )
+    if not opts.inbound:
+        proc.failure_mode_allow = True
+        proc.request_attributes = [SOURCE_ADDRESS, DESTINATION_ADDRESS, PROTOCOL]
+        proc.response_attributes = list(OUTBOUND_RESPONSE_ATTRIBUTES)
+        return proc
+    proc.failure_mode_allow = False
+    proc.request_attributes = [
+        SOURCE_ADDRESS,
+        DESTINATION_ADDRESS,
+        PEER_ADDRESS_ATTRIBUTE,
+        PEER_CERTIFICATE,
+        PEER_URI_SAN,
+        LOCAL_URI_SAN,
+        SNI,
+        PROTOCOL,
+    ]
+    proc.metadata_options = MetadataOptions(
+        forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[JWT_AUTHN]),
+        receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE]),
+    )
+    return proc
 
 
 # -- TCP --------------------------------------------------------------------------------------
@@ -562,8 +560,10 @@ def _tcp_listener(opts: Options, listen: Address_) -> Listener:
 # -- clusters ---------------------------------------------------------------------------------
 
 
-def _static(name: str, ep: Address_, **extra: object) -> Cluster:
-    return Cluster(
+def _static(name: str, ep: Address_, *, breakers: int | None = None, http2: bool = False) -> Cluster:
+    """A static cluster of one endpoint; `breakers` sets explicit circuit breakers (connections),
+    `http2` makes it speak HTTP/2 (gRPC)."""
+    cluster = Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=ONE_SECOND,
@@ -571,33 +571,26 @@ def _static(name: str, ep: Address_, **extra: object) -> Cluster:
             cluster_name=name,
             endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(ep)))])],
         ),
-        **extra,  # type: ignore[arg-type]
     )
-
-
-def _breakers(connections: int) -> CircuitBreakers:
-    return CircuitBreakers(
-        thresholds=[
-            CircuitBreakersThresholds(max_connections=connections, max_pending_requests=100000, max_requests=100000)
-        ]
-    )
+    if breakers is not None:
+        cluster.circuit_breakers = CircuitBreakers(
+            thresholds=[
+                CircuitBreakersThresholds(max_connections=breakers, max_pending_requests=100000, max_requests=100000)
+            ]
+        )
+    if http2:
+        h2 = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        )
+        cluster.typed_extension_protocol_options = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(h2)}
+    return cluster
 
 
 def _clusters(opts: Options) -> list[Cluster]:
     clusters = [_static(upstream_cluster(opts), opts.upstream)]
     if opts.tcp_listen is not None and not opts.shared_upstream:
         clusters.append(_static(tcp_upstream_cluster(opts), opts.tcp_upstream))
-    h2 = HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
-    )
-    clusters.append(
-        _static(
-            "extproc",
-            opts.extproc,
-            typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(h2)},
-            circuit_breakers=_breakers(1024),
-        )
-    )
+    clusters.append(_static("extproc", opts.extproc, breakers=1024, http2=True))
     if opts.mode is Mode.AUTHZ_HTTP:
-        clusters.append(_static("extproc_http", opts.extproc_http, circuit_breakers=_breakers(100000)))
+        clusters.append(_static("extproc_http", opts.extproc_http, breakers=100000))
     return clusters

@@ -27,6 +27,7 @@ from typing import Any
 
 import betterproto2
 import yaml
+from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 WIDTH = 100
 _PLAIN = re.compile(r"[A-Za-z0-9_/.][A-Za-z0-9_./:+-]*")
@@ -66,7 +67,8 @@ def render(message: betterproto2.Message, header: str, style: Style) -> str:
 
 def _fields(cls: type[betterproto2.Message]) -> list[tuple[str, str]]:
     """(python attribute, JSON key) in declaration order, as betterproto2's to_dict names them."""
-    return [(name, betterproto2.Casing.SNAKE(name).rstrip("_")) for name in cls._betterproto.meta_by_field_name]  # type: ignore[attr-defined]
+    meta = getattr(cls, "_betterproto")  # noqa: B009 - betterproto2's class property, untyped
+    return [(name, betterproto2.Casing.SNAKE(name).rstrip("_")) for name in meta.meta_by_field_name]
 
 
 @cache
@@ -77,7 +79,7 @@ def _defaults(cls: type[betterproto2.Message]) -> dict[str, Any]:
 def _annotate(message: Any, data: Any, style: Style) -> Any:
     if isinstance(data, dict) and isinstance(message, betterproto2.Message):
         name = type(message).__name__
-        if name == "Any":
+        if isinstance(message, AnyMessage):
             inner = message.unpack()
             tree = _annotate(inner, {k: v for k, v in data.items() if k != "@type"}, style)
             tree.entries.insert(0, ("@type", data["@type"], None))
