@@ -57,24 +57,41 @@ EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 _HOP_BY_HOP = {"connection", "transfer-encoding", "keep-alive", "upgrade", "proxy-connection", "te", "trailer"}
 
 
-@dataclass
-class CustomOutcome:
-    allowed: bool
-    kind: str  # allowed | denied | error_allowed | error_denied
+@dataclass(frozen=True)
+class CustomAllowed:
+    """A provider allowed (or failed with failOpen): the request goes on, with its changes."""
+
+    kind: str  # allowed | error_allowed
     reason: str
-    changes: Changes | None = None  # an allowing provider's request changes
-    denial: CustomDenial | None = None  # what a denying (or failed, fail-closed) provider answers
+    changes: Changes | None = None  # the request changes an allowing provider asked for
+
+    allowed = True
+
+
+@dataclass(frozen=True)
+class CustomDenied:
+    """A provider denied (or failed, fail-closed): what the client is answered."""
+
+    kind: str  # denied | error_denied
+    reason: str
+    denial: CustomDenial
+
+    allowed = False
+
+
+CustomOutcome = CustomAllowed | CustomDenied
 
 
 def _error(settings: GrpcProviderSettings | HttpProviderSettings, is_http: bool, why: str) -> CustomOutcome:
     if settings.fail_open:
-        return CustomOutcome(True, "error_allowed", f"provider {settings.name} failed ({why}); failOpen allows")
+        return CustomAllowed("error_allowed", f"provider {settings.name} failed ({why}); failOpen allows")
     denial = CustomDenial(GRPC_UNAVAILABLE, why, settings.status_on_error if is_http else 0)
-    return CustomOutcome(False, "error_denied", f"provider {settings.name} failed ({why})", denial=denial)
+    return CustomDenied("error_denied", f"provider {settings.name} failed ({why})", denial)
 
 
 def _value(h: base_pb2.HeaderValue) -> str:
-    return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    value: str = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return value
 
 
 def header_ops(options: Iterable[base_pb2.HeaderValueOption]) -> tuple[HeaderOp, ...]:
@@ -171,8 +188,8 @@ class ProviderPool:
         if resp.HasField("error_response"):
             return _error(s, is_http, "the provider returned an error_response")
         if resp.status.code == code_pb2.OK:
-            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", changes=ok_changes(resp))
-        return CustomOutcome(False, "denied", f"provider {s.name} denied", denial=denial_of(resp))
+            return CustomAllowed("allowed", f"provider {s.name} allowed", changes=ok_changes(resp))
+        return CustomDenied("denied", f"provider {s.name} denied", denial=denial_of(resp))
 
     # --- HTTP ----------------------------------------------------------------
 
@@ -189,7 +206,7 @@ class ProviderPool:
         self, s: HttpProviderSettings, attrs: Attributes, request: external_auth_pb2.CheckRequest
     ) -> CustomOutcome:
         if attrs.http is None:  # Istio never sends TCP checks to an HTTP provider
-            return CustomOutcome(True, "allowed", "HTTP provider skipped for TCP")
+            return CustomAllowed("allowed", "HTTP provider skipped for TCP")
         http = attrs.http
         headers: dict[str, str] = {}
         for name, value in http.headers.items():
@@ -235,7 +252,7 @@ class ProviderPool:
                 headers=tuple(_set_header(k, v) for k, v in resp_headers if _matches(upstream, k)),
                 response_headers=tuple(_set_header(k, v) for k, v in resp_headers if _matches(downstream, k)),
             )
-            return CustomOutcome(True, "allowed", f"provider {s.name} allowed", changes=changes)
+            return CustomAllowed("allowed", f"provider {s.name} allowed", changes=changes)
 
         denial = CustomDenial(
             grpc_code=GRPC_PERMISSION_DENIED,
@@ -249,4 +266,4 @@ class ProviderPool:
                 and (s.headers_to_downstream_on_deny is None or _matches(s.headers_to_downstream_on_deny, k))
             ),
         )
-        return CustomOutcome(False, "denied", f"provider {s.name} denied with HTTP {status}", denial=denial)
+        return CustomDenied("denied", f"provider {s.name} denied with HTTP {status}", denial=denial)

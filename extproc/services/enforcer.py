@@ -29,7 +29,7 @@ from extproc.authn.verifier import FOREVER, AuthnResult, authenticate
 from extproc.decision import decide as stages
 from extproc.decision.cache import DEFAULT_SIZE, CacheStats, DecisionCache
 from extproc.decision.decide import Changes
-from extproc.services.custom import ProviderPool
+from extproc.services.custom import CustomDenied, ProviderPool
 from extproc.snapshot.compiled import Snapshot
 from extproc.verdict import Verdict
 
@@ -153,8 +153,7 @@ class Enforcer:
                 assert custom_request is not None, "a CUSTOM provider needs the request to forward"
                 result = await self.providers.check(snap, provider, custom_request(), attrs)
                 self.stats.count(self.stats.custom_calls, (provider, result.kind))
-                if not result.allowed:
-                    assert result.denial is not None
+                if isinstance(result, CustomDenied):
                     log.debug("CUSTOM provider %s denied (%s) after %s matched", provider, result.kind, rule_id)
                     verdict = stages.custom_denied(result.denial, result.reason, rule_id, snap.version, http=http)
                     break

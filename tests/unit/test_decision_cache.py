@@ -26,7 +26,7 @@ from extproc.decision.cache import key_plan
 from extproc.decision.decide import Changes
 from extproc.services.authz import AuthorizationService
 from extproc.services.check_adapter import CheckAdapter
-from extproc.services.custom import CustomOutcome
+from extproc.services.custom import CustomAllowed, CustomOutcome
 from extproc.services.enforcer import Enforcer
 from extproc.services.processor import ExternalProcessorService
 from extproc.snapshot.compiled import Snapshot
@@ -225,7 +225,7 @@ class AllowingProviders:
 
     async def check(self, *_: Any) -> CustomOutcome:
         self.calls += 1
-        return CustomOutcome(True, "allowed", "ok", changes=Changes(remove_headers=(f"x-call-{self.calls}",)))
+        return CustomAllowed("allowed", "ok", changes=Changes(remove_headers=(f"x-call-{self.calls}",)))
 
 
 def test_a_decision_that_asked_a_custom_provider_is_never_cached(tmp_path: Path) -> None:
