@@ -178,7 +178,7 @@ class Analysis:
     def _add(
         self, code: str, level: Level, lp: LoadedPolicy | Any, kind: str, path: Sequence[str | int], text: str
     ) -> None:
-        md = lp.policy.metadata if hasattr(lp, "policy") else lp.resource.metadata
+        md = lp.policy.metadata
         origin = f"{kind} {md.namespace}/{md.name}"
         self.messages.append(Message(code, level, origin, self.lines.of(lp.location, path), text))
 
@@ -421,7 +421,8 @@ class _TelemetryRef:
 
     @property
     def location(self) -> Location:
-        return self.t.location
+        location: Location = self.t.location
+        return location
 
 
 def _values_cover(wide: Sequence[str] | None, narrow: Sequence[str] | None) -> bool:

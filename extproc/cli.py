@@ -116,7 +116,10 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
         for p in snap.policies:
             print(f"  applies: {p.ref.namespace}/{p.ref.name} ({p.ref.action}{', dry-run' if p.ref.dry_run else ''})")
         for prov in snap.authn.providers:
-            keys = "inline jwks" if prov.inline_keys is not None else (prov.remote.jwks_uri or "OpenID discovery")
+            if prov.inline_keys is not None:
+                keys = "inline jwks"
+            else:
+                keys = (prov.remote.jwks_uri if prov.remote else None) or "OpenID discovery"
             iss = prov.issuer or "(any)"
             print(f"  applies: RequestAuthentication {prov.origin}: issuer {iss} ({prov.name}, keys: {keys})")
         for name, why in snap.ignored_policies:

@@ -259,14 +259,14 @@ def run_demo(check: bool = False, mode: str = "authz") -> int:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             try:
-                p.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
 
 
 def _metric_total(text: str, name: str) -> float:

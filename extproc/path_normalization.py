@@ -99,7 +99,7 @@ def normalize(path: str, mode: Mode) -> str | None:
         raw = _ESCAPED_SLASH.sub(lambda m: b"/" if m[0][1] == 0x32 else b"\\", raw)
     if b".;" in raw:
         raw = _DOT_PARAMS.sub(rb"\1", raw)
-    out = _canonicalize(raw)
+    out: bytes | bytearray | None = _canonicalize(raw)
     if out is None:
         return None
     if merge:

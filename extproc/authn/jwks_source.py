@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -103,12 +104,12 @@ class JwksRegistry:
                     if t is not None:
                         t.cancel()
         for key, src in wanted.items():
-            st = self._states.get(key)
-            if st is None:
-                st = self._states[key] = SourceState(src)
-                st.loop_task = asyncio.get_running_loop().create_task(self._loop(st), name=f"jwks {key}")
+            existing = self._states.get(key)
+            if existing is None:
+                new = self._states[key] = SourceState(src)
+                new.loop_task = asyncio.get_running_loop().create_task(self._loop(new), name=f"jwks {key}")
             else:
-                st.source = src  # a new timeout applies from the next fetch
+                existing.source = src  # a new timeout applies from the next fetch
 
     async def close(self) -> None:
         for st in self._states.values():
@@ -162,7 +163,7 @@ class JwksRegistry:
     def _start_fetch(self, st: SourceState) -> asyncio.Task[bool]:
         if st.inflight is None or st.inflight.done():
             st.inflight = asyncio.get_running_loop().create_task(self._fetch(st))
-            st.inflight.add_done_callback(lambda _t, st=st: setattr(st, "inflight", None))
+            st.inflight.add_done_callback(functools.partial(_clear_inflight, st))
         return st.inflight
 
     async def _loop(self, st: SourceState) -> None:
@@ -253,3 +254,7 @@ class JwksRegistry:
         if not isinstance(uri, str) or not uri.startswith(("http://", "https://")):
             raise ValueError(f"{url} has no usable jwks_uri")
         return uri
+
+
+def _clear_inflight(st: SourceState, _task: asyncio.Task[bool]) -> None:
+    st.inflight = None

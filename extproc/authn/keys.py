@@ -48,7 +48,8 @@ def _verifiers() -> dict[str, Any]:
 def _curve(name: str) -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    return {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}[name]()
+    curves: dict[str, type[ec.EllipticCurve]] = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+    return curves[name]()
 
 
 _versions = itertools.count(1)
@@ -126,8 +127,8 @@ def _jwk(obj: dict[str, Any]) -> PublicKey:
         raise JwksError("[kty] is missing in [keys]")
     if not isinstance(kty, str):
         raise JwksError("[kty] is bad in [keys]")
-    kid = obj.get("kid") if isinstance(obj.get("kid"), str) else ""
-    alg = obj.get("alg") if isinstance(obj.get("alg"), str) else ""
+    kid: str = obj["kid"] if isinstance(obj.get("kid"), str) else ""
+    alg: str = obj["alg"] if isinstance(obj.get("alg"), str) else ""
 
     def field(name: str, what: str) -> str:
         if name not in obj:

@@ -183,13 +183,18 @@ def string_or_list_matcher(values: Sequence[str]) -> Callable[[Any], bool]:
 def envoy_filter_value_matcher(values: Sequence[str]) -> Callable[[Any], bool]:
     """experimental.envoy.filters.*: `[v]` is a list match, anything else a string match."""
     checks: list[Callable[[Any], bool]] = []
+
+    def in_list(m: Callable[[str], bool]) -> Callable[[Any], bool]:
+        return lambda x: isinstance(x, list) and any(isinstance(e, str) and m(e) for e in x)
+
+    def string(m: Callable[[str], bool]) -> Callable[[Any], bool]:
+        return lambda x: isinstance(x, str) and m(x)
+
     for v in values:
         if v.startswith("[") and v.endswith("]"):
-            inner = istio_string(v.strip("[]"))
-            checks.append(lambda x, m=inner: isinstance(x, list) and any(isinstance(e, str) and m(e) for e in x))
+            checks.append(in_list(istio_string(v.strip("[]"))))
         else:
-            m = istio_string(v)
-            checks.append(lambda x, m=m: isinstance(x, str) and m(x))
+            checks.append(string(istio_string(v)))
     return lambda x: any(c(x) for c in checks)
 
 

@@ -63,10 +63,10 @@ def reads_physical_peer(snap: Snapshot) -> bool:
     """Whether any HTTP rule reads the physical peer's address (ipBlocks, source.ip), which an
     ext_proc request carries only when Envoy is configured to send it. Computed once per
     snapshot."""
-    got = snap.memo.get("reads_physical_peer")
+    got: bool | None = snap.memo.get("reads_physical_peer")
     if got is None:
         got = snap.memo["reads_physical_peer"] = any(READS_PEER in rule.reads for rule in _rules(snap.http))
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def key_plan(snap: Snapshot) -> KeyPlan:
@@ -131,10 +131,10 @@ class DecisionCache:
         """The snapshot's cache, made on first use and kept with the snapshot; None when off."""
         if size <= 0:
             return None
-        cache = snap.memo.get("decisions")
+        cache: DecisionCache | None = snap.memo.get("decisions")
         if cache is None:
             cache = snap.memo["decisions"] = DecisionCache(key_plan(snap), size)
-        return cache  # type: ignore[no-any-return]
+        return cache
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import betterproto2
-
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
 from envoy_data_plane.envoy.config.bootstrap.v3 import (
     Admin,
@@ -582,7 +581,9 @@ def _static(name: str, ep: Address_, *, breakers: int | None = None, http2: bool
         h2 = HttpProtocolOptions(
             explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
         )
-        cluster.typed_extension_protocol_options = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(h2)}
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(h2)
+        }
     return cluster
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from extproc import __version__
 from extproc.authn.cache import TokenCache
@@ -32,6 +32,9 @@ from extproc.snapshot.reload import SnapshotHolder
 from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.recorder import Telemetry, WorkloadSinks
 from extproc.tracing.tracer import Tracing
+
+# prometheus_client's rendering of a float as Prometheus writes it (untyped there).
+floatToGoString: Callable[[float], str] = _float_to_go_string
 
 
 class TelemetryCollector(Collector):

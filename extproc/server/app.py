@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -158,7 +159,7 @@ async def _telemetry_upkeep(telemetry: Telemetry) -> None:
         telemetry.tick()
 
 
-def register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+def register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
     """Serve `handlers` as `service`, the way generated code registers a servicer."""
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

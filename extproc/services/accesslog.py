@@ -111,8 +111,9 @@ def response_flags(flags: accesslog_pb2.ResponseFlags) -> str:
 
 def _uri_san(cert: accesslog_pb2.TLSProperties.CertificateProperties) -> str:
     for san in cert.subject_alt_name:
-        if san.uri:
-            return san.uri
+        uri: str = san.uri
+        if uri:
+            return uri
     return ""
 
 
@@ -238,7 +239,7 @@ def grpc_status(grpc: bool, code: int, trailers: Mapping[str, str], headers: Map
     return str(_HTTP_TO_GRPC.get(code, 2))  # 2 = UNKNOWN, also for a 200 without grpc-status
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(
         self,
         recorder: Recorder,
@@ -268,7 +269,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
         self._flags = _Memo(response_flags)
 
     async def StreamAccessLogs(
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> als_pb2.StreamAccessLogsResponse:
         self.streams += 1
         direction = direction_of(context, self.direction)

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2
 
-from extproc.attributes import NO_LINES, HeaderLines
+from extproc.attributes import NO_LINES, Attributes, HeaderLines
 from extproc.decision import decide as stages
-from extproc.decision.cache import KeyPlan, repeated_key_part
+from extproc.decision.cache import DecisionCache, KeyPlan, repeated_key_part
 from extproc.services import authz_render as render
 from extproc.services.central import ContextWorkloads, IdentityError
 from extproc.services.check_adapter import CheckAdapter, MalformedRequest, http_headers
@@ -75,18 +76,17 @@ class LogOnce:
             self.logger.warning("bad requests so far: %s", summary)
 
 
-def direction_of(context: grpc.aio.ServicerContext, default: Direction) -> Direction:
+# What Enforcer.decide needs for a Check the cache did not answer: its attributes, the time,
+# the snapshot's decision cache and the request's key in it.
+_Miss = tuple[Attributes, int, DecisionCache | None, tuple[object, ...] | None]
+
+
+def direction_of(context: grpc.aio.ServicerContext[Any, Any], default: Direction) -> Direction:
     """The direction named in the call's initial metadata (the Envoy filter's
     `grpc_service.initial_metadata`), so one extproc can serve inbound and outbound listeners."""
-    for md in context.invocation_metadata() or ():
-        if md.key == DIRECTION_HEADER:
-            return (
-                Direction.INBOUND
-                if md.value == "inbound"
-                else Direction.OUTBOUND
-                if md.value == "outbound"
-                else default
-            )
+    for key, value in context.invocation_metadata() or ():
+        if key == DIRECTION_HEADER:
+            return Direction.INBOUND if value == "inbound" else Direction.OUTBOUND if value == "outbound" else default
     return default
 
 
@@ -100,7 +100,7 @@ def decision_key(
     plan: KeyPlan,
     a: external_auth_pb2.AttributeContext,
     h: external_auth_pb2.AttributeContext.HttpRequest,
-    headers,  # type: ignore[no-untyped-def]
+    headers: Mapping[str, str],
     path: str,
     lines: HeaderLines = NO_LINES,
 ) -> tuple[object, ...]:
@@ -167,16 +167,18 @@ class AuthorizationService:
         self._parts = render.ExchangeParts(exchange) if exchange is not None else None
         self._central_parts: dict[int, render.ExchangeParts] = {}
 
-    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The Check method, answering with bytes it encoded itself (see authz_render)."""
         return {"Check": grpc.unary_unary_rpc_method_handler(self._rpc, request_deserializer=_sized)}
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
         """One Check, for callers that hold a parsed request (the gRPC method uses `_rpc`)."""
         return await self._rpc((request, None), context)
 
     async def _rpc(
-        self, sized: tuple[external_auth_pb2.CheckRequest, int | None], context: grpc.aio.ServicerContext
+        self, sized: tuple[external_auth_pb2.CheckRequest, int | None], context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         request, size = sized
         started = time.perf_counter()
@@ -211,6 +213,7 @@ class AuthorizationService:
                     verdict = await self.enforcer.decide(
                         snap, miss[0], now=miss[1], cache=miss[2], key=miss[3], custom_request=lambda: request
                     )
+                assert verdict is not None  # _lookup answers with a verdict or with a miss
                 out = [render.encoded(verdict)]
                 if parts is not None:
                     got = raw.get(mx.METADATA_HEADER)
@@ -230,7 +233,15 @@ class AuthorizationService:
         finally:
             stats.observe(started)
 
-    def _lookup(self, request, a, h, raw, size, snap):  # type: ignore[no-untyped-def]
+    def _lookup(
+        self,
+        request: external_auth_pb2.CheckRequest,
+        a: external_auth_pb2.AttributeContext,
+        h: external_auth_pb2.AttributeContext.HttpRequest,
+        raw: Mapping[str, str],
+        size: int | None,
+        snap: Snapshot,
+    ) -> tuple[Verdict | None, Mapping[str, str], _Miss | None]:
         """An inbound HTTP Check's verdict when it is cached (or malformed), and its headers (a map
         with lower-case names, for the trace context); otherwise None, the headers, and what
         `Enforcer.decide` needs: (Attributes, now, cache, key). Synchronous, so a cached
@@ -261,7 +272,7 @@ class AuthorizationService:
             return self._malformed(e, http=True), raw, None
         return None, headers, (attrs, now, cache, key)
 
-    def _headers_or_empty(self, h: external_auth_pb2.AttributeContext.HttpRequest):  # type: ignore[no-untyped-def]
+    def _headers_or_empty(self, h: external_auth_pb2.AttributeContext.HttpRequest) -> Mapping[str, str]:
         try:
             return http_headers(h, self.adapter.max_headers, self.adapter.max_header_bytes)[0]
         except MalformedRequest:

@@ -59,7 +59,7 @@ def check_response(v: Verdict) -> external_auth_pb2.CheckResponse:
         denied = resp.denied_response
         denied.SetInParent()
         if v.status:
-            denied.status.code = v.status  # type: ignore[assignment]
+            denied.status.code = v.status
         if v.body:
             denied.body = v.body
         denied.headers.extend(_options(v.response_headers))

@@ -26,7 +26,15 @@ from urllib.parse import unquote
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-from extproc.attributes import NO_LINES, Attributes, HeaderLines, HttpRequest, parse_ip, remote_ip_from_xff
+from extproc.attributes import (
+    NO_LINES,
+    Attributes,
+    HeaderLines,
+    HttpRequest,
+    IPAddress,
+    parse_ip,
+    remote_ip_from_xff,
+)
 from extproc.path_normalization import DEFAULT_MODE, Mode, normalize
 from extproc.services.headers import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -97,7 +105,6 @@ class PeerCertificateCache:
 def _principals_from_pem(pem: str) -> tuple[str, ...]:
     # Imported on the first certificate: a server that never sees one never loads cryptography.
     from cryptography import x509
-    from cryptography.x509.oid import ExtensionOID
 
     try:
         cert = x509.load_pem_x509_certificate(pem.encode())
@@ -105,7 +112,7 @@ def _principals_from_pem(pem: str) -> tuple[str, ...]:
         raise MalformedRequest("bad-peer-certificate", str(e)) from None
     out: list[str] = []
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         out.extend(san.get_values_for_type(x509.UniformResourceIdentifier))
         out.extend(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
@@ -140,7 +147,8 @@ class CheckAdapter:
         self.cert_cache = cert_cache or PeerCertificateCache()
 
     def is_http(self, req: external_auth_pb2.CheckRequest) -> bool:
-        return req.attributes.HasField("request")
+        http: bool = req.attributes.HasField("request")
+        return http
 
     def policy_path(self, path: str) -> str:
         """The path policies match: `path` normalized as --path-normalization says (see
@@ -243,7 +251,7 @@ class CheckAdapter:
         payload = jwt_ns.get(self.jwt_payload_key) if jwt_ns else None
         if payload is not None and not isinstance(payload, dict):
             payload = None
-        remote_ip = source_ip
+        remote_ip: IPAddress | None = source_ip
         if http is not None:
             remote_ip = remote_ip_from_xff(http.headers.get("x-forwarded-for"), source_ip, self.xff_num_trusted_hops)
         return Attributes(

@@ -86,6 +86,7 @@ class HttpAuthorizationService:
             except MalformedRequest as e:
                 verdict, miss = malformed(self.stats, self._log_bad, e, http=True, what="HTTP check"), None
             if miss is None:
+                assert verdict is not None  # _lookup answers with a verdict or with a miss
                 return self._answer(verdict, headers, head_only)
             decided_later = True
             return self._decide(snap, miss, body, headers, head_only, started)

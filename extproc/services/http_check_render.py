@@ -136,7 +136,7 @@ def rendered(v: Verdict) -> Rendered:
     got = memo.get(MEMO_KEY)
     if got is None:
         got = memo[MEMO_KEY] = _render(v)
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def trace_lines(

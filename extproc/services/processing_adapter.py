@@ -253,10 +253,10 @@ def rewrite_query(path: str, remove: set[str], overwrite: list[tuple[str, str]])
         for part in query.split(b"&") if query else ():
             name, _, value = part.partition(b"=")
             params.setdefault(name, []).append(value)
-    for name in remove:
-        params.pop(name.encode(), None)
-    for name, value in overwrite:
-        params[name.encode()] = [value.encode()]
+    for gone in remove:
+        params.pop(gone.encode(), None)
+    for key, text in overwrite:
+        params[key.encode()] = [text.encode()]
     if not params:
         return base
     return base + b"?" + b"&".join(k + b"=" + v for k in sorted(params) for v in params[k])

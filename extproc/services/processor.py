@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -113,7 +114,8 @@ def _number(attrs: ep.ProcessingRequest, name: str) -> float | None:
     v = s.fields.get(name)
     if v is None or v.WhichOneof("kind") != "number_value":
         return None
-    return v.number_value
+    number: float = v.number_value
+    return number
 
 
 def _first_san(value: str) -> str:
@@ -200,12 +202,12 @@ class ExternalProcessorService:
         self.denied = 0
         self._log_bad = LogOnce(log)
 
-    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The Process method, yielding replies it encoded itself (see processor_render)."""
         return {"Process": grpc.stream_stream_rpc_method_handler(self.Process, request_deserializer=_stream_of)}
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         self.streams += 1
         direction = direction_of(context, self.direction) if context is not None else self.direction
@@ -489,7 +491,7 @@ CENTRAL_MODE_MESSAGE = (
 )
 
 
-class CentralModeProcessor(ep_grpc.ExternalProcessorServicer):
+class CentralModeProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated, untyped
     """ext_proc in central mode: every stream is refused with UNIMPLEMENTED.
 
     A central server knows a workload only from ext_authz context extensions and access log
@@ -501,7 +503,7 @@ class CentralModeProcessor(ep_grpc.ExternalProcessorServicer):
         self.refused = 0
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ep.ProcessingResponse]:
         self.refused += 1
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, CENTRAL_MODE_MESSAGE)

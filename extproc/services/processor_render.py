@@ -61,7 +61,7 @@ def request_reply(v: Verdict) -> ep.ProcessingResponse:
             mut.remove_headers.extend(v.remove_headers)
     else:
         imm = resp.immediate_response
-        imm.status.code = v.status or 403  # type: ignore[assignment]
+        imm.status.code = v.status or 403
         if v.body:
             imm.body = v.body.encode()
         if v.details:
@@ -97,7 +97,8 @@ def path_part(v: Verdict, path: str) -> bytes:
     resp.request_headers.response.header_mutation.set_headers.add(
         header=base_pb2.HeaderValue(key=":path", raw_value=value), append_action=_OVERWRITE
     )
-    return resp.SerializeToString()
+    out: bytes = resp.SerializeToString()
+    return out
 
 
 _REQUEST_HEADERS = wire.tag_of(ep.ProcessingResponse, "request_headers")
@@ -131,7 +132,8 @@ class ExchangeParts:
                 mut.set_headers.extend(own)
             if remove_pair:
                 mut.remove_headers.extend(pair)
-            return r.SerializeToString()
+            encoded: bytes = r.SerializeToString()
+            return encoded
 
         # Outbound: ours on the request; the server's pair read and removed from the response.
         self.outbound_request = part("request_headers", True, False)

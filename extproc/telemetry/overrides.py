@@ -1326,7 +1326,7 @@ def _slicer(idx: Sequence[int]) -> Callable[[Key], Key]:
     if len(runs) == 3:
         (a, b), (c, d), (e, f) = runs
         return lambda base: base[a:b] + base[c:d] + base[e:f]
-    return operator.itemgetter(*idx)  # type: ignore[return-value]  # >= 4 indexes: returns a tuple
+    return operator.itemgetter(*idx)  # >= 4 indexes: returns a tuple
 
 
 def _constant(value: str) -> Callable[[object], str]:
@@ -1616,8 +1616,8 @@ def compile_telemetry(
         return tuple(out)
 
     headers: set[str] = set()
-    for mode, metrics in state.items():
-        for st in metrics.values() if mode not in all_off else ():
+    for mode, per_metric in state.items():
+        for st in per_metric.values() if mode not in all_off else ():
             for to in st.tags.values() if not st.disabled else ():
                 if (to.operation or UPSERT) == UPSERT and to.value:
                     headers |= expression_headers(to.value)

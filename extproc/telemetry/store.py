@@ -26,9 +26,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.utils import floatToGoString
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from extproc.telemetry.labels import DEFAULT_BUCKETS, LABELS, Kind, MetricDef
+
+# prometheus_client's rendering of a float as Prometheus writes it (untyped there).
+floatToGoString: Callable[[float], str] = _float_to_go_string
 
 OVERFLOW = "overflow"
 Key = tuple[str, ...]
@@ -90,7 +93,7 @@ class Table:
             n = len(m.labels)
             if m.labels == tuple(range(n)):
                 self.key: Callable[[Key, object], Key] = (
-                    (lambda base, _r: base) if n == len(LABELS) else (lambda base, _r, n=n: base[:n])
+                    (lambda base, _r: base) if n == len(LABELS) else (lambda base, _r: base[:n])
                 )
             else:
                 pick = operator.itemgetter(*m.labels)

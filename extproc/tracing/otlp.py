@@ -159,7 +159,7 @@ def _message_classes() -> dict[str, Any]:
             fd = m.field.add(
                 name=fname,
                 number=number,
-                type=ftype,  # type: ignore[arg-type]
+                type=ftype,
                 label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL,
             )
             if type_name:
@@ -315,7 +315,7 @@ class OtlpSpanExporter(SpanExporter):
         self._channel = (
             grpc.secure_channel(target, grpc.ssl_channel_credentials()) if tls else grpc.insecure_channel(target)
         )
-        self._export = self._channel.unary_unary(
+        self._export: grpc.UnaryUnaryMultiCallable[Any, Any] = self._channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=ExportTraceServiceResponse.FromString,
