@@ -11,7 +11,7 @@ bare hop; `noop-http` is the whole `authz-http` sidecar, access log included, in
 empty server (the floor the fast path is measured against).
 `none` and `native` start from the same file with the extension filters removed; `native`
 then gets Envoy's jwt_authn and RBAC filters translated from the very policies extproc
-enforces (``extproc/authn/envoy_jwt.py``, ``extproc/authz/envoy_rbac.py``, both checked
+enforces (``reference/envoy_jwt.py``, ``reference/envoy_rbac.py``, both checked
 against extproc by the differential tests).
 
 `mixer` adds what Istio 1.0-1.4 put between a sidecar and Mixer: every sidecar's ext_authz
@@ -31,9 +31,9 @@ from typing import Any
 import yaml
 
 from bench.harness import scenario as sc
-from extproc.authn.envoy_jwt import jwt_authn_filter
-from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
+from reference.envoy_jwt import jwt_authn_filter
+from reference.envoy_rbac import rbac_filters
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "envoy"

@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from extproc.authn.envoy_jwt import jwt_authn_filter
-from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
+from reference.envoy_jwt import jwt_authn_filter
+from reference.envoy_rbac import rbac_filters
 from tests.e2e.conftest import MODES, http_filters
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.jwks_server import HeaderEcho
@@ -663,7 +663,7 @@ SCENARIOS = {
 }
 
 
-# --- Istio's translation (extproc/authn/envoy_jwt.py, policy_applier.go convertToEnvoyJwtConfig) ----------
+# --- Istio's translation (reference/envoy_jwt.py, policy_applier.go convertToEnvoyJwtConfig) ----------
 
 
 def native_filters(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

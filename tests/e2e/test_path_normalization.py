@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
 from extproc.path_normalization import Mode, normalize
+from reference.envoy_rbac import rbac_filters
 from tests.e2e.conftest import MODES
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.path_spellings import ADMIN_SPELLINGS, generated

@@ -3,7 +3,7 @@
 Each scenario is a set of AuthorizationPolicies. It runs twice through a real Envoy with
 the same listeners, ports, certificates, JWT filter and requests:
   * once with Envoy's own RBAC filters, translated from the policies as istiod would
-    (extproc.authz.envoy_rbac, checked against istiod's golden outputs);
+    (reference.envoy_rbac, checked against istiod's golden outputs);
   * once with ext_authz pointed at extproc serving the same policy files.
 The generated requests vary every attribute a policy can read: mTLS identity (several
 SANs, DNS-only, subject-only, none, plaintext), source IP, x-forwarded-for, method,
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.authz.envoy_rbac import rbac_filters
 from extproc.config.models import AuthorizationPolicy
+from reference.envoy_rbac import rbac_filters
 from tests.e2e.conftest import MODES
 from tests.fixtures import envoy_config as ec
 from tests.fixtures.jwt_keys import TokenIssuer

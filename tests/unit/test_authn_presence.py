@@ -151,7 +151,7 @@ def test_presence_compiles_to_istios_requirement_tree() -> None:
 
 
 def test_envoy_translation_drops_allow_missing_for_required_rules() -> None:
-    from extproc.authn.envoy_jwt import jwt_authn_filter
+    from reference.envoy_jwt import jwt_authn_filter
 
     ra = {"spec": {"jwtRules": [{"issuer": "b", "jwks": JWKS}, {"issuer": "a", "jwks": JWKS, "presence": "REQUIRED"}]}}
     requires = jwt_authn_filter([ra])["typed_config"]["rules"][0]["requires"]

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from extproc.authz.envoy_rbac import (
+from extproc.config.models import AuthorizationPolicy
+from reference.envoy_rbac import (
     HTTP_RBAC_FILTER,
     HTTP_RBAC_TYPE,
     NETWORK_RBAC_FILTER,
@@ -23,7 +24,6 @@ from extproc.authz.envoy_rbac import (
     URI_TEMPLATE_TYPE,
     rbac_filters,
 )
-from extproc.config.models import AuthorizationPolicy
 
 Json = dict[str, Any]
 JWT = "envoy.filters.http.jwt_authn"

@@ -6,7 +6,7 @@ jwt_authn filter instead. It follows istiod's ``convertToEnvoyJwtConfig``
 (``pilot/pkg/security/authn/policy_applier.go``):
 
 * one provider per jwtRule, rules sorted by issuer, each writing its payload to the
-  ``payload`` metadata key (what the RBAC translation in ``authz/envoy_rbac.py`` reads);
+  ``payload`` metadata key (what the RBAC translation in ``reference/envoy_rbac.py`` reads);
 * ``permission`` and ``scope`` are always space-delimited claims;
 * a request with no token passes (``allow_missing``); an invalid token is rejected
   with 401 by jwt_authn itself. With several rules the requirement is "any provider,
