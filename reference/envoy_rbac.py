@@ -758,57 +758,105 @@ def _generate(model: _Model, for_tcp: bool, action: str, ctx: _Ctx) -> Json:
 # --------------------------------------------------------------------------------------
 
 
+# Written from pilot/pkg/security/trustdomain/{bundle,util}.go, step for step, apart from the
+# engine's own bundle (extproc/authz/compiler.py): the two are meant to agree only through the
+# differential tests.
+
+
+def _has_wildcard_suffix(pattern: str) -> bool:
+    return pattern.endswith("*")
+
+
 def _prefix_match(a: str, pattern: str) -> bool:
-    return pattern.endswith("*") and a.startswith(pattern[:-1])
+    """util.go prefixMatch: `pattern` ends in `*` and `a` starts with the rest."""
+    if not _has_wildcard_suffix(pattern):
+        return False
+    return a.startswith(pattern.removesuffix("*"))
 
 
 def _suffix_match(a: str, pattern: str) -> bool:
-    return pattern.startswith("*") and a.endswith(pattern[1:])
+    """util.go suffixMatch: `pattern` starts with `*` and `a` ends with the rest."""
+    if not pattern.startswith("*"):
+        return False
+    return a.endswith(pattern.removeprefix("*"))
 
 
 def _td_string_match(a: str, domains: Sequence[str]) -> bool:
-    # trustdomain.stringMatch: the wildcard may be on either side.
-    return any(
-        a == s or s == "*" or _prefix_match(a, s) or _prefix_match(s, a) or _suffix_match(a, s) or _suffix_match(s, a)
-        for s in domains
-    )
+    """util.go stringMatch: exact, `*`, or a prefix or suffix wildcard on either side."""
+    for s in domains:
+        if a == s or s == "*":
+            return True
+        if _prefix_match(a, s) or _prefix_match(s, a) or _suffix_match(a, s) or _suffix_match(s, a):
+            return True
+    return False
+
+
+def _spiffe_parts(principal: str) -> list[str] | None:
+    """`<td>/ns/<ns>/sa/<sa>` split in its five parts; None for any other shape."""
+    parts = principal.split("/")
+    return parts if len(parts) == 5 else None
+
+
+def _is_trust_domain_enforced(principal: str) -> bool:
+    """bundle.go isTrustDomainBeingEnforced: SPIFFE-shaped and not `*` as the trust domain."""
+    parts = _spiffe_parts(principal)
+    return parts is not None and parts[0] != "*"
+
+
+def _replace_trust_domain_in_principal(trust_domain: str, principal: str) -> str | None:
+    parts = _spiffe_parts(principal)
+    return None if parts is None else trust_domain + "/" + "/".join(parts[1:])
 
 
 @dataclass(frozen=True, slots=True)
 class _TrustDomainBundle:
-    """The local trust domain followed by its aliases."""
+    """bundle.go Bundle: the local trust domain first, then its aliases."""
 
     trust_domains: tuple[str, ...]
 
     def replace_trust_domain_aliases(self, principals: Sequence[str]) -> list[str]:
-        """A principal `<td>/ns/<ns>/sa/<sa>` whose trust domain is one of ours (or
-        "cluster.local", which always means "the local domain") is expanded to one
-        principal per trust domain in the bundle; a trust domain written with a leading
-        `*` is kept as-is for the domains it matches. Anything else is kept unchanged."""
-        out: list[str] = []
+        """ReplaceTrustDomainAliases: a principal whose trust domain is in the bundle (or is
+        "cluster.local", which stands for the local domain) becomes one principal per domain;
+        any other principal is kept as written."""
+        including_aliases: list[str] = []
         for principal in principals:
-            parts = principal.split("/")
-            if len(parts) != 5 or parts[0] == "*":
-                out.append(principal)  # not SPIFFE-shaped, or the trust domain is not enforced
+            if not _is_trust_domain_enforced(principal):
+                including_aliases.append(principal)
                 continue
-            td = parts[0]
-            if _td_string_match(td, self.trust_domains) or td == _DEFAULT_CLUSTER_LOCAL:
-                expanded: list[str] = []
-                for domain in self.trust_domains:
-                    new = principal if _suffix_match(domain, td) else "/".join([domain, *parts[1:]])
-                    if new not in expanded:
-                        expanded.append(new)
-                out.extend(expanded)
+            parts = _spiffe_parts(principal)
+            assert parts is not None  # enforced implies SPIFFE-shaped
+            from_principal = parts[0]
+            if _td_string_match(from_principal, self.trust_domains) or from_principal == _DEFAULT_CLUSTER_LOCAL:
+                including_aliases.extend(self._replace_trust_domains(principal, from_principal))
             else:
-                out.append(principal)
-        return out
+                including_aliases.append(principal)
+        return including_aliases
+
+    def _replace_trust_domains(self, principal: str, from_principal: str) -> list[str]:
+        """replaceTrustDomains: a `*`-prefixed trust domain that matches a domain stays as
+        written for it; otherwise the domain replaces it. No principal twice."""
+        for_aliases: list[str] = []
+        for td in self.trust_domains:
+            new = principal if _suffix_match(td, from_principal) else _replace_trust_domain_in_principal(td, principal)
+            if new is None:
+                continue
+            if new not in for_aliases:
+                for_aliases.append(new)
+        return for_aliases
 
     def expand_trust_domain_aliases(self, values: Sequence[str]) -> list[str]:
-        """A value equal to any domain of the bundle stands for all of them."""
+        """ExpandTrustDomainAliases: a value naming any domain of the bundle stands for all."""
         result: list[str] = []
-        for value in values:
-            result.extend(self.trust_domains if value in self.trust_domains else (value,))
-        return list(dict.fromkeys(result))
+        for v in values:
+            if v in self.trust_domains:
+                result.extend(self.trust_domains)
+            else:
+                result.append(v)
+        unique: list[str] = []  # slices.FilterDuplicates: the first of each, in order
+        for x in result:
+            if x not in unique:
+                unique.append(x)
+        return unique
 
 
 # --------------------------------------------------------------------------------------
