@@ -11,36 +11,69 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
-LABELS: tuple[str, ...] = (
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-)
+
+class PeerLabels(NamedTuple):
+    """The reporter and the 19 labels of the two workloads: what a peer decides, computed once
+    per peer and cached."""
+
+    reporter: str
+    source_workload: str
+    source_canonical_service: str
+    source_canonical_revision: str
+    source_workload_namespace: str
+    source_principal: str
+    source_app: str
+    source_version: str
+    source_cluster: str
+    destination_workload: str
+    destination_workload_namespace: str
+    destination_principal: str
+    destination_app: str
+    destination_version: str
+    destination_service: str
+    destination_canonical_service: str
+    destination_canonical_revision: str
+    destination_service_name: str
+    destination_service_namespace: str
+    destination_cluster: str
+
+
+class Labels(NamedTuple):
+    """Every label of a request's series, named and in the order `IstioStatsFilter` pushes
+    them (the peer's 20, then the request's 5)."""
+
+    reporter: str
+    source_workload: str
+    source_canonical_service: str
+    source_canonical_revision: str
+    source_workload_namespace: str
+    source_principal: str
+    source_app: str
+    source_version: str
+    source_cluster: str
+    destination_workload: str
+    destination_workload_namespace: str
+    destination_principal: str
+    destination_app: str
+    destination_version: str
+    destination_service: str
+    destination_canonical_service: str
+    destination_canonical_revision: str
+    destination_service_name: str
+    destination_service_namespace: str
+    destination_cluster: str
+    request_protocol: str
+    response_code: str
+    grpc_response_status: str
+    response_flags: str
+    connection_security_policy: str
+
+
+LABELS: tuple[str, ...] = Labels._fields
 INDEX = {name: i for i, name in enumerate(LABELS)}
-PEER_LABEL_COUNT = 20  # reporter + 19 source/destination labels
+PEER_LABEL_COUNT = len(PeerLabels._fields)  # reporter + 19 source/destination labels
 
 HTTP_LABELS: tuple[int, ...] = tuple(range(25))
 GRPC_MESSAGE_LABELS: tuple[int, ...] = tuple(range(PEER_LABEL_COUNT))

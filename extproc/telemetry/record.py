@@ -29,7 +29,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from extproc.telemetry.labels import LATEST, UNKNOWN
+from extproc.telemetry.labels import LATEST, UNKNOWN, Labels, PeerLabels
 from extproc.telemetry.peer import Workload
 
 EMPTY_HEADERS: Mapping[str, str] = {}
@@ -193,6 +193,12 @@ def spiffe_namespace(principal: str) -> str:
     return principal[begin:] if end == -1 else principal[begin:end]
 
 
+# Builds a Labels from one tuple: the same object as Labels(*values), without the Python-level
+# __new__ a NamedTuple generates (measured: 120 ns more per record with it, on a record built
+# per access-log entry or ext_proc stream).
+_labels = tuple.__new__
+
+
 class Labeler:
     """Label tuples for one local workload. Cheap per record: the peer part is cached."""
 
@@ -200,9 +206,9 @@ class Labeler:
         self.local = local
         self.service = service
         self.cache_size = cache_size
-        self._peer_cache: dict[tuple[object, ...], tuple[tuple[str, ...], str]] = {}
+        self._peer_cache: dict[tuple[object, ...], tuple[PeerLabels, str]] = {}
 
-    def peer_labels(self, p: Peer) -> tuple[tuple[str, ...], str]:
+    def peer_labels(self, p: Peer) -> tuple[PeerLabels, str]:
         """(reporter + the 19 peer labels, connection_security_policy)."""
         who = p.peer_key or p.workload  # a peer given without its header value is keyed by itself
         key = (
@@ -223,28 +229,29 @@ class Labeler:
             self._peer_cache[key] = cached
         return cached
 
-    def http(self, r: HttpRecord) -> tuple[str, ...]:
+    def http(self, r: HttpRecord) -> Labels:
         return self.http_labels(r.peer, r.grpc, r.response_code, r.grpc_status, r.response_flags)
 
-    def http_labels(
-        self, peer: Peer, grpc: bool, response_code: int, grpc_status: str, response_flags: str
-    ) -> tuple[str, ...]:
-        """The 25-label tuple of an HTTP request from the only fields it depends on, so a
-        caller that has no `HttpRecord` (the access log's shape cache) gets the same labels."""
+    def http_labels(self, peer: Peer, grpc: bool, response_code: int, grpc_status: str, response_flags: str) -> Labels:
+        """The labels of an HTTP request from the only fields it depends on, so a caller that
+        has no `HttpRecord` (the access log's shape cache) gets the same labels."""
         labels, csp = self.peer_labels(peer)
-        return (
-            *labels,
-            "grpc" if grpc else "http",
-            str(response_code),
-            grpc_status if grpc else "",
-            response_flags or "-",
-            csp,
+        return _labels(
+            Labels,
+            (
+                *labels,
+                "grpc" if grpc else "http",
+                str(response_code),
+                grpc_status if grpc else "",
+                response_flags or "-",
+                csp,
+            ),
         )
 
-    def tcp(self, r: TcpRecord) -> tuple[str, ...]:
-        """The 25-label tuple for TCP (response_code and grpc_response_status unused)."""
+    def tcp(self, r: TcpRecord) -> Labels:
+        """The labels of a TCP connection (response_code and grpc_response_status unused)."""
         peer, csp = self.peer_labels(r.peer)
-        return (*peer, "tcp", "", "", r.response_flags or "-", csp)
+        return _labels(Labels, (*peer, "tcp", "", "", r.response_flags or "-", csp))
 
     def _service(self, p: Peer) -> tuple[str, str, str]:
         """(destination_service, destination_service_name, service namespace or ""), with
@@ -267,7 +274,7 @@ class Labeler:
                 host, name, namespace = svc.host, svc.short_name, svc.namespace
         return host, name, namespace
 
-    def _compute(self, p: Peer) -> tuple[tuple[str, ...], str]:
+    def _compute(self, p: Peer) -> tuple[PeerLabels, str]:
         local = self.local
         peer = p.workload
         # Only a certificate names a principal. istio_stats.cc falls back to the peer's
@@ -285,50 +292,51 @@ class Labeler:
         host, service_name, service_ns = self._service(p)
         if p.direction is Direction.INBOUND:
             csp = "mutual_tls" if peer_san and p.local_principal else "none"
-            labels = (
-                "destination",
-                pv("workload_name"),
-                pv("canonical_service"),
-                pv("canonical_revision", LATEST),
-                peer_ns or UNKNOWN,
-                peer_san or UNKNOWN,
-                pv("app"),
-                pv("version"),
-                pv("cluster"),
-                local.workload_name,
-                local.namespace,
-                p.local_principal or UNKNOWN,
-                local.app,
-                local.version,
-                host or local.canonical_service,
-                local.canonical_service,
-                local.canonical_revision,
-                service_name or local.canonical_service,
-                local.namespace,  # the local namespace whatever the service's (istio_stats.cc)
-                local.cluster,
+            labels = PeerLabels(
+                reporter="destination",
+                source_workload=pv("workload_name"),
+                source_canonical_service=pv("canonical_service"),
+                source_canonical_revision=pv("canonical_revision", LATEST),
+                source_workload_namespace=peer_ns or UNKNOWN,
+                source_principal=peer_san or UNKNOWN,
+                source_app=pv("app"),
+                source_version=pv("version"),
+                source_cluster=pv("cluster"),
+                destination_workload=local.workload_name,
+                destination_workload_namespace=local.namespace,
+                destination_principal=p.local_principal or UNKNOWN,
+                destination_app=local.app,
+                destination_version=local.version,
+                destination_service=host or local.canonical_service,
+                destination_canonical_service=local.canonical_service,
+                destination_canonical_revision=local.canonical_revision,
+                destination_service_name=service_name or local.canonical_service,
+                # the local namespace whatever the service's (istio_stats.cc)
+                destination_service_namespace=local.namespace,
+                destination_cluster=local.cluster,
             )
         else:
             csp = UNKNOWN
-            labels = (
-                "source",
-                local.workload_name,
-                local.canonical_service,
-                local.canonical_revision,
-                local.namespace,
-                p.local_principal or UNKNOWN,
-                local.app,
-                local.version,
-                local.cluster,
-                pv("workload_name"),
-                peer_ns or UNKNOWN,
-                peer_san or UNKNOWN,
-                pv("app"),
-                pv("version"),
-                host or UNKNOWN,
-                pv("canonical_service"),
-                pv("canonical_revision", LATEST),
-                service_name or UNKNOWN,
-                service_ns or peer_ns or UNKNOWN,
-                pv("cluster"),
+            labels = PeerLabels(
+                reporter="source",
+                source_workload=local.workload_name,
+                source_canonical_service=local.canonical_service,
+                source_canonical_revision=local.canonical_revision,
+                source_workload_namespace=local.namespace,
+                source_principal=p.local_principal or UNKNOWN,
+                source_app=local.app,
+                source_version=local.version,
+                source_cluster=local.cluster,
+                destination_workload=pv("workload_name"),
+                destination_workload_namespace=peer_ns or UNKNOWN,
+                destination_principal=peer_san or UNKNOWN,
+                destination_app=pv("app"),
+                destination_version=pv("version"),
+                destination_service=host or UNKNOWN,
+                destination_canonical_service=pv("canonical_service"),
+                destination_canonical_revision=pv("canonical_revision", LATEST),
+                destination_service_name=service_name or UNKNOWN,
+                destination_service_namespace=service_ns or peer_ns or UNKNOWN,
+                destination_cluster=pv("cluster"),
             )
         return labels, csp
