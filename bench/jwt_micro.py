@@ -82,7 +82,7 @@ def measure(alg: str, number: int, repeat: int) -> tuple[float, float, float, fl
     cached()  # warm
     cached_us = best_us(cached, number, repeat)
     sig_us = best_us(signature, max(number // 10, 50), repeat)
-    return first_us, cached_us, sig_us, cache.hits / max(cache.hits + cache.misses, 1)
+    return first_us, cached_us, sig_us, cache.counters.hits / max(cache.counters.hits + cache.counters.misses, 1)
 
 
 def main() -> None:

@@ -8,10 +8,15 @@ audience checks are not cached (they are cheap and depend on the clock and the p
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extproc.authn.status import Status
 from extproc.authn.token import Jwt, parse
+from extproc.lru import CacheCounters
 
 MAX_CACHED_TOKEN_BYTES = 8192  # larger tokens are verified every time rather than pinned in memory
 
@@ -30,9 +35,9 @@ class TokenCache:
         self.max_entries = max_entries
         self.clock_skew_s = clock_skew_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
+        # Hits and misses count verdicts reused or not (per token and key-set version); the
+        # entries expire with their token, which a plain LRU cannot do, so they stay here.
+        self.counters = CacheCounters("jwt_signature")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,7 +54,7 @@ class TokenCache:
             self._entries[token] = e
             if len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-                self.evictions += 1
+                self.counters.evictions += 1
         return e
 
     def _expired(self, e: _Entry, now: int) -> bool:
@@ -63,9 +68,9 @@ class TokenCache:
     def verdict(self, entry: _Entry, version: int) -> Status | None:
         v = entry.verdicts.get(version)
         if v is None:
-            self.misses += 1
+            self.counters.misses += 1
         else:
-            self.hits += 1
+            self.counters.hits += 1
         return v
 
     @staticmethod
@@ -76,3 +81,13 @@ class TokenCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class TokenCacheCollector(Collector):
+    """How many tokens the cache holds (its lookups are in extproc_cache_lookups_total)."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("extproc_jwt_cache_entries", "Tokens held by the JWT cache", value=len(self.cache))

@@ -21,9 +21,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extproc.authn.keys import KeySet, parse_jwks
 from extproc.authn.program import Provider, RemoteSource
@@ -258,3 +261,35 @@ class JwksRegistry:
 
 def _clear_inflight(st: SourceState, _task: asyncio.Task[bool]) -> None:
     st.inflight = None
+
+
+class JwksCollector(Collector):
+    """Each key source's fetches, keys and freshness, by issuer and source."""
+
+    def __init__(self, registry: JwksRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        fetches = CounterMetricFamily(
+            "extproc_jwks_fetches", "JWKS fetches by key source and result", labels=["issuer", "source", "result"]
+        )
+        nkeys = GaugeMetricFamily("extproc_jwks_keys", "Keys currently held", labels=["issuer", "source"])
+        age = GaugeMetricFamily(
+            "extproc_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful fetch (0 = never)",
+            labels=["issuer", "source"],
+        )
+        kid = CounterMetricFamily(
+            "extproc_jwks_kid_refetches", "Refetches triggered by an unknown kid", labels=["issuer", "source"]
+        )
+        for key, st in sorted(self.registry.states.items()):
+            lbl = [st.source.issuer, key]
+            for result, n in sorted(st.fetches.items()):
+                fetches.add_metric([*lbl, result], n)
+            nkeys.add_metric(lbl, len(st.keys.keys) if st.keys else 0)
+            age.add_metric(lbl, st.last_success or 0)
+            kid.add_metric(lbl, st.kid_refreshes)
+        yield fetches
+        yield nkeys
+        yield age
+        yield kid

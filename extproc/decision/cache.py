@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from extproc.attributes import HeaderLines
 from extproc.authz.compiler import HEADER_READ, READS_JWT, READS_METADATA, READS_PEER, CompiledRule
 from extproc.authz.engine import AuthzProgram
+from extproc.lru import CacheCounters
 from extproc.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -97,13 +98,11 @@ def repeated_key_part(plan: KeyPlan, lines: HeaderLines) -> tuple[object, ...]:
     return (tuple([lines.get(name) for name in plan.headers]),)
 
 
-@dataclass
-class CacheStats:
+@dataclass(slots=True)
+class CacheStats(CacheCounters):
     """The lookups of every snapshot's cache, kept by the enforcer so they survive reloads."""
 
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
+    name: str = "decision"
     # Decisions that could not be stored: they needed a CUSTOM provider or a key fetch, or the
     # request could not be described by a key (e.g. header names not in lower case).
     uncacheable: int = 0

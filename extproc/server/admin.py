@@ -9,27 +9,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from extproc import __version__
-from extproc.authn.cache import TokenCache
 from extproc.authn.jwks_source import JwksRegistry
 from extproc.authz import engine
 from extproc.debug import attributes_from_description
 from extproc.server.http import Request, Response, Routes
-from extproc.services.authz import LATENCY_BUCKETS_S, AuthzStats
+from extproc.services.authz import AuthzStats
 from extproc.services.central import ContextWorkloads
 from extproc.snapshot.central import workload_key
 from extproc.snapshot.compiled import Snapshot
 from extproc.snapshot.reload import SnapshotHolder
-from extproc.telemetry.peer import PeerCache
 from extproc.telemetry.recorder import Telemetry, WorkloadSinks
 from extproc.tracing.tracer import Tracing
 
@@ -110,19 +108,8 @@ class CentralCollector(Collector):
         self.sinks = sinks
         self.unidentified_entries = unidentified_entries
 
-    def lookups(self) -> list[tuple[str, int, int]]:
-        """(cache, hits, misses) rows for extproc_cache_lookups_total: the snapshot of a Check's
-        workload, the parsed destination.* values of a Check, an access log stream's workload."""
-        st = self.holder.cache_stats
-        return [
-            ("workload_snapshot", st.hits, st.misses),
-            ("context_extensions", self.checks.hits, self.checks.misses),
-            ("node_workload", self.sinks.hits, self.sinks.misses),
-        ]
-
     def collect(self) -> Iterator[Metric]:
         h = self.holder
-        st = h.cache_stats
         cached = len(h.workloads) if h.workloads is not None else 0
         yield GaugeMetricFamily(
             "extproc_workload_snapshots", "Per-workload snapshots cached (central mode)", value=cached
@@ -130,12 +117,6 @@ class CentralCollector(Collector):
         yield GaugeMetricFamily(
             "extproc_workload_snapshots_limit", "Most per-workload snapshots cached (central mode)", value=h.cache_size
         )
-        evictions = CounterMetricFamily(
-            "extproc_cache_evictions", "Cache entries evicted to stay within bounds (LRU)", labels=["cache"]
-        )
-        evictions.add_metric(["workload_snapshot"], st.evictions)
-        evictions.add_metric(["node_workload"], self.sinks.evictions)
-        yield evictions
         yield CounterMetricFamily(
             "extproc_access_log_unidentified_entries",
             "Access log entries dropped in central mode because their stream's Envoy node named no workload",
@@ -181,7 +162,7 @@ class TracingCollector(Collector):
 
 
 class RuntimeCollector(Collector):
-    """The process as a long run sees it: the asyncio tasks alive on the serving loop (a leak
+    """The process as a long run sees it: its version, the asyncio tasks alive on the serving loop (a leak
     of streams or timers shows as a count that climbs), next to prometheus_client's standard
     process_* metrics (resident memory, open file descriptors, start time: the last tells
     Prometheus a counter that went down belongs to a restarted process)."""
@@ -190,6 +171,9 @@ class RuntimeCollector(Collector):
         self.loop = loop
 
     def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("extproc_build_info", "extproc version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
         for _ in range(3):  # the set may change while a scrape thread walks it
             try:
                 tasks = len(asyncio.all_tasks(self.loop))
@@ -199,185 +183,6 @@ class RuntimeCollector(Collector):
         else:
             return
         yield GaugeMetricFamily("extproc_asyncio_tasks", "asyncio tasks alive on the serving loop", value=tasks)
-
-
-class ExtprocCollector(Collector):
-    """Renders extproc's own counters at scrape time; requests only bump plain ints."""
-
-    def __init__(
-        self,
-        stats: AuthzStats,
-        holder: SnapshotHolder,
-        cert_cache_stats: Callable[[], tuple[int, int]],
-        jwks: JwksRegistry | None = None,
-        token_cache: TokenCache | None = None,
-        peer_cache: PeerCache | None = None,
-        extra_caches: Callable[[], Iterable[tuple[str, int, int]]] | None = None,
-        unnormalized_paths: Callable[[], tuple[str, int]] | None = None,
-    ) -> None:
-        self.unnormalized_paths = unnormalized_paths
-        self.peer_cache = peer_cache
-        self.extra_caches = extra_caches
-        self.stats = stats
-        self.holder = holder
-        self.cert_cache_stats = cert_cache_stats
-        self.jwks = jwks
-        self.token_cache = token_cache
-
-    def collect(self) -> Iterator[Metric]:
-        s = self.stats
-        checks = CounterMetricFamily("extproc_checks", "ext_authz Check calls received", labels=["protocol"])
-        for proto, n in sorted(s.checks.items()):
-            checks.add_metric([proto], n)
-        yield checks
-        dec = CounterMetricFamily(
-            "extproc_authz_decisions",
-            "Authorization decisions by outcome and deciding stage",
-            labels=["protocol", "result", "stage"],
-        )
-        for (proto, result, stage), n in sorted(s.decisions.items()):
-            dec.add_metric([proto, result, stage], n)
-        yield dec
-        bad = CounterMetricFamily("extproc_malformed_requests", "Check requests denied as malformed", labels=["kind"])
-        for kind, n in sorted(s.malformed.items()):
-            bad.add_metric([kind], n)
-        yield bad
-        if self.unnormalized_paths is not None:
-            mode, n = self.unnormalized_paths()
-            paths = CounterMetricFamily(
-                "extproc_unnormalized_paths",
-                "HTTP requests whose path Envoy should already have normalized (its normalization is weaker than "
-                "--path-normalization); policies matched the normalized path",
-                labels=["normalization"],
-            )
-            paths.add_metric([mode], n)
-            yield paths
-        misconfigured = CounterMetricFamily(
-            "extproc_misconfigured_requests",
-            "Requests that arrived without a setting the Envoy filter needs (see the README's settings tables)",
-            labels=["kind"],
-        )
-        for kind, n in sorted(s.misconfigured.items()):
-            misconfigured.add_metric([kind], n)
-        yield misconfigured
-        yield CounterMetricFamily(
-            "extproc_internal_errors", "Checks denied because of an internal error", value=s.internal_errors
-        )
-        custom = CounterMetricFamily(
-            "extproc_custom_calls", "Calls to CUSTOM providers", labels=["provider", "outcome"]
-        )
-        for (prov, outcome), n in sorted(s.custom_calls.items()):
-            custom.add_metric([prov, outcome], n)
-        yield custom
-        dry = CounterMetricFamily("extproc_dry_run_results", "Dry-run policy evaluations", labels=["action", "result"])
-        for (action, result), n in sorted(s.dry_run.items()):
-            dry.add_metric([action, result], n)
-        yield dry
-        yield CounterMetricFamily("extproc_audit_matches", "Requests matched by an AUDIT policy", value=s.audit_hits)
-        cum, buckets = 0, []
-        for bound, n in zip(LATENCY_BUCKETS_S, s.latency_counts, strict=False):
-            cum += n
-            buckets.append((floatToGoString(bound), cum))
-        buckets.append(("+Inf", cum + s.latency_counts[-1]))
-        yield HistogramMetricFamily(
-            "extproc_check_duration_seconds",
-            "Time extproc took to answer ext_authz Check calls",
-            buckets=buckets,
-            sum_value=s.latency_sum_s,
-        )
-        reloads = CounterMetricFamily("extproc_config_reloads", "Configuration loads", labels=["result"])
-        reloads.add_metric(["success"], self.holder.counters.success)
-        reloads.add_metric(["failure"], self.holder.counters.failure)
-        yield reloads
-        snap = self.holder.current
-        yield GaugeMetricFamily(
-            "extproc_config_snapshot_version", "Version of the serving snapshot", value=snap.version
-        )
-        yield GaugeMetricFamily(
-            "extproc_config_last_reload_success", "1 if the last reload succeeded", value=int(self.holder.last.ok)
-        )
-        yield GaugeMetricFamily(
-            "extproc_policies_applied", "AuthorizationPolicies applied to this workload", value=len(snap.policies)
-        )
-        hits, misses = self.cert_cache_stats()
-        cache = CounterMetricFamily("extproc_cache_lookups", "Cache lookups", labels=["cache", "result"])
-        cache.add_metric(["peer_certificate", "hit"], hits)
-        cache.add_metric(["peer_certificate", "miss"], misses)
-        if self.token_cache is not None:
-            cache.add_metric(["jwt_signature", "hit"], self.token_cache.hits)
-            cache.add_metric(["jwt_signature", "miss"], self.token_cache.misses)
-        if self.peer_cache is not None:
-            cache.add_metric(["peer_metadata", "hit"], self.peer_cache.hits)
-            cache.add_metric(["peer_metadata", "miss"], self.peer_cache.misses)
-        cache.add_metric(["decision", "hit"], s.cache.hits)
-        cache.add_metric(["decision", "miss"], s.cache.misses)
-        for name, hits, misses in self.extra_caches() if self.extra_caches is not None else ():
-            cache.add_metric([name, "hit"], hits)
-            cache.add_metric([name, "miss"], misses)
-        yield cache
-        decisions = snap.memo.get("decisions")
-        yield GaugeMetricFamily(
-            "extproc_decision_cache_entries",
-            "HTTP decisions the serving snapshot's cache holds",
-            value=len(decisions) if decisions is not None else 0,
-        )
-        yield CounterMetricFamily(
-            "extproc_decision_cache_evictions",
-            "Decisions evicted from the decision cache to stay within --decision-cache-size",
-            value=s.cache.evictions,
-        )
-        yield CounterMetricFamily(
-            "extproc_decision_cache_uncacheable",
-            "Decisions not cached: a CUSTOM provider was asked, keys were fetched, or the request had no usable key",
-            value=s.cache.uncacheable,
-        )
-        if self.token_cache is not None:
-            yield GaugeMetricFamily(
-                "extproc_jwt_cache_entries", "Tokens held by the JWT cache", value=len(self.token_cache)
-            )
-        jwt = CounterMetricFamily(
-            "extproc_jwt_verifications",
-            "RequestAuthentication outcomes: verified, no_token, cors_preflight, or the failure status",
-            labels=["outcome"],
-        )
-        for outcome, n in sorted(s.jwt.items()):
-            jwt.add_metric([outcome], n)
-        yield jwt
-        yield CounterMetricFamily(
-            "extproc_jwt_rechecks",
-            "Requests verified again after their key source was refetched (first fetch or unknown kid)",
-            value=s.jwt_refetch_retries,
-        )
-        yield GaugeMetricFamily(
-            "extproc_jwt_rules_applied", "jwtRules applied to this workload", value=len(snap.authn.providers)
-        )
-        if self.jwks is not None:
-            fetches = CounterMetricFamily(
-                "extproc_jwks_fetches", "JWKS fetches by key source and result", labels=["issuer", "source", "result"]
-            )
-            nkeys = GaugeMetricFamily("extproc_jwks_keys", "Keys currently held", labels=["issuer", "source"])
-            age = GaugeMetricFamily(
-                "extproc_jwks_last_success_timestamp_seconds",
-                "Unix time of the last successful fetch (0 = never)",
-                labels=["issuer", "source"],
-            )
-            kid = CounterMetricFamily(
-                "extproc_jwks_kid_refetches", "Refetches triggered by an unknown kid", labels=["issuer", "source"]
-            )
-            for key, st in sorted(self.jwks.states.items()):
-                lbl = [st.source.issuer, key]
-                for result, n in sorted(st.fetches.items()):
-                    fetches.add_metric([*lbl, result], n)
-                nkeys.add_metric(lbl, len(st.keys.keys) if st.keys else 0)
-                age.add_metric(lbl, st.last_success or 0)
-                kid.add_metric(lbl, st.kid_refreshes)
-            yield fetches
-            yield nkeys
-            yield age
-            yield kid
-        info = GaugeMetricFamily("extproc_build_info", "extproc version", labels=["version"])
-        info.add_metric([__version__], 1)
-        yield info
 
 
 def istio_build() -> bytes:
@@ -400,19 +205,19 @@ class AdminApp:
         self,
         holder: SnapshotHolder,
         stats: AuthzStats,
-        collector: ExtprocCollector,
+        collectors: tuple[Collector, ...],
         jwks: JwksRegistry | None = None,
         telemetry: Telemetry | None = None,
-        extra_collectors: tuple[Collector, ...] = (),
     ) -> None:
+        """`collectors`: every source of /metrics; each lives beside the data it reads and this
+        server only registers them."""
         self.holder = holder
         self.stats = stats
         self.jwks = jwks
         self.telemetry = telemetry
         self.draining = False
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
-        for c in extra_collectors:
+        for c in collectors:
             self.registry.register(c)
         self.routes = Routes()
         for path, handler in (

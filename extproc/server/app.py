@@ -27,15 +27,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import ProcessCollector
 from prometheus_client.registry import Collector
 
-from extproc.authn.cache import TokenCache
-from extproc.authn.jwks_source import JwksRegistry
+from extproc.authn.cache import TokenCache, TokenCacheCollector
+from extproc.authn.jwks_source import JwksCollector, JwksRegistry
 from extproc.config.errors import ConfigError
+from extproc.lru import CacheCollector
 from extproc.path_normalization import Mode as PathNormalization
 from extproc.server import check_http, http
 from extproc.server.admin import (
     AdminApp,
     CentralCollector,
-    ExtprocCollector,
     RuntimeCollector,
     TelemetryCollector,
     TracingCollector,
@@ -46,12 +46,12 @@ from extproc.services.authz import AuthorizationService
 from extproc.services.central import ContextWorkloads, NodeWorkloads
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
-from extproc.services.enforcer import AuthzStats, Enforcer
+from extproc.services.enforcer import AuthzCollector, AuthzStats, Enforcer
 from extproc.services.http_authz import HttpAuthorizationService
 from extproc.services.processor import CentralModeProcessor, ExternalProcessorService
 from extproc.snapshot.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_identity
 from extproc.snapshot.compiled import Options, WorkloadIdentity
-from extproc.snapshot.reload import SnapshotHolder
+from extproc.snapshot.reload import SnapshotCollector, SnapshotHolder
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, ServiceInfo
@@ -295,16 +295,10 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     if checks is not None:
         assert telemetry.workloads is not None
         central = CentralCollector(holder, checks, telemetry.workloads, lambda: als.unidentified_entries)
-    collector = ExtprocCollector(
-        stats,
-        holder,
-        lambda: (adapter.cert_cache.hits, adapter.cert_cache.misses),
-        unnormalized_paths=lambda: (adapter.path_normalization.value, adapter.unnormalized_paths),
-        jwks=jwks,
-        token_cache=token_cache,
-        peer_cache=telemetry.peers,
-        extra_caches=central.lookups if central is not None else None,
-    )
+    caches = [adapter.cert_cache.counters, stats.cache, telemetry.peers.counters, token_cache.counters]
+    if checks is not None:
+        assert telemetry.workloads is not None
+        caches += [holder.cache_stats, checks.counters, telemetry.workloads.counters]
     sources = lambda: {  # noqa: E731
         "access_log_streams": als.streams,
         "access_log_http_entries": als.entries["http"],
@@ -317,6 +311,11 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
         "ext_proc_streams_refused": refuser.refused,
     }
     extra: tuple[Collector, ...] = (
+        AuthzCollector(
+            stats, lambda: holder.current, lambda: (adapter.path_normalization.value, adapter.unnormalized_paths)
+        ),
+        SnapshotCollector(holder),
+        CacheCollector(lambda: caches),
         TelemetryCollector(telemetry, sources),
         TracingCollector(tracing),
         RuntimeCollector(loop),
@@ -324,9 +323,12 @@ async def serve(settings: ServeSettings, holder: SnapshotHolder) -> int:
     )
     if central is not None:
         extra += (central,)
+    if jwks is not None:
+        extra += (JwksCollector(jwks),)
+    extra += (TokenCacheCollector(token_cache),)
     if check_server is not None and http_checks is not None:
         extra += (check_http.CheckListenerCollector(check_server, lambda: http_checks.dropped_query_changes),)
-    admin = AdminApp(holder, stats, collector, jwks=jwks, telemetry=telemetry, extra_collectors=extra)
+    admin = AdminApp(holder, stats, extra, jwks=jwks, telemetry=telemetry)
     host, port = settings.admin.host_port()
     try:
         admin_server = await http.serve(admin.routes, host, port)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
+from extproc.lru import CacheCounters, LruCache
 from extproc.snapshot.central import WorkloadKey, WorkloadSnapshots, workload_key
 from extproc.snapshot.compiled import Snapshot
 from extproc.telemetry.exchange import PeerExchange
@@ -142,9 +142,8 @@ class ContextWorkloads:
         self.trust_domain = trust_domain
         self.cluster = cluster
         self.size = size
-        self._resolved: OrderedDict[tuple[str, ...], CentralWorkload | IdentityError] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.counters = CacheCounters("context_extensions")
+        self._resolved: LruCache[tuple[str, ...], CentralWorkload | IdentityError] = LruCache(size, self.counters)
 
     def for_check(self, attributes: Any) -> tuple[Snapshot, PeerExchange] | IdentityError:
         """A CheckRequest's `attributes`: its context extensions, else its destination labels."""
@@ -162,16 +161,10 @@ class ContextWorkloads:
             extensions.get(WORKLOAD_KEY, ""),
             extensions.get(SERVICE_ACCOUNT_KEY, ""),
         )
-        cache = self._resolved
-        found = cache.get(raw)
+        found = self._resolved.lookup(raw)
         if found is None:
-            self.misses += 1
-            found = cache[raw] = self._workload(extensions)
-            if len(cache) > self.size:
-                cache.popitem(last=False)
-        else:
-            self.hits += 1
-            cache.move_to_end(raw)
+            found = self._workload(extensions)
+            self._resolved.put(raw, found)
         if isinstance(found, IdentityError):
             return found
         return self.generation().get(found.key), found.exchange

@@ -19,7 +19,6 @@ What Envoy 1.40 actually sends, checked against a live Envoy:
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -35,6 +34,7 @@ from extproc.attributes import (
     parse_ip,
     remote_ip_from_xff,
 )
+from extproc.lru import CacheCounters, LruCache
 from extproc.path_normalization import DEFAULT_MODE, Mode, normalize
 from extproc.services.headers import (
     DEFAULT_MAX_HEADER_BYTES,
@@ -75,31 +75,20 @@ class PeerCertificateCache:
     """
 
     def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, tuple[str, ...]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.counters = CacheCounters("peer_certificate")
+        self._items: LruCache[str, tuple[str, ...]] = LruCache(capacity, self.counters)
 
     def principals(self, encoded_pem: str) -> tuple[str, ...]:
         """The identities of a certificate as ext_authz sends it (URL-encoded PEM)."""
-        return self._lookup(encoded_pem, True)
+        return self._items.get_or_make(encoded_pem, _principals_from_encoded)
 
     def principals_of_pem(self, pem: str) -> tuple[str, ...]:
         """The same for a PEM that is not URL-encoded (ext_proc's `connection.peer_certificate`)."""
-        return self._lookup(pem, False)
+        return self._items.get_or_make(pem, _principals_from_pem)
 
-    def _lookup(self, text: str, encoded: bool) -> tuple[str, ...]:
-        got = self._items.get(text)
-        if got is not None:
-            self.hits += 1
-            self._items.move_to_end(text)
-            return got
-        self.misses += 1
-        value = _principals_from_pem(unquote(text) if encoded else text)
-        self._items[text] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return value
+
+def _principals_from_encoded(encoded_pem: str) -> tuple[str, ...]:
+    return _principals_from_pem(unquote(encoded_pem))
 
 
 def _principals_from_pem(pem: str) -> tuple[str, ...]:

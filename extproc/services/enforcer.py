@@ -16,11 +16,14 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from extproc.attributes import Attributes
 from extproc.authn.cache import TokenCache
@@ -211,4 +214,114 @@ class Enforcer:
             v.engine_result,
             v.stage.value,
             v.reason,
+        )
+
+
+# prometheus_client's rendering of a float as Prometheus writes it (untyped there).
+_go_float: Callable[[float], str] = _float_to_go_string
+
+
+class AuthzCollector(Collector):
+    """The decisions AuthzStats counts, rendered at scrape time; requests only bump plain ints.
+    `unnormalized_paths` gives (the --path-normalization mode, paths Envoy left unnormalized)."""
+
+    def __init__(
+        self,
+        stats: AuthzStats,
+        current: Callable[[], Snapshot],
+        unnormalized_paths: Callable[[], tuple[str, int]] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.current = current
+        self.unnormalized_paths = unnormalized_paths
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        checks = CounterMetricFamily("extproc_checks", "ext_authz Check calls received", labels=["protocol"])
+        for proto, n in sorted(s.checks.items()):
+            checks.add_metric([proto], n)
+        yield checks
+        dec = CounterMetricFamily(
+            "extproc_authz_decisions",
+            "Authorization decisions by outcome and deciding stage",
+            labels=["protocol", "result", "stage"],
+        )
+        for (proto, result, stage), n in sorted(s.decisions.items()):
+            dec.add_metric([proto, result, stage], n)
+        yield dec
+        bad = CounterMetricFamily("extproc_malformed_requests", "Check requests denied as malformed", labels=["kind"])
+        for kind, n in sorted(s.malformed.items()):
+            bad.add_metric([kind], n)
+        yield bad
+        if self.unnormalized_paths is not None:
+            mode, n = self.unnormalized_paths()
+            paths = CounterMetricFamily(
+                "extproc_unnormalized_paths",
+                "HTTP requests whose path Envoy should already have normalized (its normalization is weaker than "
+                "--path-normalization); policies matched the normalized path",
+                labels=["normalization"],
+            )
+            paths.add_metric([mode], n)
+            yield paths
+        misconfigured = CounterMetricFamily(
+            "extproc_misconfigured_requests",
+            "Requests that arrived without a setting the Envoy filter needs (see the README's settings tables)",
+            labels=["kind"],
+        )
+        for kind, n in sorted(s.misconfigured.items()):
+            misconfigured.add_metric([kind], n)
+        yield misconfigured
+        yield CounterMetricFamily(
+            "extproc_internal_errors", "Checks denied because of an internal error", value=s.internal_errors
+        )
+        custom = CounterMetricFamily(
+            "extproc_custom_calls", "Calls to CUSTOM providers", labels=["provider", "outcome"]
+        )
+        for (prov, outcome), n in sorted(s.custom_calls.items()):
+            custom.add_metric([prov, outcome], n)
+        yield custom
+        dry = CounterMetricFamily("extproc_dry_run_results", "Dry-run policy evaluations", labels=["action", "result"])
+        for (action, result), n in sorted(s.dry_run.items()):
+            dry.add_metric([action, result], n)
+        yield dry
+        yield CounterMetricFamily("extproc_audit_matches", "Requests matched by an AUDIT policy", value=s.audit_hits)
+        cum, buckets = 0, []
+        for bound, n in zip(LATENCY_BUCKETS_S, s.latency_counts, strict=False):
+            cum += n
+            buckets.append((_go_float(bound), cum))
+        buckets.append(("+Inf", cum + s.latency_counts[-1]))
+        yield HistogramMetricFamily(
+            "extproc_check_duration_seconds",
+            "Time extproc took to answer ext_authz Check calls",
+            buckets=buckets,
+            sum_value=s.latency_sum_s,
+        )
+        decisions = self.current().memo.get("decisions")
+        yield GaugeMetricFamily(
+            "extproc_decision_cache_entries",
+            "HTTP decisions the serving snapshot's cache holds",
+            value=len(decisions) if decisions is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "extproc_decision_cache_evictions",
+            "Decisions evicted from the decision cache to stay within --decision-cache-size",
+            value=s.cache.evictions,
+        )
+        yield CounterMetricFamily(
+            "extproc_decision_cache_uncacheable",
+            "Decisions not cached: a CUSTOM provider was asked, keys were fetched, or the request had no usable key",
+            value=s.cache.uncacheable,
+        )
+        jwt = CounterMetricFamily(
+            "extproc_jwt_verifications",
+            "RequestAuthentication outcomes: verified, no_token, cors_preflight, or the failure status",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(s.jwt.items()):
+            jwt.add_metric([outcome], n)
+        yield jwt
+        yield CounterMetricFamily(
+            "extproc_jwt_rechecks",
+            "Requests verified again after their key source was refetched (first fetch or unknown kid)",
+            value=s.jwt_refetch_retries,
         )

@@ -18,10 +18,9 @@ generation, so one request never mixes two configurations.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
+from extproc.lru import CacheCounters, LruCache
 from extproc.snapshot import loader
 from extproc.snapshot.compiled import (
     BuildMemo,
@@ -57,13 +56,9 @@ def mesh_identity(
     )
 
 
-@dataclass
-class CacheStats:
+def snapshot_counters() -> CacheCounters:
     """Counters of the workload snapshot cache; they outlive reloads, as Prometheus counters must."""
-
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
+    return CacheCounters("workload_snapshot")
 
 
 class WorkloadSnapshots:
@@ -82,7 +77,7 @@ class WorkloadSnapshots:
         version: int,
         *,
         size: int = DEFAULT_CACHE_SIZE,
-        stats: CacheStats | None = None,
+        stats: CacheCounters | None = None,
         warm: Iterable[WorkloadKey] = (),
     ) -> None:
         if size < 1:
@@ -92,29 +87,18 @@ class WorkloadSnapshots:
         self.options = options
         self.version = version
         self.size = size
-        self.stats = stats if stats is not None else CacheStats()
+        self.stats = stats if stats is not None else snapshot_counters()
         self.memo = BuildMemo()
         # Compiles every policy and jwtRule: a resource that fails to compile fails the load.
         self.mesh = build_mesh_snapshot(loaded, template, options, version, self.memo)
-        self._entries: OrderedDict[WorkloadKey, Snapshot] = OrderedDict()
+        self._entries: LruCache[WorkloadKey, Snapshot] = LruCache(size, self.stats)
         # The workloads served before a reload are rebuilt here, off the event loop, so the
         # first requests after a reload do not each pay for a build.
         for key in list(warm)[-size:]:
-            self._entries[key] = self.build(key)
+            self._entries.put(key, self.build(key))
 
     def get(self, key: WorkloadKey) -> Snapshot:
-        entries = self._entries
-        snap = entries.get(key)
-        if snap is not None:
-            self.stats.hits += 1
-            entries.move_to_end(key)
-            return snap
-        self.stats.misses += 1
-        snap = entries[key] = self.build(key)
-        if len(entries) > self.size:
-            entries.popitem(last=False)
-            self.stats.evictions += 1
-        return snap
+        return self._entries.get_or_make(key, self.build)
 
     def build(self, key: WorkloadKey) -> Snapshot:
         """The snapshot of one workload, without caching it."""
@@ -124,10 +108,10 @@ class WorkloadSnapshots:
 
     def keys(self) -> list[WorkloadKey]:
         """Cached workloads, least recently used first."""
-        return list(self._entries)
+        return self._entries.keys()
 
     def snapshots(self) -> list[Snapshot]:
-        return list(self._entries.values())
+        return self._entries.values()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -143,7 +127,7 @@ def load_workloads(
     version: int,
     *,
     size: int = DEFAULT_CACHE_SIZE,
-    stats: CacheStats | None = None,
+    stats: CacheCounters | None = None,
     warm: Iterable[WorkloadKey] = (),
 ) -> WorkloadSnapshots:
     """Load and compile once for every workload; raises ConfigError with every problem found."""

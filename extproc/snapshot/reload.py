@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import watchfiles
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extproc.config.errors import ConfigError, ConfigIssue
+from extproc.lru import CacheCounters
 from extproc.snapshot import loader
-from extproc.snapshot.central import CacheStats, WorkloadKey, WorkloadSnapshots
+from extproc.snapshot.central import WorkloadKey, WorkloadSnapshots, snapshot_counters
 from extproc.snapshot.compiled import Options, Snapshot, WorkloadIdentity, build_snapshot
 
 log = logging.getLogger("extproc.config")
@@ -105,7 +108,7 @@ class SnapshotHolder:
     # mesh-wide view (every jwtRule, root-level Telemetry) and `workload` the template that
     # each workload's identity is made from; see extproc/snapshot/central.py.
     workloads: WorkloadSnapshots | None = None
-    cache_stats: CacheStats = field(default_factory=CacheStats)
+    cache_stats: CacheCounters = field(default_factory=snapshot_counters)
     cache_size: int = 0
     memory: loader.FileMemory = field(default_factory=loader.FileMemory)
     warning_log: WarningLog = field(default_factory=WarningLog)
@@ -131,7 +134,7 @@ class SnapshotHolder:
         `settle_s` > 0 believes a file written in place only once it has been unchanged that
         long (the server passes --config-settle); 0 believes every change at once.
         """
-        stats = CacheStats()
+        stats = snapshot_counters()
         memory = loader.FileMemory(settle_s=settle_s)
         loaded = loader.load(dirs, memory)
         workloads = None
@@ -298,3 +301,30 @@ class SnapshotHolder:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
                 except TimeoutError:
                     await self.reload("after watch failure")
+
+
+class SnapshotCollector(Collector):
+    """The configuration as served: reloads, the snapshot's version, what applies."""
+
+    def __init__(self, holder: SnapshotHolder) -> None:
+        self.holder = holder
+
+    def collect(self) -> Iterator[Metric]:
+        holder = self.holder
+        reloads = CounterMetricFamily("extproc_config_reloads", "Configuration loads", labels=["result"])
+        reloads.add_metric(["success"], holder.counters.success)
+        reloads.add_metric(["failure"], holder.counters.failure)
+        yield reloads
+        snap = holder.current
+        yield GaugeMetricFamily(
+            "extproc_config_snapshot_version", "Version of the serving snapshot", value=snap.version
+        )
+        yield GaugeMetricFamily(
+            "extproc_config_last_reload_success", "1 if the last reload succeeded", value=int(holder.last.ok)
+        )
+        yield GaugeMetricFamily(
+            "extproc_policies_applied", "AuthorizationPolicies applied to this workload", value=len(snap.policies)
+        )
+        yield GaugeMetricFamily(
+            "extproc_jwt_rules_applied", "jwtRules applied to this workload", value=len(snap.authn.providers)
+        )

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
+
+from extproc.lru import CacheCounters, LruCache
 
 METADATA_HEADER = "x-envoy-peer-metadata"
 METADATA_ID_HEADER = "x-envoy-peer-metadata-id"
@@ -168,25 +169,11 @@ class PeerCache:
     """
 
     def __init__(self, size: int = 1024) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, Workload | None] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.counters = CacheCounters("peer_metadata")
+        self._entries: LruCache[str, Workload | None] = LruCache(size, self.counters)
 
     def get(self, value: str) -> Workload | None:
-        entries = self._entries
-        try:
-            peer = entries[value]
-        except KeyError:
-            self.misses += 1
-            peer = decode(value)
-            entries[value] = peer
-            if len(entries) > self.size:
-                entries.popitem(last=False)
-            return peer
-        self.hits += 1
-        entries.move_to_end(value)
-        return peer
+        return self._entries.get_or_make(value, decode)
 
     def __len__(self) -> int:
         return len(self._entries)

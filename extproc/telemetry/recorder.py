@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from extproc.lru import CacheCounters, LruCache
 from extproc.telemetry import labels as L
 from extproc.telemetry.directory import PeerDirectory
 from extproc.telemetry.overrides import TelemetryPlans
@@ -493,28 +494,18 @@ class WorkloadSinks:
         self.service = service
         self.stats = stats
         self.size = size
-        self._entries: OrderedDict[Workload, tuple[Recorder, TcpTracker]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
+        self.counters = CacheCounters("node_workload")
+        self._entries: LruCache[Workload, tuple[Recorder, TcpTracker]] = LruCache(size, self.counters)
 
     def get(self, local: Workload) -> tuple[Recorder, TcpTracker]:
-        entries = self._entries
-        found = entries.get(local)
-        if found is not None:
-            self.hits += 1
-            entries.move_to_end(local)
-            return found
-        self.misses += 1
+        return self._entries.get_or_make(local, self._sinks)
+
+    def _sinks(self, local: Workload) -> tuple[Recorder, TcpTracker]:
         recorder = Recorder(Labeler(local, self.service), self.store, self.stats, WORKLOAD_SHAPE_CACHE_SIZE)
-        found = entries[local] = (recorder, TcpTracker(recorder))
-        if len(entries) > self.size:
-            entries.popitem(last=False)
-            self.evictions += 1
-        return found
+        return recorder, TcpTracker(recorder)
 
     def sweep(self) -> int:
-        return sum(tcp.sweep() for _, tcp in list(self._entries.values()))
+        return sum(tcp.sweep() for _, tcp in self._entries.values())
 
     @property
     def connections(self) -> int:

@@ -214,7 +214,11 @@ def run_all(
     assert plain.recorder.store.render() == text
     assert fast.recorder.stats == plain.recorder.stats == reference.stats
     assert fast.entries == plain.entries
-    assert (fast.peers.hits, fast.peers.misses) == (plain.peers.hits, plain.peers.misses) == (peers.hits, peers.misses)
+    assert (
+        (fast.peers.counters.hits, fast.peers.counters.misses)
+        == (plain.peers.counters.hits, plain.peers.counters.misses)
+        == (peers.counters.hits, peers.counters.misses)
+    )
 
 
 def test_entries_record_exactly_what_the_plain_path_records() -> None:

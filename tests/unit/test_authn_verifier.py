@@ -794,9 +794,9 @@ def test_all_valid_tokens_are_verified_and_the_header_token_is_the_payload() -> 
 def test_repeated_token_hits_the_cache() -> None:
     cache, prog, tok = TokenCache(), one(claim_headers=(("x-sub", "sub"),)), token()
     first = run(prog, bearer(tok), cache=cache)
-    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+    assert (cache.counters.hits, cache.counters.misses, len(cache)) == (0, 1, 1)
     second = run(prog, bearer(tok), cache=cache)
-    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
+    assert (cache.counters.hits, cache.counters.misses, len(cache)) == (1, 1, 1)
     assert first == second
     assert second.ok and set_headers(second) == {"x-sub": ("alice",)}
 
@@ -806,7 +806,7 @@ def test_new_keyset_version_misses_the_cache() -> None:
     doc = jwks_json(jwk(rsa_key(0), kid=KID))
     assert run(prog, bearer(tok), cache=cache, keys=lambda p: parse_jwks(doc)).ok
     assert run(prog, bearer(tok), cache=cache, keys=lambda p: parse_jwks(doc)).ok
-    assert (cache.hits, cache.misses) == (0, 2)
+    assert (cache.counters.hits, cache.counters.misses) == (0, 2)
 
 
 def test_rotated_keys_are_never_judged_by_an_old_verdict() -> None:
@@ -816,14 +816,14 @@ def test_rotated_keys_are_never_judged_by_an_old_verdict() -> None:
     assert run(prog, bearer(tok), cache=cache, keys=lambda p: old).ok
     assert run(prog, bearer(tok), cache=cache, keys=lambda p: new).status is Status.JWT_VERIFICATION_FAIL
     assert run(prog, bearer(tok), cache=cache, keys=lambda p: old).ok
-    assert cache.hits == 1
+    assert cache.counters.hits == 1
 
 
 def test_cached_failed_verdict_is_reused() -> None:
     cache, prog, tok = TokenCache(), one(), bad_signature(token())
     assert run(prog, bearer(tok), cache=cache).status is Status.JWT_VERIFICATION_FAIL
     assert run(prog, bearer(tok), cache=cache).status is Status.JWT_VERIFICATION_FAIL
-    assert (cache.hits, cache.misses) == (1, 1)
+    assert (cache.counters.hits, cache.counters.misses) == (1, 1)
 
 
 def test_cached_unknown_kid_still_asks_for_a_refresh() -> None:
@@ -831,7 +831,7 @@ def test_cached_unknown_kid_still_asks_for_a_refresh() -> None:
     for _ in range(2):
         r = run(prog, bearer(tok), cache=cache, keys=lambda p: default_keyset())
         assert r.unknown_kid == frozenset({RemoteSource(ISS, "")})
-    assert cache.hits == 1
+    assert cache.counters.hits == 1
 
 
 def test_cache_evicts_the_least_recently_used_token() -> None:
@@ -839,11 +839,11 @@ def test_cache_evicts_the_least_recently_used_token() -> None:
     t1, t2, t3 = token(sub="1"), token(sub="2"), token(sub="3")
     for t in (t1, t2, t1, t3):
         assert run(prog, bearer(t), cache=cache).ok
-    assert (cache.hits, cache.misses, cache.evictions, len(cache)) == (1, 3, 1, 2)
+    assert (cache.counters.hits, cache.counters.misses, cache.counters.evictions, len(cache)) == (1, 3, 1, 2)
     run(prog, bearer(t1), cache=cache)  # still cached: it was used after t2
-    assert (cache.hits, cache.misses) == (2, 3)
+    assert (cache.counters.hits, cache.counters.misses) == (2, 3)
     run(prog, bearer(t2), cache=cache)  # evicted
-    assert (cache.hits, cache.misses, cache.evictions) == (2, 4, 2)
+    assert (cache.counters.hits, cache.counters.misses, cache.counters.evictions) == (2, 4, 2)
 
 
 def test_tokens_longer_than_8192_characters_are_not_cached() -> None:
@@ -852,7 +852,7 @@ def test_tokens_longer_than_8192_characters_are_not_cached() -> None:
     assert len(tok) > 8192
     for _ in range(2):
         assert run(prog, bearer(tok), cache=cache).ok
-    assert (len(cache), cache.hits, cache.misses) == (0, 0, 2)
+    assert (len(cache), cache.counters.hits, cache.counters.misses) == (0, 0, 2)
     small = token(pad="x" * 100)
     run(prog, bearer(small), cache=cache)
     assert len(cache) == 1
@@ -862,7 +862,7 @@ def test_zero_capacity_cache_stores_nothing() -> None:
     cache, prog, tok = TokenCache(max_entries=0), one(), token()
     for _ in range(2):
         assert run(prog, bearer(tok), cache=cache).ok
-    assert (len(cache), cache.hits) == (0, 0)
+    assert (len(cache), cache.counters.hits) == (0, 0)
 
 
 def test_cache_never_skips_time_audience_or_issuer_checks() -> None:

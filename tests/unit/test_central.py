@@ -144,7 +144,7 @@ def test_each_distinct_identity_problem_is_logged_once(tmp_path: Path, caplog: p
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2, warnings
     assert "destination.namespace is missing" in warnings[0] and "destination.labels" in warnings[1]
-    assert (checks.hits, checks.misses) == (4, 2)
+    assert (checks.counters.hits, checks.counters.misses) == (4, 2)
 
 
 def test_context_workloads_share_snapshots_by_namespace_and_labels_but_not_the_exchange(tmp_path: Path) -> None:
@@ -509,7 +509,7 @@ def test_each_access_log_stream_records_for_the_workload_of_its_node(caplog: pyt
     assert west["destination_cluster"] == "west" and west["destination_canonical_service"] == "b"
     assert samples(text, "istio_requests_total", destination_workload="a")[0][0]["destination_cluster"] == "east"
     assert als.unidentified_entries == 3
-    assert (sinks.hits, sinks.misses, len(sinks)) == (1, 2, 2)
+    assert (sinks.counters.hits, sinks.counters.misses, len(sinks)) == (1, 2, 2)
     assert t.recorder.stats.http["access_log"] == 5  # per-workload recorders share the counters
     dropped = [r.getMessage() for r in caplog.records if "dropping the entries" in r.getMessage()]
     assert len(dropped) == 2  # once per stream, not per entry

@@ -88,7 +88,7 @@ def test_every_san_of_the_peer_certificate(tmp_path: Path) -> None:
     a = adapter.attributes(req)
     assert a.source_principals == ("spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y", "m.example", "CN=m")
     adapter.attributes(req)
-    assert (adapter.cert_cache.hits, adapter.cert_cache.misses) == (1, 1)
+    assert (adapter.cert_cache.counters.hits, adapter.cert_cache.counters.misses) == (1, 1)
 
 
 @pytest.mark.parametrize(

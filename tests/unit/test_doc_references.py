@@ -39,8 +39,9 @@ def test_every_cited_repository_path_exists() -> None:
 
 
 def test_the_check_sees_a_stale_path() -> None:
-    assert PATH.findall("see extproc/config/snapshot.py and `tests/unit/test_layers.py`.") == [
-        "extproc/config/snapshot.py",
+    stale = "extproc/config/" + "snapshot.py"  # split, so this file cites no stale path itself
+    assert PATH.findall(f"see {stale} and `tests/unit/test_layers.py`.") == [
+        stale,
         "tests/unit/test_layers.py",
     ]
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "extproc"
 
 # Each layer may use the ones before it. Within a layer, modules may use each other.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("primitives", {"attributes", "verdict", "path_normalization", "workload"}),
+    ("primitives", {"attributes", "verdict", "path_normalization", "workload", "lru"}),
     ("authn", {"authn"}),  # JWT primitives: the vocabulary validates inline JWKS with them
     ("vocabulary", {"config"}),
     ("engines", {"authz", "telemetry", "tracing"}),

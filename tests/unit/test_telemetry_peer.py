@@ -337,10 +337,10 @@ def test_peer_cache_counts_hits_and_misses() -> None:
     cache = PeerCache(size=4)
     value = encode(PRODUCTPAGE)
     assert cache.get(value) == PRODUCTPAGE
-    assert (cache.hits, cache.misses) == (0, 1)
+    assert (cache.counters.hits, cache.counters.misses) == (0, 1)
     for _ in range(5):
         assert cache.get(value) == PRODUCTPAGE
-    assert (cache.hits, cache.misses) == (5, 1)
+    assert (cache.counters.hits, cache.counters.misses) == (5, 1)
     assert len(cache) == 1
 
 
@@ -348,7 +348,7 @@ def test_peer_cache_caches_invalid_values_as_none() -> None:
     cache = PeerCache(size=4)
     assert cache.get("!!!") is None
     assert cache.get("!!!") is None
-    assert (cache.hits, cache.misses) == (1, 1)
+    assert (cache.counters.hits, cache.counters.misses) == (1, 1)
     assert len(cache) == 1
 
 
@@ -362,14 +362,14 @@ def test_peer_cache_is_lru_bounded() -> None:
     cache.get(a)  # a becomes the most recent; b is now the least recent
     cache.get(d)  # evicts b
     assert len(cache) == 3
-    hits = cache.hits
+    hits = cache.counters.hits
     cache.get(a)
     cache.get(c)
     cache.get(d)
-    assert cache.hits == hits + 3
-    misses = cache.misses
+    assert cache.counters.hits == hits + 3
+    misses = cache.counters.misses
     assert cache.get(b) == Workload(workload_name="w1")  # decoded again
-    assert cache.misses == misses + 1
+    assert cache.counters.misses == misses + 1
     for v in values * 10:
         cache.get(v)
     assert len(cache) == 3
@@ -382,7 +382,7 @@ def test_peer_cache_never_exceeds_its_size(keys: list[int], size: int) -> None:
     for k in keys:
         assert cache.get(encode(Workload(app=str(k)))) == Workload(app=str(k))
         assert len(cache) <= size
-    assert cache.hits + cache.misses == len(keys)
+    assert cache.counters.hits + cache.counters.misses == len(keys)
 
 
 # --- Workload.from_labels -----------------------------------------------------------------------
