@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from extproc import __version__
 from extproc.authn.jwks_source import JwksRegistry
@@ -24,146 +23,15 @@ from extproc.authz import engine
 from extproc.debug import attributes_from_description
 from extproc.server.http import Request, Response, Routes
 from extproc.services.authz import AuthzStats
-from extproc.services.central import ContextWorkloads
 from extproc.snapshot.central import workload_key
 from extproc.snapshot.compiled import Snapshot
 from extproc.snapshot.reload import SnapshotHolder
-from extproc.telemetry.recorder import Telemetry, WorkloadSinks
-from extproc.tracing.tracer import Tracing
-
-# prometheus_client's rendering of a float as Prometheus writes it (untyped there).
-floatToGoString: Callable[[float], str] = _float_to_go_string
-
-
-class TelemetryCollector(Collector):
-    """extproc's view of its own telemetry pipeline: sources, series, bounds."""
-
-    def __init__(self, telemetry: Telemetry, sources: Callable[[], dict[str, int]]) -> None:
-        self.t = telemetry
-        self.sources = sources
-
-    def collect(self) -> Iterator[Metric]:
-        t = self.t
-        rec = CounterMetricFamily(
-            "extproc_telemetry_requests", "HTTP requests recorded in the standard metrics, by source", labels=["source"]
-        )
-        for source, n in sorted(t.recorder.stats.http.items()):
-            rec.add_metric([source], n)
-        yield rec
-        yield CounterMetricFamily(
-            "extproc_telemetry_duplicates",
-            "Access log entries not counted because ext_proc already recorded the request",
-            value=t.recorder.stats.http_duplicates,
-        )
-        yield CounterMetricFamily(
-            "extproc_telemetry_tcp_reports", "TCP access log reports recorded", value=t.recorder.stats.tcp_reports
-        )
-        yield GaugeMetricFamily(
-            "extproc_telemetry_tcp_connections",
-            "TCP connections whose byte totals are being tracked",
-            value=len(t.tcp.connections) + (t.workloads.connections if t.workloads is not None else 0),
-        )
-        series = GaugeMetricFamily(
-            "extproc_telemetry_series", "Series held per standard metric (cardinality)", labels=["metric"]
-        )
-        for name, n in sorted(t.store.series_counts().items()):
-            series.add_metric([name], n)
-        yield series
-        yield GaugeMetricFamily(
-            "extproc_telemetry_series_limit", "Most series kept before overflow", value=t.store.max_series
-        )
-        over = CounterMetricFamily(
-            "extproc_telemetry_overflow_records",
-            "Records added to a metric's overflow series because the series limit was reached",
-            labels=["metric"],
-        )
-        for name, n in sorted(t.store.overflow_counts().items()):
-            over.add_metric([name], n)
-        yield over
-        yield CounterMetricFamily(
-            "extproc_telemetry_evicted_series", "Series dropped after being idle", value=t.store.evicted
-        )
-        src = CounterMetricFamily(
-            "extproc_telemetry_source_events",
-            "Access log entries and ext_proc streams received, by kind",
-            labels=["kind"],
-        )
-        for kind, n in sorted(self.sources().items()):
-            src.add_metric([kind], n)
-        yield src
-
-
-class CentralCollector(Collector):
-    """Central mode: the per-workload caches, and what could not be attributed to a workload."""
-
-    def __init__(
-        self,
-        holder: SnapshotHolder,
-        checks: ContextWorkloads,
-        sinks: WorkloadSinks,
-        unidentified_entries: Callable[[], int],
-    ) -> None:
-        self.holder = holder
-        self.checks = checks
-        self.sinks = sinks
-        self.unidentified_entries = unidentified_entries
-
-    def collect(self) -> Iterator[Metric]:
-        h = self.holder
-        cached = len(h.workloads) if h.workloads is not None else 0
-        yield GaugeMetricFamily(
-            "extproc_workload_snapshots", "Per-workload snapshots cached (central mode)", value=cached
-        )
-        yield GaugeMetricFamily(
-            "extproc_workload_snapshots_limit", "Most per-workload snapshots cached (central mode)", value=h.cache_size
-        )
-        yield CounterMetricFamily(
-            "extproc_access_log_unidentified_entries",
-            "Access log entries dropped in central mode because their stream's Envoy node named no workload",
-            value=self.unidentified_entries(),
-        )
-
-
-class TracingCollector(Collector):
-    """Trace contexts handled and spans exported: is the tracing pipeline keeping up?"""
-
-    def __init__(self, tracing: Tracing) -> None:
-        self.tracing = tracing
-
-    def collect(self) -> Iterator[Metric]:
-        t = self.tracing
-        ctx = CounterMetricFamily(
-            "extproc_trace_contexts",
-            "Requests whose trace context extproc continued or started, and whether it sampled them",
-            labels=["trace", "sampled"],
-        )
-        for (trace, sampled), n in sorted(t.contexts.items()):
-            ctx.add_metric([trace, sampled], n)
-        yield ctx
-        sink = t.sink
-        if sink is None:
-            return
-        st = sink.stats
-        spans = CounterMetricFamily(
-            "extproc_spans",
-            "Spans by fate: submitted to the export queue, dropped because it was full, "
-            "exported, or lost in a failed export",
-            labels=["outcome"],
-        )
-        for outcome, n in (
-            ("submitted", st.submitted),
-            ("dropped", st.dropped),
-            ("exported", st.exported),
-            ("failed", st.failed),
-        ):
-            spans.add_metric([outcome], n)
-        yield spans
-        yield GaugeMetricFamily("extproc_spans_queued", "Spans waiting for export", value=st.queued)
+from extproc.telemetry.recorder import Telemetry
 
 
 class RuntimeCollector(Collector):
-    """The process as a long run sees it: its version, the asyncio tasks alive on the serving loop (a leak
-    of streams or timers shows as a count that climbs), next to prometheus_client's standard
+    """The process as a long run sees it: its version, the asyncio tasks alive on the serving
+    loop (a leak of streams or timers shows as a count that climbs), next to prometheus_client's standard
     process_* metrics (resident memory, open file descriptors, start time: the last tells
     Prometheus a counter that went down belongs to a restarted process)."""
 

@@ -35,15 +35,12 @@ from extproc.path_normalization import Mode as PathNormalization
 from extproc.server import check_http, http
 from extproc.server.admin import (
     AdminApp,
-    CentralCollector,
     RuntimeCollector,
-    TelemetryCollector,
-    TracingCollector,
 )
 from extproc.server.settings import ServeSettings
 from extproc.services.accesslog import AccessLogService
 from extproc.services.authz import AuthorizationService
-from extproc.services.central import ContextWorkloads, NodeWorkloads
+from extproc.services.central import CentralCollector, ContextWorkloads, NodeWorkloads
 from extproc.services.check_adapter import CheckAdapter
 from extproc.services.custom import ProviderPool
 from extproc.services.enforcer import AuthzCollector, AuthzStats, Enforcer
@@ -52,10 +49,12 @@ from extproc.services.processor import CentralModeProcessor, ExternalProcessorSe
 from extproc.snapshot.central import DEFAULT_CACHE_SIZE, WorkloadSnapshots, mesh_identity
 from extproc.snapshot.compiled import Options, WorkloadIdentity
 from extproc.snapshot.reload import SnapshotCollector, SnapshotHolder
+from extproc.telemetry.collector import TelemetryCollector
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, ServiceInfo
 from extproc.telemetry.recorder import Telemetry
+from extproc.tracing.collector import TracingCollector
 from extproc.tracing.context import Format
 from extproc.tracing.spans import ExportSettings
 from extproc.tracing.tracer import Tracing, TracingSettings

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extproc.lru import CacheCounters, LruCache
 from extproc.snapshot.central import WorkloadKey, WorkloadSnapshots, workload_key
 from extproc.snapshot.compiled import Snapshot
+from extproc.snapshot.reload import SnapshotHolder
 from extproc.telemetry.exchange import PeerExchange
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.recorder import Recorder, TcpTracker, WorkloadSinks
@@ -240,3 +243,34 @@ class NodeWorkloads:
         except IdentityError as e:
             return e
         return self.sinks.get(local)
+
+
+class CentralCollector(Collector):
+    """Central mode: the per-workload caches, and what could not be attributed to a workload."""
+
+    def __init__(
+        self,
+        holder: SnapshotHolder,
+        checks: ContextWorkloads,
+        sinks: WorkloadSinks,
+        unidentified_entries: Callable[[], int],
+    ) -> None:
+        self.holder = holder
+        self.checks = checks
+        self.sinks = sinks
+        self.unidentified_entries = unidentified_entries
+
+    def collect(self) -> Iterator[Metric]:
+        h = self.holder
+        cached = len(h.workloads) if h.workloads is not None else 0
+        yield GaugeMetricFamily(
+            "extproc_workload_snapshots", "Per-workload snapshots cached (central mode)", value=cached
+        )
+        yield GaugeMetricFamily(
+            "extproc_workload_snapshots_limit", "Most per-workload snapshots cached (central mode)", value=h.cache_size
+        )
+        yield CounterMetricFamily(
+            "extproc_access_log_unidentified_entries",
+            "Access log entries dropped in central mode because their stream's Envoy node named no workload",
+            value=self.unidentified_entries(),
+        )
