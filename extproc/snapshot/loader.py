@@ -55,7 +55,7 @@ from extproc.config.models import (
 )
 from extproc.config.providers import InvalidProvider, ProviderSettings, resolve_providers
 from extproc.config.yamlsource import Document, YAMLSyntaxError, load_documents
-from extproc.telemetry.overrides import LoadedTelemetry, is_telemetry, parse_telemetry
+from extproc.telemetry.resource import LoadedTelemetry, is_telemetry, parse_telemetry
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ with their precedence, selection, indexing, calls, lists, maps, message construc
 comments, reserved words, and the macro argument rules cel-go enforces while parsing
 (`has()` takes a field selection; the comprehension macros take a simple name first).
 
-The tag values of metric overrides use a smaller, typed subset (`overrides.py`); this is
+The tag values of metric overrides use a smaller, typed subset (`cel.py`); this is
 only the yes/no question "does it parse".
 """
 

@@ -26,10 +26,11 @@ from extproc.services.accesslog import (
     response_flags,
 )
 from extproc.telemetry import labels as L
-from extproc.telemetry.overrides import TagOverride, build_plan
+from extproc.telemetry.overrides import build_plan
 from extproc.telemetry.peer import METADATA_HEADER, PeerCache, Workload, encode
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer
 from extproc.telemetry.recorder import Recorder, TcpTracker
+from extproc.telemetry.resource import TagOverride
 from extproc.telemetry.store import MetricPlan, MetricStore
 from extproc.tracing.context import Format
 from extproc.tracing.spans import SpanRecord

@@ -14,22 +14,12 @@ from extproc.config.yamlsource import load_documents
 from extproc.snapshot.compiled import WorkloadIdentity
 from extproc.snapshot.loader import LoadedConfig
 from extproc.telemetry import labels as L
-from extproc.telemetry.overrides import (
-    MISSING,
-    ExprError,
-    LoadedTelemetry,
-    TagOverride,
-    TelemetryPlans,
-    build_plan,
-    compile_telemetry,
-    evaluate,
-    parse_expression,
-    parse_telemetry,
-    response_flag_bits,
-)
+from extproc.telemetry.cel import MISSING, ExprError, evaluate, parse_expression, response_flag_bits
+from extproc.telemetry.overrides import TelemetryPlans, build_plan, compile_telemetry
 from extproc.telemetry.peer import Workload
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer, TcpRecord
 from extproc.telemetry.recorder import Recorder
+from extproc.telemetry.resource import LoadedTelemetry, TagOverride, parse_telemetry
 from extproc.telemetry.store import MetricPlan, MetricStore
 
 FILE = "cfg/telemetry.yaml"

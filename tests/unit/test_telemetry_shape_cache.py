@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 from extproc.telemetry import labels as L
-from extproc.telemetry.overrides import TagOverride, build_plan
+from extproc.telemetry.overrides import build_plan
 from extproc.telemetry.peer import Workload, encode
 from extproc.telemetry.record import Direction, HttpRecord, Labeler, Peer
 from extproc.telemetry.recorder import Recorder, Telemetry, WorkloadSinks
+from extproc.telemetry.resource import TagOverride
 from extproc.telemetry.store import MetricPlan, MetricStore
 
 LOCAL = Workload.from_labels(
