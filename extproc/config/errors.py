@@ -9,6 +9,12 @@ fixes a broken directory in one pass rather than one error per restart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from extproc.config.yamlsource import Document
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +67,36 @@ def format_path(parts: tuple[str | int, ...] | list[str | int]) -> str:
         else:
             out += ("." if out else "") + p
     return out
+
+
+def pydantic_issues(
+    err: ValidationError, doc: Document, file: str, resource: str | None, prefix: tuple[str | int, ...] = ()
+) -> list[ConfigIssue]:
+    """A model's validation errors as located issues, in the words a YAML author needs
+    (`unknown field`, `must be a string ... (quote the value in YAML)`); `prefix` is where the
+    validated object sits in the document."""
+    issues = []
+    for e in err.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if isinstance(p, int | str))
+        msg = e["msg"]
+        typ = e["type"]
+        if typ == "extra_forbidden":
+            msg = "unknown field"
+        elif typ == "missing":
+            msg = "required field is missing"
+        elif typ == "string_type":
+            got = type(e.get("input")).__name__
+            msg = f"must be a string, got {got}"
+            if got in ("int", "float", "bool"):
+                msg += " (quote the value in YAML)"
+        elif typ == "int_type":
+            got = type(e.get("input")).__name__
+            msg = f"must be an integer, got {got}"
+            if got == "str":
+                msg += f" {e.get('input')!r} (remove the quotes in YAML)"
+        elif typ.startswith("value_error"):
+            msg = msg.removeprefix("Value error, ")
+        issues.append(
+            ConfigIssue(Location(file, doc.index, doc.line_of(loc), resource), format_path((*prefix, *loc)), msg)
+        )
+    return issues

@@ -18,7 +18,10 @@ NETWORKING_API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta
 EXTPROC_API_VERSION = "extproc.io/v1alpha1"
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every resource model: unknown fields, wrong types and mutation refused;
+    camelCase in YAML, snake_case in Python."""
+
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
@@ -42,18 +45,18 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class WorkloadSelector(_Strict):
+class WorkloadSelector(StrictModel):
     match_labels: dict[str, str] | None = None
 
 
-class PolicyTargetReference(_Strict):
+class PolicyTargetReference(StrictModel):
     group: str = ""
     kind: str
     name: str
     namespace: str = ""
 
 
-class Source(_Strict):
+class Source(StrictModel):
     principals: StrList | None = None
     not_principals: StrList | None = None
     request_principals: StrList | None = None
@@ -70,7 +73,7 @@ class Source(_Strict):
     not_trust_domains: StrList | None = None
 
 
-class Operation(_Strict):
+class Operation(StrictModel):
     hosts: StrList | None = None
     not_hosts: StrList | None = None
     ports: StrList | None = None
@@ -81,21 +84,21 @@ class Operation(_Strict):
     not_paths: StrList | None = None
 
 
-class From(_Strict):
+class From(StrictModel):
     source: Source | None = None
 
 
-class To(_Strict):
+class To(StrictModel):
     operation: Operation | None = None
 
 
-class Condition(_Strict):
+class Condition(StrictModel):
     key: str = ""
     values: StrList | None = None
     not_values: StrList | None = None
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     from_: Annotated[list[From | None] | None, Field(alias="from")] = None
     to: list[To | None] | None = None
     when: list[Condition | None] | None = None
@@ -108,11 +111,11 @@ class Action(StrEnum):
     CUSTOM = "CUSTOM"
 
 
-class ExtensionProviderRef(_Strict):
+class ExtensionProviderRef(StrictModel):
     name: str = ""
 
 
-class AuthorizationPolicySpec(_Strict):
+class AuthorizationPolicySpec(StrictModel):
     selector: WorkloadSelector | None = None
     target_ref: PolicyTargetReference | None = None
     target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
@@ -142,17 +145,17 @@ class AuthorizationPolicy(BaseModel):
 # --- RequestAuthentication (security.istio.io) ---------------------------------------
 
 
-class JwtHeader(_Strict):
+class JwtHeader(StrictModel):
     name: str = ""
     prefix: str = ""
 
 
-class ClaimToHeader(_Strict):
+class ClaimToHeader(StrictModel):
     header: str = ""
     claim: str = ""
 
 
-class JwtRule(_Strict):
+class JwtRule(StrictModel):
     issuer: str = ""
     audiences: StrList | None = None
     jwks_uri: str = ""
@@ -169,7 +172,7 @@ class JwtRule(_Strict):
     presence: str | None = None
 
 
-class RequestAuthenticationSpec(_Strict):
+class RequestAuthenticationSpec(StrictModel):
     selector: WorkloadSelector | None = None
     target_ref: PolicyTargetReference | None = None
     target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
@@ -199,7 +202,7 @@ def _enum_name(enum: type[StrEnum], v: Any) -> Any:
     return v
 
 
-class WorkloadEntrySpec(_Strict):
+class WorkloadEntrySpec(StrictModel):
     """Istio's WorkloadEntry; also the type of a ServiceEntry's `endpoints`."""
 
     address: str = ""
@@ -221,7 +224,7 @@ class WorkloadEntry(BaseModel):
     status: Any = None
 
 
-class ServicePort(_Strict):
+class ServicePort(StrictModel):
     number: int
     protocol: str = ""
     name: str = ""  # required by the CRD; validation.py reports it missing, naming the port
@@ -241,13 +244,13 @@ class Resolution(StrEnum):
     DYNAMIC_DNS = "DYNAMIC_DNS"  # in Istio's CRD at HEAD: wildcard hosts resolved per request
 
 
-class NetworkingWorkloadSelector(_Strict):
+class NetworkingWorkloadSelector(StrictModel):
     """networking.istio.io's WorkloadSelector: `labels`, where security.istio.io's has `matchLabels`."""
 
     labels: dict[str, str] | None = None
 
 
-class ServiceEntrySpec(_Strict):
+class ServiceEntrySpec(StrictModel):
     hosts: list[str]
     addresses: list[str] | None = None
     ports: list[ServicePort] | None = None
@@ -282,13 +285,13 @@ class ServiceEntry(BaseModel):
 # --- extension providers (Istio MeshConfig.extensionProviders) -----------------------
 
 
-class RequestBody(_Strict):
+class RequestBody(StrictModel):
     max_request_bytes: int = 0
     allow_partial_message: bool = False
     pack_as_bytes: bool = False
 
 
-class EnvoyExtAuthzGrpcProvider(_Strict):
+class EnvoyExtAuthzGrpcProvider(StrictModel):
     service: Annotated[str, Field(min_length=1)]
     port: int
     timeout: str | None = None
@@ -298,7 +301,7 @@ class EnvoyExtAuthzGrpcProvider(_Strict):
     include_request_body_in_check: RequestBody | None = None
 
 
-class EnvoyExtAuthzHttpProvider(_Strict):
+class EnvoyExtAuthzHttpProvider(StrictModel):
     service: Annotated[str, Field(min_length=1)]
     port: int
     timeout: str | None = None

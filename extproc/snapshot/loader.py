@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from extproc.config import validation
-from extproc.config.errors import ConfigError, ConfigIssue, Location, format_path
+from extproc.config.errors import ConfigError, ConfigIssue, Location, format_path, pydantic_issues
 from extproc.config.models import (
     EXTPROC_API_VERSION,
     NETWORKING_API_VERSIONS,
@@ -236,32 +236,6 @@ def config_files(dirs: Sequence[str | os.PathLike[str]]) -> list[FsPath]:
     return out
 
 
-def _pydantic_issues(err: ValidationError, doc: Document, file: str, resource: str | None) -> list[ConfigIssue]:
-    issues = []
-    for e in err.errors(include_url=False):
-        loc = tuple(p for p in e["loc"] if isinstance(p, int | str))
-        msg = e["msg"]
-        typ = e["type"]
-        if typ == "extra_forbidden":
-            msg = "unknown field"
-        elif typ == "missing":
-            msg = "required field is missing"
-        elif typ == "string_type":
-            got = type(e.get("input")).__name__
-            msg = f"must be a string, got {got}"
-            if got in ("int", "float", "bool"):
-                msg += " (quote the value in YAML)"
-        elif typ == "int_type":
-            got = type(e.get("input")).__name__
-            msg = f"must be an integer, got {got}"
-            if got == "str":
-                msg += f" {e.get('input')!r} (remove the quotes in YAML)"
-        elif typ.startswith("value_error"):
-            msg = msg.removeprefix("Value error, ")
-        issues.append(ConfigIssue(Location(file, doc.index, doc.line_of(loc), resource), format_path(loc), msg))
-    return issues
-
-
 def _resource_label(kind: str, data: dict[str, Any]) -> str:
     md = data.get("metadata")
     if isinstance(md, dict) and isinstance(md.get("name"), str):
@@ -274,7 +248,7 @@ def _validate_model(model: type[BaseModel], data: Any, doc: Document, file: str,
     try:
         return model.model_validate(data), []
     except ValidationError as e:
-        return None, _pydantic_issues(e, doc, file, resource)
+        return None, pydantic_issues(e, doc, file, resource)
 
 
 def _expand(doc: Document) -> Iterator[tuple[Document, tuple[str | int, ...]]]:
@@ -540,7 +514,7 @@ def _load_document(
         try:
             spec = MeshConfigSpec.model_validate(sub.data)
         except ValidationError as e:
-            issues.extend(_prefixed(_pydantic_issues(e, sub, file, label), (*prefix, "data", "mesh")))
+            issues.extend(_prefixed(pydantic_issues(e, sub, file, label), (*prefix, "data", "mesh")))
             return
         mesh_specs.append((spec, sub, file, (*prefix, "data", "mesh")))
         return

@@ -16,10 +16,9 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
 
-from extproc.config.errors import ConfigIssue, Location, format_path
-from extproc.config.models import ObjectMeta, PolicyTargetReference, WorkloadSelector
+from extproc.config.errors import ConfigIssue, Location, format_path, pydantic_issues
+from extproc.config.models import ObjectMeta, PolicyTargetReference, StrictModel, WorkloadSelector
 from extproc.config.providers import parse_duration
 from extproc.config.validation import Problem, metadata_problems, selector_problems, target_ref_ignored
 from extproc.config.yamlsource import Document
@@ -48,67 +47,63 @@ Path = tuple[str | int, ...]
 # --- the resource ---------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
-
-
-class ProviderRef(_Strict):
+class ProviderRef(StrictModel):
     name: str = ""
 
 
-class MetricSelector(_Strict):
+class MetricSelector(StrictModel):
     metric: str | None = None
     custom_metric: str | None = None
     mode: str | None = None
 
 
-class TagOverride(_Strict):
+class TagOverride(StrictModel):
     operation: str | None = None  # default UPSERT
     value: str | None = None
 
 
-class MetricsOverrides(_Strict):
+class MetricsOverrides(StrictModel):
     match: MetricSelector | None = None
     disabled: bool | None = None
     tag_overrides: dict[str, TagOverride | None] | None = None
 
 
-class Metrics(_Strict):
+class Metrics(StrictModel):
     providers: list[ProviderRef | None] | None = None
     overrides: list[MetricsOverrides | None] | None = None
     reporting_interval: str | None = None
 
 
-class ModeSelector(_Strict):
+class ModeSelector(StrictModel):
     mode: str | None = None
 
 
-class LiteralTag(_Strict):
+class LiteralTag(StrictModel):
     value: str = ""
 
 
-class EnvironmentTag(_Strict):
+class EnvironmentTag(StrictModel):
     name: str = ""
     default_value: str | None = None
 
 
-class HeaderTag(_Strict):
+class HeaderTag(StrictModel):
     name: str = ""
     default_value: str | None = None
 
 
-class FormatterTag(_Strict):
+class FormatterTag(StrictModel):
     value: str = ""
 
 
-class CustomTag(_Strict):
+class CustomTag(StrictModel):
     literal: LiteralTag | None = None
     environment: EnvironmentTag | None = None
     header: HeaderTag | None = None
     formatter: FormatterTag | None = None
 
 
-class Tracing(_Strict):
+class Tracing(StrictModel):
     """Validated as Istio does, not applied: extproc's tracing is configured by its own flags."""
 
     match: ModeSelector | None = None
@@ -121,11 +116,11 @@ class Tracing(_Strict):
     random_sampling_percentage: float | None = None  # strict: a number (an int is fine), never a string
 
 
-class AccessLogFilter(_Strict):
+class AccessLogFilter(StrictModel):
     expression: str = ""
 
 
-class AccessLogging(_Strict):
+class AccessLogging(StrictModel):
     """Validated as Istio does, not applied: Envoy writes access logs, extproc reads them."""
 
     match: ModeSelector | None = None
@@ -134,7 +129,7 @@ class AccessLogging(_Strict):
     filter: AccessLogFilter | None = None
 
 
-class TelemetrySpec(_Strict):
+class TelemetrySpec(StrictModel):
     selector: WorkloadSelector | None = None
     target_ref: PolicyTargetReference | None = None
     target_refs: Annotated[list[PolicyTargetReference] | None, Field(max_length=16)] = None
@@ -428,26 +423,6 @@ def is_telemetry(data: Any) -> bool:
     )
 
 
-def _model_issues(err: ValidationError, doc: Document, file: str, label: str, prefix: Path) -> list[ConfigIssue]:
-    issues = []
-    for e in err.errors(include_url=False):
-        loc = tuple(p for p in e["loc"] if isinstance(p, int | str))
-        msg, typ = e["msg"], e["type"]
-        if typ == "extra_forbidden":
-            msg = "unknown field"
-        elif typ == "missing":
-            msg = "required field is missing"
-        elif typ == "string_type":
-            got = type(e.get("input")).__name__
-            msg = f"must be a string, got {got}" + (
-                " (quote the value in YAML)" if got in ("int", "float", "bool") else ""
-            )
-        issues.append(
-            ConfigIssue(Location(file, doc.index, doc.line_of(loc), label), format_path((*prefix, *loc)), msg)
-        )
-    return issues
-
-
 def parse_telemetry(doc: Document, file: str, prefix: Path = ()) -> tuple[LoadedTelemetry | None, list[ConfigIssue]]:
     """Parse and validate one Telemetry document: (the resource or None if it has errors, issues).
 
@@ -474,7 +449,7 @@ def parse_telemetry(doc: Document, file: str, prefix: Path = ()) -> tuple[Loaded
     try:
         resource = TelemetryResource.model_validate(data)
     except ValidationError as e:
-        return None, _model_issues(e, doc, file, label, prefix)
+        return None, pydantic_issues(e, doc, file, label, prefix)
     if not resource.metadata.namespace:
         return None, [
             issue(("metadata", "namespace"), "required: extproc has no kubectl context to default the namespace from")
