@@ -3,7 +3,12 @@ Envoy's typed API and written as commented YAML. The files in envoy/ are its out
 default addresses (tests/e2e/test_shipped_configs.py fails when they drift).
 
 envoy-data-plane is imported only here, when a config is generated: `extproc serve` never
-loads it.
+loads it. Layer: tools.
+
+* `options.py`: the mode, the side and the addresses
+* `build.py`: the typed bootstrap
+* `notes.py`: its header and field notes
+* `render.py`: commented YAML from a typed message
 """
 
 from __future__ import annotations

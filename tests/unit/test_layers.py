@@ -78,3 +78,16 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
         "def f():\n    from extproc import server\n"
     )
     assert [m for _, m in _imports(f)] == ["typing", "extproc.snapshot.compiled", "extproc.server"]
+
+
+PACKAGES = sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.name)
+def test_each_package_shows_its_face(package: Path) -> None:
+    """Each subpackage's docstring names its layer and every module in it, so its public
+    surface reads in one place."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    assert "Layer: " in doc, package.name
+    modules = sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
+    assert all(f"`{m}`" in doc for m in modules), [m for m in modules if f"`{m}`" not in doc]
