@@ -4,9 +4,7 @@ the sample policies load, and the one-command demo serves the answers it promise
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -15,7 +13,7 @@ from extproc.services.accesslog import CLUSTER_TAG, SERVICES_TAG, UPSTREAM_LOCAL
 from extproc.services.processing_adapter import OUTBOUND_RESPONSE_ATTRIBUTES
 from extproc.snapshot import loader
 from extproc.snapshot.compiled import Options, WorkloadIdentity, build_snapshot
-from tests.fixtures.envoy_config import validate
+from tests.fixtures.envoy_config import validate, walk_objects
 from tests.fixtures.mesh import OUTBOUND_TAGS
 from tests.fixtures.procs import VENV_BIN
 
@@ -36,16 +34,6 @@ def test_envoy_config_validates(path: Path, envoy_binary: Path) -> None:
     assert code == 0, out
 
 
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
 @pytest.mark.parametrize("path", [p for p in ENVOY_CONFIGS if p.stem.endswith("-outbound")], ids=lambda p: p.name)
 def test_outbound_configs_log_what_the_client_side_labels_need(path: Path) -> None:
     """Each outbound access log carries the upstream identities, cluster and istio.services as
@@ -53,14 +41,16 @@ def test_outbound_configs_log_what_the_client_side_labels_need(path: Path) -> No
     response attributes: a misspelt name would silently leave labels `unknown`."""
     cfg = yaml.safe_load(path.read_text())
     logs = [
-        n for n in _walk(cfg) if str(n.get("@type", "")).endswith(("HttpGrpcAccessLogConfig", "TcpGrpcAccessLogConfig"))
+        n
+        for n in walk_objects(cfg)
+        if str(n.get("@type", "")).endswith(("HttpGrpcAccessLogConfig", "TcpGrpcAccessLogConfig"))
     ]
     assert logs, "an outbound config logs to extproc"
     for log in logs:
         assert log["common_config"]["custom_tags"] == OUTBOUND_TAGS, path.name
     tags = {t["tag"] for t in OUTBOUND_TAGS}
     assert tags == {UPSTREAM_PEER_SAN_TAG, UPSTREAM_LOCAL_SAN_TAG, SERVICES_TAG, CLUSTER_TAG}
-    for f in _walk(cfg):
+    for f in walk_objects(cfg):
         if str(f.get("@type", "")).endswith("ExternalProcessor"):
             assert tuple(f["response_attributes"]) == OUTBOUND_RESPONSE_ATTRIBUTES, path.name
 

@@ -18,6 +18,7 @@ from extproc.envoy_config import Endpoint, Mode, Side, build, build_options, gen
 from extproc.envoy_config.notes import SHIPPED
 from extproc.services.accesslog import CLUSTER_TAG, SERVICES_TAG, UPSTREAM_LOCAL_SAN_TAG, UPSTREAM_PEER_SAN_TAG
 from extproc.services.processing_adapter import OUTBOUND_RESPONSE_ATTRIBUTES
+from tests.fixtures.envoy_config import walk_objects
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKE = betterproto2.Casing.SNAKE
@@ -135,24 +136,14 @@ def test_inbound_tcp_elsewhere_gets_its_own_cluster() -> None:
     assert _port(_clusters(cfg)["app"]) == ("127.0.0.1", 8080)
 
 
-def _walk(node: Any) -> Any:
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk(v)
-
-
 @pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
 def test_the_client_side_asks_for_what_extproc_reads(mode: Mode) -> None:
     cfg = yaml.safe_load(generate(build_options(mode.value, "outbound")))
-    tags = [n["custom_tags"] for n in _walk(cfg) if "custom_tags" in n]
+    tags = [n["custom_tags"] for n in walk_objects(cfg) if "custom_tags" in n]
     assert tags, "the outbound access logs carry custom tags"
     for t in tags:
         assert [x["tag"] for x in t] == [UPSTREAM_PEER_SAN_TAG, UPSTREAM_LOCAL_SAN_TAG, SERVICES_TAG, CLUSTER_TAG]
-    procs = [n for n in _walk(cfg) if str(n.get("@type", "")).endswith("ExternalProcessor")]
+    procs = [n for n in walk_objects(cfg) if str(n.get("@type", "")).endswith("ExternalProcessor")]
     assert len(procs) == (1 if mode is Mode.EXTPROC else 0)
     for p in procs:
         assert tuple(p["response_attributes"]) == OUTBOUND_RESPONSE_ATTRIBUTES
@@ -163,7 +154,7 @@ def test_the_client_side_asks_for_what_extproc_reads(mode: Mode) -> None:
 def test_the_server_side_fails_closed_and_the_client_side_open(mode: Mode) -> None:
     for side, allow in ((Side.INBOUND, False), (Side.OUTBOUND, True)):
         cfg = yaml.safe_load(generate(build_options(mode.value, side.value)))
-        flags = [n["failure_mode_allow"] for n in _walk(cfg) if "failure_mode_allow" in n]
+        flags = [n["failure_mode_allow"] for n in walk_objects(cfg) if "failure_mode_allow" in n]
         assert flags, "failure_mode_allow is written out"
         # the inbound TCP check fails closed too; the outbound side has no TCP check
         assert set(flags) == {allow}, (mode, side, flags)
