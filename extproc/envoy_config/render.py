@@ -216,10 +216,10 @@ def _block_seq(node: _Seq, indent: int, out: list[str]) -> None:
     large ones (listeners, clusters) at the top of the file."""
     pad = " " * indent
     for i, (value, note) in enumerate(node.items):
-        if i and indent <= 2 and not isinstance(_fits(pad + "- ", value), str):
+        inline = _fits(pad + "- ", value)
+        if i and indent <= 2 and inline is None:
             out.append("")
         _comment(note, indent, out)
-        inline = _fits(pad + "- ", value)
         if inline is not None:
             out.append(f"{pad}- {inline}")
         elif isinstance(value, _Map) and value.entries:
